@@ -1,0 +1,56 @@
+"""Frozen configuration, built once (CLI or `LLM`); each component gets only its slice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DType = Literal["auto", "float32", "bfloat16"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which weights to load and how. `model=None` means the bundled SmolLM2-135M-Instruct."""
+
+    model: str | None = None
+    dtype: DType = "auto"
+    device: str = "cpu"
+    max_model_len: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache shape; block count from `num_kv_blocks`, else `kv_cache_memory` bytes."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int = 2 << 30
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Continuous-batching limits: sequences per step and tokens per step (the prefill chunk)."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything one engine core needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.cache.block_size < 1 or self.cache.block_size & (self.cache.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.cache.block_size}")
+        if self.scheduler.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.scheduler.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.cache.num_kv_blocks is not None and self.cache.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be >= 1")

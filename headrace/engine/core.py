@@ -1,0 +1,69 @@
+"""EngineCore: the synchronous, socket-free engine. `step()` is schedule -> execute -> update."""
+
+from __future__ import annotations
+
+import logging
+
+from headrace.config import EngineConfig
+from headrace.engine.kv_cache import KVCacheManager
+from headrace.engine.model_runner import ModelRunner, RunnerInfo
+from headrace.engine.request import Request
+from headrace.engine.scheduler import Scheduler, SchedulerStats
+from headrace.model.loader import ProgressFn
+from headrace.wire.messages import EngineCoreOutput, EngineCoreRequest
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Runs the model over the requests it holds; knows nothing of sockets or processes."""
+
+    def __init__(self, config: EngineConfig, progress: ProgressFn | None = None) -> None:
+        self.config = config
+        self.runner = ModelRunner(config.model, config.cache, progress)
+        info = self.runner.info
+        self.kv = KVCacheManager(
+            info.num_kv_blocks, info.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            config.scheduler, self.kv, info.max_model_len, info.eos_token_ids
+        )
+
+    @property
+    def info(self) -> RunnerInfo:
+        return self.runner.info
+
+    def add_request(self, msg: EngineCoreRequest) -> None:
+        """Queue a tokenized request. Raises ValueError if it can never fit."""
+        max_len = self.runner.max_model_len
+        num_prompt = len(msg.prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty")
+        if num_prompt >= max_len:
+            raise ValueError(
+                f"the prompt has {num_prompt} tokens; this model's maximum context length is "
+                f"{max_len} tokens, which must also leave room for at least one output token"
+            )
+        vocab = self.runner.arch.vocab_size
+        if any(not 0 <= t < vocab for t in msg.prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        room = max_len - num_prompt
+        requested = msg.sampling_params.max_tokens
+        max_tokens = room if requested is None else min(requested, room)
+        self.scheduler.add_request(Request.from_wire(msg, max_tokens))
+
+    def abort(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        return self.scheduler.abort(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        result = self.runner.execute(plan)
+        return self.scheduler.update(plan, result)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()

@@ -1,0 +1,175 @@
+"""Owns the model and the KV cache tensors; turns a SchedulePlan into sampled tokens.
+
+Token layout of one step: requests computing a single token (decodes) first, then prompt chunks.
+Each of the two runs as one attention group (see model/attention.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from headrace.config import CacheConfig, ModelConfig
+from headrace.engine.request import Request
+from headrace.engine.sampler import sample
+from headrace.engine.scheduler import RunnerOutput, SchedulePlan
+from headrace.model.attention import AttentionMetadata, AttnGroup, build_group
+from headrace.model.loader import ProgressFn, load_model, read_arch, resolve_model_path
+from headrace.model.registry import ArchConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 where the hardware has fast bf16 matrix units (CUDA, AVX512-BF16/AMX
+    CPUs), else float32. Attention and the KV cache stay float32 on CPU either way."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16
+    caps = torch.backends.cpu.get_cpu_capability()
+    return torch.bfloat16 if caps in ("AVX512", "AMX") and _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerInfo:
+    """What the runner found at start-up (travels back to the frontend in the READY message)."""
+
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    dtype: str
+    eos_token_ids: tuple[int, ...]
+
+
+class ModelRunner:
+    """Loads the model, allocates the paged KV cache, runs one forward + sample per step."""
+
+    def __init__(
+        self, model_cfg: ModelConfig, cache_cfg: CacheConfig, progress: ProgressFn | None = None
+    ) -> None:
+        self.device = torch.device(model_cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was given but no CUDA device is available")
+        path = resolve_model_path(model_cfg.model)
+        arch, source = read_arch(path)
+        max_len = _max_model_len(model_cfg.max_model_len, arch)
+        self.dtype = resolve_dtype(model_cfg.dtype, self.device)
+        torch.manual_seed(model_cfg.seed)
+        loaded = load_model(path, arch, source, self.dtype, self.device, max_len, progress)
+        self.model, self.arch = loaded.model, loaded.arch
+        self.block_size = cache_cfg.block_size
+        self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        per_block = (
+            2
+            * arch.num_layers
+            * self.block_size
+            * arch.num_kv_heads
+            * arch.head_dim
+            * self.kv_dtype.itemsize
+        )
+        num_blocks = cache_cfg.num_kv_blocks or max(1, cache_cfg.kv_cache_memory // per_block)
+        if num_blocks * self.block_size < max_len:
+            logger.warning(
+                "KV cache holds %d tokens; lowering max_model_len from %d to that",
+                num_blocks * self.block_size,
+                max_len,
+            )
+            max_len = num_blocks * self.block_size
+        self.num_blocks = num_blocks
+        self.max_model_len = max_len
+        slots = num_blocks * self.block_size
+        self.kv_caches = [
+            torch.zeros(
+                2, slots, arch.num_kv_heads, arch.head_dim, dtype=self.kv_dtype, device=self.device
+            )
+            for _ in range(arch.num_layers)
+        ]
+        logger.info(
+            "model %s loaded: %s, dtype %s, %d KV blocks of %d tokens (%.0f MiB), max_model_len %d",
+            path.name, arch.architecture, self.dtype, num_blocks, self.block_size,
+            num_blocks * per_block / 2**20, max_len,
+        )  # fmt: skip
+
+    @property
+    def info(self) -> RunnerInfo:
+        return RunnerInfo(
+            num_kv_blocks=self.num_blocks,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            dtype=str(self.dtype).removeprefix("torch."),
+            eos_token_ids=self.arch.eos_token_ids,
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulePlan) -> RunnerOutput:
+        pairs = list(zip(plan.requests, plan.num_new_tokens, strict=True))
+        pairs.sort(key=lambda p: p[1] > 1)  # decodes first, stable
+        ids: list[int] = []
+        positions: list[int] = []
+        sample_rows: list[int] = []
+        sample_reqs: list[Request] = []
+        for req, n in pairs:
+            start = req.num_computed_tokens
+            ids.extend(req.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            if start + n == req.num_tokens:
+                sample_rows.append(len(ids) - 1)
+                sample_reqs.append(req)
+        meta = self._attention_metadata(pairs)
+        dev = self.device
+        hidden = self.model(
+            torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, meta
+        )
+        if not sample_reqs:
+            return RunnerOutput(sampled={})
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        tokens, logprobs = sample(logits, sample_reqs, self.arch.eos_token_ids)
+        return RunnerOutput(
+            sampled={r.request_id: t for r, t in zip(sample_reqs, tokens, strict=True)},
+            logprobs=logprobs,
+        )
+
+    def _attention_metadata(self, pairs: list[tuple[Request, int]]) -> AttentionMetadata:
+        groups: list[AttnGroup] = []
+        slots: list[torch.Tensor] = []
+        num_decodes = sum(1 for _, n in pairs if n == 1)
+        start = 0
+        g = self.arch.num_heads // self.arch.num_kv_heads
+        for chunk in (pairs[:num_decodes], pairs[num_decodes:]):
+            if not chunk:
+                continue
+            q_lens = [n for _, n in chunk]
+            ctx_lens = [r.num_computed_tokens + n for r, n in chunk]
+            group, new_slots = build_group(
+                start, q_lens, ctx_lens, [r.block_ids for r, _ in chunk], self.block_size, g
+            )
+            groups.append(group.to(self.device))
+            slots.append(new_slots)
+            start += sum(q_lens)
+        slot_mapping = torch.cat(slots).to(self.device)
+        return AttentionMetadata(slot_mapping, groups)
+
+
+def _max_model_len(requested: int | None, arch: ArchConfig) -> int:
+    limit = arch.max_position_embeddings
+    if arch.sliding_window is not None and arch.sliding_window < limit:
+        limit = arch.sliding_window  # within the window, full attention is exact
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} tokens")
+    return requested

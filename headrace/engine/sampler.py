@@ -1,0 +1,137 @@
+"""Turn a batch of logits into one token per request, honouring each request's SamplingParams.
+
+Order per row: penalties (repetition, presence, frequency) -> min_tokens masking -> greedy argmax,
+or temperature -> top-k -> top-p -> min-p -> draw. Logprobs are those of the raw model output.
+A seeded request draws from its own torch.Generator, so its text does not depend on the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from headrace.engine.request import Request
+from headrace.wire.messages import TokenLogprobs
+
+_NEG_INF = float("-inf")
+
+
+def _apply_penalties(logits: torch.Tensor, reqs: Sequence[Request]) -> None:
+    rows = [
+        i
+        for i, r in enumerate(reqs)
+        if r.params.repetition_penalty != 1.0
+        or r.params.presence_penalty != 0.0
+        or r.params.frequency_penalty != 0.0
+    ]
+    if not rows:
+        return
+    vocab = logits.shape[1]
+    for i in rows:
+        p = reqs[i].params
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(reqs[i].all_token_ids, dtype=torch.long, device=row.device)
+            seen = seen[seen < vocab]
+            vals = row[seen]
+            row[seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
+        if reqs[i].output_token_ids and (p.presence_penalty or p.frequency_penalty):
+            out = torch.tensor(reqs[i].output_token_ids, dtype=torch.long, device=row.device)
+            counts = torch.zeros(vocab, dtype=row.dtype, device=row.device)
+            counts.scatter_add_(
+                0, out[out < vocab], torch.ones_like(out, dtype=row.dtype)[out < vocab]
+            )
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _mask_min_tokens(logits: torch.Tensor, reqs: Sequence[Request], eos: Sequence[int]) -> None:
+    for i, r in enumerate(reqs):
+        if len(r.output_token_ids) < r.params.min_tokens:
+            banned = list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(eos))
+            if banned:
+                logits[i, banned] = _NEG_INF
+
+
+def _filter(logits: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
+    """Temperature, then top-k / top-p / min-p as -inf masks; returns probabilities."""
+    dev = logits.device
+    temps = torch.tensor([r.params.temperature for r in reqs], device=dev).unsqueeze(1)
+    logits = logits / temps
+    top_k = [r.params.top_k for r in reqs]
+    top_p = [r.params.top_p for r in reqs]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[1]
+        k_t = torch.tensor([k if k > 0 else vocab for k in top_k], device=dev).unsqueeze(1)
+        ranks = torch.arange(vocab, device=dev).unsqueeze(0)
+        sorted_logits = sorted_logits.masked_fill(ranks >= k_t, _NEG_INF)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+        p_t = torch.tensor(top_p, device=dev).unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill((before >= p_t) & (ranks > 0), _NEG_INF)
+        logits = torch.full_like(logits, _NEG_INF).scatter(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    min_p = [r.params.min_p for r in reqs]
+    if any(m > 0 for m in min_p):
+        m_t = torch.tensor(min_p, device=dev).unsqueeze(1)
+        probs = probs.masked_fill(probs < m_t * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def _draw(probs: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
+    """Exponential-race sampling: argmax(p / E) with E ~ Exp(1) is a draw from p."""
+    noise = torch.empty_like(probs)
+    seeded = [i for i, r in enumerate(reqs) if r.generator is not None]
+    if len(seeded) < len(reqs):
+        noise.exponential_()
+    for i in seeded:
+        gen = reqs[i].generator
+        assert gen is not None
+        row = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=gen)
+        noise[i] = row.to(probs.device)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, reqs: Sequence[Request]
+) -> dict[str, TokenLogprobs]:
+    rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+    if not rows:
+        return {}
+    lp = raw[rows].log_softmax(dim=-1)
+    chosen = tokens[rows]
+    chosen_lp = lp.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    ranks = (lp > chosen_lp.unsqueeze(1)).sum(dim=1) + 1
+    k = max(reqs[i].params.logprobs or 0 for i in rows)
+    top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    out = {}
+    for j, i in enumerate(rows):
+        kk = reqs[i].params.logprobs or 0
+        out[reqs[i].request_id] = TokenLogprobs(
+            token_id=int(chosen[j]),
+            logprob=float(chosen_lp[j]),
+            rank=int(ranks[j]),
+            top_ids=top_ids[j, :kk].tolist(),
+            top_logprobs=top_lp[j, :kk].tolist(),
+        )
+    return out
+
+
+def sample(
+    logits: torch.Tensor, reqs: Sequence[Request], eos_token_ids: Sequence[int]
+) -> tuple[list[int], dict[str, TokenLogprobs]]:
+    """logits: [N, vocab] float32, row i for reqs[i]. Returns (token per row, logprobs by id)."""
+    raw = logits
+    logits = logits.clone()
+    _apply_penalties(logits, reqs)
+    _mask_min_tokens(logits, reqs, eos_token_ids)
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    if random_rows:
+        sub = [reqs[i] for i in random_rows]
+        idx = torch.tensor(random_rows, device=logits.device)
+        tokens[idx] = _draw(_filter(logits[idx], sub), sub)
+    return tokens.tolist(), _logprobs(raw, tokens, reqs)

@@ -1,0 +1,270 @@
+"""GGUF reading: metadata, dequantization, and the llama.cpp -> HF name and layout mapping."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from headrace.model.registry import ArchConfig, UnsupportedModelError
+
+Q = GGMLQuantizationType
+_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+# (bytes per block of 32 weights) for the block-quantized types we decode.
+_BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+def _f16(col: torch.Tensor) -> torch.Tensor:
+    """Two uint8 columns -> float32 values of the little-endian float16 they hold."""
+    return col.contiguous().view(torch.float16).float()
+
+
+def dequantize(
+    raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Decode one GGUF tensor's data into a float32 tensor of torch shape `shape`."""
+    raw = np.array(raw, copy=True)  # from a read-only memory map; torch wants writable memory
+    if qtype == Q.F32:
+        return torch.from_numpy(raw.view(np.float32)).reshape(shape)
+    if qtype == Q.F16:
+        return torch.from_numpy(raw.view(np.float16)).reshape(shape).float()
+    if qtype == Q.BF16:
+        bits = torch.from_numpy(raw.view(np.int16)).to(torch.int32) << 16
+        return bits.view(torch.float32).reshape(shape)
+    if qtype not in _BLOCK_BYTES:
+        raise UnsupportedModelError(
+            f"tensor type {qtype.name} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
+        )
+    blocks = torch.from_numpy(raw.view(np.uint8).reshape(-1, _BLOCK_BYTES[qtype]))
+    if qtype == Q.Q8_0:
+        scale = _f16(blocks[:, :2])
+        values = blocks[:, 2:].contiguous().view(torch.int8).float() * scale
+    else:
+        # Q4: byte j holds weight j in its low nibble and weight j+16 in its high nibble.
+        packed = blocks[:, -16:]
+        nibbles = torch.cat([packed & 0xF, packed >> 4], dim=1).float()
+        scale = _f16(blocks[:, :2])
+        if qtype == Q.Q4_0:
+            values = (nibbles - 8.0) * scale
+        else:
+            values = nibbles * scale + _f16(blocks[:, 2:4])
+    return values.reshape(shape)
+
+
+# -- file parsing ----------------------------------------------------------------------------------
+# gguf.GGUFReader builds a numpy view per array element (~5 s for a 49k-token vocabulary), so the
+# header is parsed here with struct over one bytes read; tensor data stays memory-mapped.
+
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_NP_SCALARS = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order (outermost first), i.e. GGUF's dims reversed
+    qtype: GGMLQuantizationType
+    data: np.ndarray  # raw bytes, memory-mapped
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview) -> None:
+        self.buf, self.pos = buf, 0
+
+    def unpack(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        out = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return out
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.unpack("<I"), self.unpack("<Q")
+            if etype in _NP_SCALARS:
+                arr = np.frombuffer(
+                    self.buf, dtype=_NP_SCALARS[etype], count=count, offset=self.pos
+                )
+                self.pos += arr.nbytes
+                return arr.tolist()
+            return [self.value(etype) for _ in range(count)]
+        if vtype not in _SCALARS:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+        return self.unpack(_SCALARS[vtype])
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """Parse a GGUF v2/v3 file into (metadata, tensors by GGUF name)."""
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(memoryview(raw))  # type: ignore[arg-type]
+    if bytes(cur.buf[:4]) != b"GGUF":
+        raise ValueError("bad magic (not a GGUF file)")
+    cur.pos = 4
+    version = cur.unpack("<I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported")
+    n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        meta[key] = cur.value(cur.unpack("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = [cur.unpack("<Q") for _ in range(cur.unpack("<I"))]
+        infos.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
+    align = int(meta.get("general.alignment", 32))
+    start = -(-cur.pos // align) * align
+    tensors = {}
+    for name, dims, qtype_id, offset in infos:
+        try:
+            qtype = GGMLQuantizationType(qtype_id)
+        except ValueError:
+            raise UnsupportedModelError(
+                f"{path}: tensor {name} has unknown type id {qtype_id}"
+            ) from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        nbytes = int(np.prod(dims)) // block * type_size
+        data = raw[start + offset : start + offset + nbytes]
+        tensors[name] = TensorInfo(name, tuple(int(d) for d in reversed(dims)), qtype, data)
+    return meta, tensors
+
+
+def _unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row interleave of Q/K so HF's rotate-half RoPE applies."""
+    rows = w.shape[0]
+    half = rows // num_heads // 2
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFWeights:
+    """A GGUF file seen as HF-named float32 tensors (`model.layers.0.self_attn.q_proj.weight`)."""
+
+    _LAYER_NAMES: ClassVar[dict[str, str]] = {
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+    _TOP_NAMES: ClassVar[dict[str, str]] = {
+        "token_embd": "model.embed_tokens",
+        "output_norm": "model.norm",
+        "output": "lm_head",
+    }
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.meta, raw_tensors = read_gguf(path)
+        except (ValueError, struct.error, UnicodeDecodeError) as exc:
+            raise UnsupportedModelError(f"{path}: not a readable GGUF file ({exc})") from exc
+        self.gguf_arch = str(self.field("general.architecture"))
+        if self.gguf_arch not in _ARCHS:
+            raise UnsupportedModelError(
+                f"{path}: GGUF architecture {self.gguf_arch!r} is not supported "
+                f"(supported: {', '.join(_ARCHS)})"
+            )
+        self.tensors = {self._hf_name(name): t for name, t in raw_tensors.items()}
+        if "rope_freqs.weight" in self.tensors:
+            raise UnsupportedModelError(
+                f"{path}: per-frequency RoPE factors (rope_freqs) are not supported"
+            )
+        self._num_heads = int(self.field(f"{self.gguf_arch}.attention.head_count"))
+        self._num_kv_heads = int(
+            self.field(f"{self.gguf_arch}.attention.head_count_kv", self._num_heads)
+        )
+
+    def field(self, key: str, default: Any = None) -> Any:
+        return self.meta.get(key, default)
+
+    def _hf_name(self, name: str) -> str:
+        parts = name.split(".")
+        if parts[0] == "blk":
+            base = self._LAYER_NAMES.get(parts[2], parts[2])
+            return f"model.layers.{parts[1]}.{base}.{parts[3]}"
+        base = self._TOP_NAMES.get(parts[0], parts[0])
+        return f"{base}.{'.'.join(parts[1:])}"
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.tensors[name]
+        w = dequantize(t.data, t.qtype, t.shape)
+        if self.gguf_arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = _unpermute_rope_rows(w, self._num_heads)
+        elif self.gguf_arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = _unpermute_rope_rows(w, self._num_kv_heads)
+        return w
+
+    def arch_config(self) -> ArchConfig:
+        a = self.gguf_arch
+        heads = self._num_heads
+        hidden = int(self.field(f"{a}.embedding_length"))
+        vocab = self.field(f"{a}.vocab_size")
+        if vocab is None:
+            vocab = len(self.field("tokenizer.ggml.tokens", []))
+        eos = self.field("tokenizer.ggml.eos_token_id")
+        eot = self.field("tokenizer.ggml.eot_token_id")
+        eos_ids = tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None))
+        bos = self.field("tokenizer.ggml.bos_token_id")
+        return ArchConfig(
+            architecture=_ARCHS[a],
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(self.field(f"{a}.feed_forward_length")),
+            num_layers=int(self.field(f"{a}.block_count")),
+            num_heads=heads,
+            num_kv_heads=self._num_kv_heads,
+            head_dim=int(self.field(f"{a}.rope.dimension_count", hidden // heads)),
+            rms_norm_eps=float(self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(self.field(f"{a}.rope.freq_base", 10000.0)),
+            max_position_embeddings=int(self.field(f"{a}.context_length", 2048)),
+            tie_word_embeddings="lm_head.weight" not in self.tensors,
+            qkv_bias="model.layers.0.self_attn.q_proj.bias" in self.tensors,
+            eos_token_ids=eos_ids,
+            bos_token_id=int(bos) if bos is not None else None,
+        )

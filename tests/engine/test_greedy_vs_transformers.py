@@ -1,0 +1,129 @@
+"""Greedy output of the bundled SmolLM2 (float32) equals transformers' greedy `generate`, token
+for token, however the engine batches, chunks, caches or preempts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from headrace.model.loader import bundled_model_path
+from headrace.offline import LLM
+from headrace.wire.messages import SamplingParams
+
+MAX_TOKENS = 32
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "List three fruits.",
+    "How do I reverse a list in Python?",
+    "Tell me a short story about a dragon who learns to bake bread, in the style of a fairy tale "
+    "told to children at bedtime, with a happy ending and a moral about patience.",
+    "What is 12 times 7?",
+    "Translate 'good morning' into Spanish.",
+    "Give me a tip for learning to play the guitar.",
+    "Why do cats purr?",
+    "Summarize the plot of Romeo and Juliet in one sentence.",
+    "What is photosynthesis?",
+    "Name a famous painting by Leonardo da Vinci and describe it briefly, including where it "
+    "hangs today and why people queue for hours to see it.",
+    "Hi!",
+    "What should I pack for a weekend hiking trip in the mountains in early spring?",
+    "Define the word 'ephemeral'.",
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+
+
+def _conv(q: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": q}]
+
+
+class Reference:
+    """transformers' model on the same GGUF, with its greedy continuations."""
+
+    def __init__(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        path = bundled_model_path()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        ).eval()
+        self.outputs: dict[tuple[int, ...], list[int]] = {}
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int]) -> list[int]:
+        key = tuple(prompt)
+        if key not in self.outputs:
+            out = self.model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                eos_token_id=2,
+                pad_token_id=2,
+            )
+            self.outputs[key] = out[0, len(prompt) :].tolist()
+        return self.outputs[key]
+
+    @torch.inference_mode()
+    def logprobs(self, tokens: list[int]) -> torch.Tensor:
+        return self.model(torch.tensor([tokens])).logits[0, -1].float().log_softmax(-1)
+
+    def assert_same(self, prompt: list[int], ours: list[int]) -> None:
+        ref = self.generate(prompt)
+        for i, (a, b) in enumerate(zip(ours, ref, strict=False)):
+            if a != b:
+                lp = self.logprobs(prompt + ref[:i])
+                gap = abs(float(lp[a] - lp[b]))
+                assert gap < 1e-3, (
+                    f"diverged at token {i}: ours {a} vs reference {b} (logprob gap {gap:.2e})"
+                )
+                return  # a near-tie: the sequences legitimately part here
+        assert ours == ref, f"lengths differ: ours {len(ours)} vs reference {len(ref)}"
+
+
+@pytest.fixture(scope="module")
+def reference() -> Reference:
+    return Reference()
+
+
+def _check_all(llm: LLM, reference: Reference, outputs: list[Any]) -> None:
+    for out in outputs:
+        reference.assert_same(out.prompt_token_ids, out.outputs[0].token_ids)
+
+
+def test_alone_and_batched(reference: Reference) -> None:
+    llm = LLM(dtype="float32", enable_prefix_caching=False)
+    for q in QUESTIONS[:4]:
+        _check_all(llm, reference, llm.chat(_conv(q), GREEDY))
+    outputs = llm.chat([_conv(q) for q in QUESTIONS], GREEDY)
+    assert len(outputs) == 16 and len({len(o.prompt_token_ids) for o in outputs}) > 8
+    _check_all(llm, reference, outputs)
+    assert "Paris" in outputs[0].outputs[0].text
+
+
+def test_prefill_chunked_to_16_tokens(reference: Reference) -> None:
+    llm = LLM(dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=False)
+    _check_all(llm, reference, llm.chat([_conv(q) for q in QUESTIONS], GREEDY))
+
+
+def test_prefix_cache_hits(reference: Reference) -> None:
+    llm = LLM(dtype="float32", enable_prefix_caching=True)
+    _check_all(llm, reference, llm.chat(_conv(QUESTIONS[0]), GREEDY))
+    llm.engine.stats()
+    outputs = llm.chat([_conv(q) for q in QUESTIONS], GREEDY)
+    stats = llm.engine.stats()
+    # Every prompt starts with the same system prompt: its full blocks come from the cache.
+    assert stats.prefix_cache_hits >= 16 * 16
+    assert all(o.num_cached_tokens >= 16 for o in outputs)
+    _check_all(llm, reference, outputs)
+
+
+def test_preemption_keeps_outputs(reference: Reference) -> None:
+    llm = LLM(dtype="float32", num_kv_blocks=24, enable_prefix_caching=False)
+    assert llm.engine.info.max_model_len == 24 * 16
+    outputs = llm.chat([_conv(q) for q in QUESTIONS], GREEDY)
+    assert llm.engine.stats().num_preemptions > 0
+    _check_all(llm, reference, outputs)

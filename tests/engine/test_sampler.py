@@ -1,0 +1,94 @@
+"""Sampler semantics on hand-made logits, and seeded sampling through the real engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headrace.engine.sampler import sample
+from headrace.offline import LLM
+from headrace.wire.messages import SamplingParams
+from tests.engine.factories import make_request
+
+EOS = [0]
+
+
+def _logits(*rows: list[float]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _draws(logits: list[float], n: int = 300, **params: object) -> set[int]:
+    params.setdefault("temperature", 1.0)
+    req = make_request([5, 6], **params)
+    seen = set()
+    for _ in range(n):
+        tokens, _ = sample(_logits(logits), [req], EOS)
+        seen.add(tokens[0])
+    return seen
+
+
+def test_greedy_picks_argmax() -> None:
+    req = make_request([1, 2])
+    assert sample(_logits([0.1, 3.0, 2.0]), [req], EOS)[0] == [1]
+
+
+def test_top_k_top_p_min_p_restrict_support() -> None:
+    logits = [2.0, 1.9, 1.8, -1.0, -1.0, -1.0]
+    assert _draws(logits, top_k=2) <= {0, 1}
+    assert _draws(logits) > {0, 1, 2}  # unrestricted: the low tokens appear too
+    # p ~ 0.35, 0.32, 0.29, 0.02 x3: top_p 0.5 keeps the first two tokens only
+    assert _draws(logits, top_p=0.5) == {0, 1}
+    assert _draws(logits, min_p=0.5) <= {0, 1, 2}
+
+
+def test_penalties() -> None:
+    req = make_request([3], repetition_penalty=2.0)
+    req.append_output(1)
+    # token 1 (4.0 -> 2.0) and token 3 (seen in the prompt) are penalized; token 2 wins
+    assert sample(_logits([0.0, 4.0, 3.0, 3.5]), [req], EOS)[0] == [2]
+    req = make_request([3], frequency_penalty=1.0)
+    for _ in range(3):
+        req.append_output(1)
+    assert sample(_logits([0.0, 4.0, 2.0, 0.0]), [req], EOS)[0] == [2]  # 4 - 3*1 = 1 < 2
+    req = make_request([3], presence_penalty=2.0)
+    req.append_output(1)
+    assert sample(_logits([0.0, 4.0, 2.5, 0.0]), [req], EOS)[0] == [2]  # 4 - 2 = 2 < 2.5
+
+
+def test_min_tokens_masks_eos_and_stop_ids() -> None:
+    req = make_request([3], min_tokens=2, stop_token_ids=[2])
+    assert sample(_logits([9.0, 1.0, 8.0]), [req], EOS)[0] == [1]
+    req.append_output(1)
+    req.append_output(1)
+    assert sample(_logits([9.0, 1.0, 8.0]), [req], EOS)[0] == [0]
+
+
+def test_logprobs_of_raw_distribution() -> None:
+    req = make_request([1], logprobs=2)
+    tokens, lps = sample(_logits([1.0, 3.0, 2.0]), [req], EOS)
+    lp = lps[req.request_id]
+    ref = torch.tensor([1.0, 3.0, 2.0]).log_softmax(-1)
+    assert tokens == [1] and lp.token_id == 1 and lp.rank == 1
+    assert lp.top_ids == [1, 2]
+    assert lp.logprob == pytest.approx(float(ref[1]))
+    assert lp.top_logprobs == pytest.approx([float(ref[1]), float(ref[2])])
+
+
+def test_seeded_output_independent_of_batch() -> None:
+    llm = LLM(dtype="float32")
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24)
+    conv = [{"role": "user", "content": "Write a short poem about autumn leaves."}]
+    alone = llm.chat(conv, seeded)[0].outputs[0].token_ids
+    others = [
+        [{"role": "user", "content": f"Tell me fact number {i} about space."}] for i in range(7)
+    ]
+    params = [
+        SamplingParams(temperature=0.8, max_tokens=30, seed=i if i % 2 else None) for i in range(7)
+    ]
+    mixed = llm.chat([*others[:3], conv, *others[3:]], [*params[:3], seeded, *params[3:]])
+    assert mixed[3].outputs[0].token_ids == alone
+    chunked = LLM(dtype="float32", max_num_batched_tokens=16, max_num_seqs=3)
+    again = chunked.chat([*others[:2], conv], [*params[:2], seeded])[2].outputs[0].token_ids
+    assert again == alone
+    unseeded = SamplingParams(temperature=1.0, max_tokens=24)
+    assert len({tuple(llm.chat(conv, unseeded)[0].outputs[0].token_ids) for _ in range(3)}) > 1

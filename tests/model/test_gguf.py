@@ -1,0 +1,77 @@
+"""GGUF parsing and dequantization against the reference `gguf` package."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf.quants import dequantize as ref_dequantize
+from gguf.quants import quantize
+
+from headrace.model.gguf import GGUFWeights, dequantize, read_gguf
+from headrace.model.loader import bundled_model_path, resolve_model_path
+from headrace.model.registry import UnsupportedModelError
+
+Q = GGMLQuantizationType
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_dequantize_matches_reference(qtype: GGMLQuantizationType) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    raw = quantize(x, qtype)
+    ours = dequantize(raw, qtype, (8, 64))
+    ref = ref_dequantize(raw, qtype).reshape(8, 64)
+    assert ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=0, atol=1e-6)
+
+
+def test_unsupported_type_is_named() -> None:
+    with pytest.raises(UnsupportedModelError, match="Q6_K"):
+        dequantize(np.zeros(210, np.uint8), Q.Q6_K, (256,))
+
+
+def test_parser_matches_reference_reader() -> None:
+    path = bundled_model_path()
+    meta, tensors = read_gguf(path)
+    reader = GGUFReader(str(path))
+    assert meta["llama.block_count"] == 30
+    assert meta["tokenizer.ggml.eos_token_id"] == 2
+    assert len(meta["tokenizer.ggml.tokens"]) == 49152
+    assert meta["tokenizer.chat_template"].startswith("{% for message in messages %}")
+    for ref in reader.tensors[:20]:
+        ours = tensors[ref.name]
+        assert ours.shape == tuple(int(d) for d in reversed(ref.shape))
+        assert ours.qtype == ref.tensor_type
+        assert np.array_equal(
+            np.asarray(ours.data).reshape(-1), np.asarray(ref.data).view(np.uint8).reshape(-1)
+        )
+
+
+def test_bundled_arch_config() -> None:
+    arch = GGUFWeights(bundled_model_path()).arch_config()
+    assert (arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads) == (30, 576, 9, 3)
+    assert arch.tie_word_embeddings and arch.eos_token_ids == (2,)
+    assert arch.rope_theta == 100000.0
+
+
+def test_clear_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_model_path(str(tmp_path / "nope"))
+    with pytest.raises(UnsupportedModelError, match=r"config\.json"):
+        resolve_model_path(str(tmp_path))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(UnsupportedModelError, match=r"bad\.gguf"):
+        GGUFWeights(bad)
+    other = tmp_path / "m.gguf"
+    w = GGUFWriter(str(other), "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported"):
+        GGUFWeights(other)

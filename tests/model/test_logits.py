@@ -1,0 +1,103 @@
+"""Our forward pass equals transformers' on tiny random-weight models written as safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import LlamaForCausalLM as HFLlama
+from transformers import MistralForCausalLM as HFMistral
+from transformers import Qwen2ForCausalLM as HFQwen2
+
+from headrace.model.attention import AttentionMetadata, build_group
+from headrace.model.loader import load_model, read_arch
+
+BLOCK = 4
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def _llama3() -> LlamaConfig:
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "rope_theta": 500000.0,
+    }
+    cfg = LlamaConfig(**COMMON, tie_word_embeddings=True)
+    cfg.rope_parameters = rope
+    return cfg
+
+
+CASES = {
+    "llama": (HFLlama, lambda: LlamaConfig(**COMMON, tie_word_embeddings=False)),
+    "llama3-rope-tied": (HFLlama, _llama3),
+    "qwen2": (HFQwen2, lambda: Qwen2Config(**COMMON, tie_word_embeddings=False)),
+    "mistral": (HFMistral, lambda: MistralConfig(**COMMON, sliding_window=None)),
+}
+
+
+def _save(tmp_path: Path, name: str) -> tuple[Path, torch.nn.Module]:
+    hf_cls, make_cfg = CASES[name]
+    torch.manual_seed(0)
+    model = hf_cls(make_cfg()).float().eval()
+    with torch.no_grad():  # random init leaves biases at 0; make them matter
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+    out = tmp_path / name
+    model.save_pretrained(out, safe_serialization=True)
+    return out, model
+
+
+def _meta(lens: list[int], starts: list[int], tables: list[list[int]], groups: int):
+    group, slots = build_group(
+        0, lens, [s + n for s, n in zip(starts, lens, strict=True)], tables, BLOCK, groups
+    )
+    return AttentionMetadata(slots, [group])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_match_transformers(tmp_path: Path, name: str) -> None:
+    path, hf = _save(tmp_path, name)
+    arch, source = read_arch(path)
+    assert arch.qkv_bias == (name == "qwen2")
+    if name == "llama3-rope-tied":
+        assert arch.rope_scaling is not None and arch.rope_scaling["rope_type"] == "llama3"
+        assert arch.tie_word_embeddings
+    ours = load_model(path, arch, source, torch.float32, torch.device("cpu"), 256).model
+    g = arch.num_heads // arch.num_kv_heads
+    caches = [
+        torch.zeros(2, 64 * BLOCK, arch.num_kv_heads, arch.head_dim) for _ in range(arch.num_layers)
+    ]
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (7, 13, 3)]
+    tables = [[0, 1, 2, 3], [10, 4, 11, 12, 13], [20, 21]]
+    # Prefill all three at once (mixed lengths, one attention group), then one decode step each.
+    with torch.inference_mode():
+        lens = [len(s) - 1 for s in seqs]
+        meta = _meta(lens, [0, 0, 0], tables, g)
+        ids = torch.tensor([t for s in seqs for t in s[:-1]])
+        pos = torch.tensor([p for n in lens for p in range(n)])
+        prefill = ours.compute_logits(ours(ids, pos, caches, meta))
+        meta = _meta([1, 1, 1], lens, tables, g)
+        last = torch.tensor([s[-1] for s in seqs])
+        decode = ours.compute_logits(ours(last, torch.tensor(lens), caches, meta))
+        offset = 0
+        for i, s in enumerate(seqs):
+            ref = hf(torch.tensor([s])).logits[0]
+            got = prefill[offset : offset + lens[i]]
+            offset += lens[i]
+            torch.testing.assert_close(got, ref[:-1], atol=1e-4, rtol=0)
+            torch.testing.assert_close(decode[i], ref[-1], atol=1e-4, rtol=0)
