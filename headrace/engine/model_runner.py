@@ -72,7 +72,7 @@ class ModelRunner:
         loaded = load_model(path, arch, source, self.dtype, self.device, max_len, progress)
         self.model, self.arch = loaded.model, loaded.arch
         self.block_size = cache_cfg.block_size
-        self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.kv_dtype = self.dtype
         per_block = (
             2
             * arch.num_layers
@@ -91,11 +91,9 @@ class ModelRunner:
             max_len = num_blocks * self.block_size
         self.num_blocks = num_blocks
         self.max_model_len = max_len
-        slots = num_blocks * self.block_size
+        shape = (2, num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [
-            torch.zeros(
-                2, slots, arch.num_kv_heads, arch.head_dim, dtype=self.kv_dtype, device=self.device
-            )
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             for _ in range(arch.num_layers)
         ]
         logger.info(

@@ -1,15 +1,18 @@
 """Attention over the paged KV cache, batched across requests of different lengths.
 
-Cache layout (one tensor per layer): `[2, num_slots, num_kv_heads, head_dim]`, K then V, where a
-request's token at position `p` lives in slot `block_table[p // block_size] * block_size +
-p % block_size`::
+Cache layout (one tensor per layer): `[2, num_blocks, block_size, num_kv_heads, head_dim]`, K
+then V. A request's token at position `p` lives in block `block_table[p // block_size]` at offset
+`p % block_size`, i.e. flat slot `block * block_size + offset`::
 
     block table [7, 2, 9], block_size 4
-    positions 0..3 -> slots 28..31 | positions 4..7 -> slots 8..11 | positions 8.. -> slots 36..
+    positions 0..3 -> block 7 (slots 28..31) | 4..7 -> block 2 (slots 8..11) | 8.. -> block 9
 
-Requests are attended in groups (decodes together, prefill chunks together), each group padded to
-its longest query and context. Query heads that share a KV head are folded into the query axis, so
-GQA never copies K or V: a group computes `[B, KH, G*Q, D] x [B, KH, L, D]`.
+Attention gathers whole blocks (one contiguous copy per block, not per token) into a padded
+`[B, blocks * block_size, KH, D]` context, masks what lies past each request's length, and
+
+attends. Requests are attended in groups (decodes together, prefill chunks together), each padded
+to its longest query and context. Query heads that share a KV head are folded into the query
+axis, so GQA never copies K or V: a group computes `[B, KH, G*Q, D] x [B, KH, L, D]`.
 """
 
 from __future__ import annotations
@@ -28,23 +31,23 @@ class AttnGroup:
     q_index:  [B*Q] row in `tokens` for each padded query slot (len(tokens) = a zero row);
               None when every request has exactly Q query tokens
     q_keep:   rows of the padded [B*Q] layout that hold real tokens; None when no padding
-    kv_slots: [B, L] cache slot of each context position (padding reads slot 0, masked out)
+    blocks:   [B, W] block table padded with block 0 (masked out); context L = W * block_size
     mask:     [B, 1, G*Q, L] bool, True where query row may attend; None when nothing is masked
     """
 
     tokens: slice
     q_index: torch.Tensor | None
     q_keep: torch.Tensor | None
-    kv_slots: torch.Tensor
+    blocks: torch.Tensor
     mask: torch.Tensor | None
 
     def to(self, device: torch.device) -> AttnGroup:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        kv_slots = self.kv_slots.to(device, non_blocking=True)
+        blocks = self.blocks.to(device, non_blocking=True)
         return AttnGroup(
-            self.tokens, move(self.q_index), move(self.q_keep), kv_slots, move(self.mask)
+            self.tokens, move(self.q_index), move(self.q_keep), blocks, move(self.mask)
         )
 
 
@@ -75,27 +78,29 @@ def build_group(
     for b, blocks in enumerate(block_tables):
         row = blocks[:width]
         table[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-    pos = torch.arange(max_ctx)
-    kv_slots = table[:, pos // block_size] * block_size + pos % block_size
+    length = width * block_size
+    pos = torch.arange(length)
 
     q_len_t = torch.tensor(q_lens)
     ctx_t = torch.tensor(ctx_lens)
     q_ar = torch.arange(max_q)
     valid_q = q_ar[None, :] < q_len_t[:, None]
     q_pos = ((ctx_t - q_len_t)[:, None] + q_ar[None, :]).clamp(max=max_ctx - 1)
-    new_slots = kv_slots.gather(1, q_pos)[valid_q]
+    new_pos = q_pos[valid_q]
+    owner = torch.arange(num_reqs)[:, None].expand(num_reqs, max_q)[valid_q]
+    new_slots = table[owner, new_pos // block_size] * block_size + new_pos % block_size
 
     mask: torch.Tensor | None = None
     if max_q == 1:
-        if any(c != max_ctx for c in ctx_lens):
-            mask = (pos[None, :] < ctx_t[:, None]).view(num_reqs, 1, 1, max_ctx)
+        if any(c != length for c in ctx_lens):
+            mask = (pos[None, :] < ctx_t[:, None]).view(num_reqs, 1, 1, length)
     else:
         causal = pos[None, None, :] <= q_pos[:, :, None]
         # A padded query row attends to position 0 only, so softmax never sees an empty row.
         mask = torch.where(valid_q.unsqueeze(-1), causal, (pos == 0).view(1, 1, -1)).unsqueeze(1)
     if mask is not None and num_queries_per_kv > 1:
         g = num_queries_per_kv
-        mask = mask.expand(num_reqs, g, mask.shape[2], max_ctx).reshape(num_reqs, 1, -1, max_ctx)
+        mask = mask.expand(num_reqs, g, mask.shape[2], length).reshape(num_reqs, 1, -1, length)
 
     q_index = q_keep = None
     num_tokens = sum(q_lens)
@@ -103,7 +108,7 @@ def build_group(
         offsets = torch.tensor([0, *q_lens[:-1]]).cumsum(0)
         q_index = torch.where(valid_q, offsets[:, None] + q_ar[None, :], num_tokens).view(-1)
         q_keep = valid_q.view(-1).nonzero().squeeze(1)
-    group = AttnGroup(slice(start, start + num_tokens), q_index, q_keep, kv_slots, mask)
+    group = AttnGroup(slice(start, start + num_tokens), q_index, q_keep, table, mask)
     return group, new_slots
 
 
@@ -119,20 +124,23 @@ def paged_attention(
     _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     g = num_heads // num_kv_heads
-    kv_cache[0].index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
-    kv_cache[1].index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
+    _, num_blocks, block_size = kv_cache.shape[:3]
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
     outs = []
     for grp in meta.groups:
         qg = q[grp.tokens]
         if grp.q_index is not None:
             qg = torch.cat([qg, qg.new_zeros(1, num_heads, head_dim)])[grp.q_index]
-        b, length = grp.kv_slots.shape
+        b, width = grp.blocks.shape
+        length = width * block_size
         nq = qg.shape[0] // b
         qg = qg.view(b, nq, num_kv_heads, g, head_dim).permute(0, 2, 3, 1, 4)
         qg = qg.reshape(b, num_kv_heads, g * nq, head_dim).to(kv_cache.dtype)
-        flat = grp.kv_slots.view(-1)
-        kg = kv_cache[0].index_select(0, flat).view(b, length, num_kv_heads, head_dim)
-        vg = kv_cache[1].index_select(0, flat).view(b, length, num_kv_heads, head_dim)
+        table = grp.blocks.view(-1)
+        kg = kv_cache[0].index_select(0, table).view(b, length, num_kv_heads, head_dim)
+        vg = kv_cache[1].index_select(0, table).view(b, length, num_kv_heads, head_dim)
         out = F.scaled_dot_product_attention(
             qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=grp.mask, scale=scale
         )

@@ -127,3 +127,25 @@ def test_preemption_keeps_outputs(reference: Reference) -> None:
     outputs = llm.chat([_conv(q) for q in QUESTIONS], GREEDY)
     assert llm.engine.stats().num_preemptions > 0
     _check_all(llm, reference, outputs)
+
+
+def test_bfloat16_stays_close_to_float32() -> None:
+    """`dtype=auto` picks bfloat16 on this CPU. Where its greedy text first parts from float32's,
+    the two tokens must be a near-tie for float32 (within bf16's rounding), and most text agrees."""
+    convs = [_conv(q) for q in QUESTIONS[:8]]
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5)
+    f32 = LLM(dtype="float32").chat(convs, with_logprobs)
+    bf16 = LLM(dtype="bfloat16").chat(convs, GREEDY)
+    common = []
+    for a, b in zip(f32, bf16, strict=True):
+        x, y = a.outputs[0], b.outputs[0]
+        pairs = enumerate(zip(x.token_ids, y.token_ids, strict=False))
+        i = next((i for i, (s, t) in pairs if s != t), None)
+        common.append(len(x.token_ids) if i is None else i)
+        if i is not None:
+            assert x.logprobs is not None
+            alts = dict(zip(x.logprobs[i].top_ids, x.logprobs[i].top_logprobs, strict=True))
+            assert y.token_ids[i] in alts, f"bf16 token {y.token_ids[i]} not in fp32's top 5"
+            gap = x.logprobs[i].logprob - alts[y.token_ids[i]]
+            assert gap < 0.15, f"bf16 chose a token {gap:.3f} nats below fp32's at step {i}"
+    assert sum(common) / len(common) >= 8, f"bf16 parts from fp32 too early: {common}"

@@ -78,9 +78,8 @@ def test_logits_match_transformers(tmp_path: Path, name: str) -> None:
         assert arch.tie_word_embeddings
     ours = load_model(path, arch, source, torch.float32, torch.device("cpu"), 256).model
     g = arch.num_heads // arch.num_kv_heads
-    caches = [
-        torch.zeros(2, 64 * BLOCK, arch.num_kv_heads, arch.head_dim) for _ in range(arch.num_layers)
-    ]
+    shape = (2, 64, BLOCK, arch.num_kv_heads, arch.head_dim)
+    caches = [torch.zeros(shape) for _ in range(arch.num_layers)]
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (7, 13, 3)]
     tables = [[0, 1, 2, 3], [10, 4, 11, 12, 13], [20, 21]]

@@ -1,0 +1,171 @@
+"""Offline decode throughput of the engine vs transformers' batched generate vs this machine's
+ceilings, all measured in one invocation.
+
+    make bench                      # or: python benchmarks/offline_throughput.py --help
+
+Workload: N prompts of exactly --input-len random tokens, --output-len tokens each (ignore_eos),
+greedy. For each max_num_seqs in --batch-sizes: headrace's output tok/s (prefill included, as
+vLLM's offline throughput counts it) and transformers' `generate` on the same prompts in batches
+of that size. Ceilings: compute = GEMM FLOP/s (this dtype, all cores) / (2 x parameters);
+bandwidth (batch 1) = memory read bandwidth / weight bytes. transformers runs in float32, the
+setting it recommends for GGUF checkpoints (it keeps the weights packed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+from headrace.engine.model_runner import resolve_dtype
+from headrace.model.loader import bundled_model_path
+from headrace.offline import LLM
+from headrace.wire.messages import SamplingParams
+
+
+def _median_time(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def gemm_flops(dtype: torch.dtype, n: int = 4096) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / _median_time(lambda: torch.mm(a, b))
+
+
+def read_bandwidth(nbytes: int = 1 << 30) -> float:
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / _median_time(lambda: x.sum())
+
+
+def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def num_prompts_for(batch: int, requested: int) -> int:
+    # At batch 1 a full 64-prompt run takes minutes and measures the same steady state as 4.
+    return requested if batch >= 8 else max(4, batch)
+
+
+def run_headrace(args, dtype: str, batch: int, prompts: list[list[int]]) -> float:
+    llm = LLM(dtype=dtype, max_num_seqs=batch, enable_prefix_caching=False)  # type: ignore[arg-type]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - t
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert produced == len(prompts) * args.output_len
+    return produced / elapsed
+
+
+def run_transformers(model, batch: int, prompts: list[list[int]], output_len: int) -> float:
+    produced, elapsed = 0, 0.0
+    with torch.inference_mode():
+        model.generate(torch.tensor(prompts[:1]), max_new_tokens=2, do_sample=False, pad_token_id=2)
+        for i in range(0, len(prompts), batch):
+            ids = torch.tensor(prompts[i : i + batch])
+            t = time.perf_counter()
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                do_sample=False,
+                pad_token_id=2,
+            )
+            elapsed += time.perf_counter() - t
+            produced += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return produced / elapsed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch-sizes", default="1,8,32,64")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    torch_dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    dtype = str(torch_dtype).removeprefix("torch.")
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+
+    flops = gemm_flops(torch_dtype)
+    bandwidth = read_bandwidth()
+    probe = LLM(dtype=dtype, num_kv_blocks=64)  # type: ignore[arg-type]
+    model = probe.engine.runner.model
+    params = sum(p.numel() for p in model.parameters())
+    vocab = probe.engine.runner.arch.vocab_size
+    del probe
+    compute_ceiling = flops / (2 * params)
+    bandwidth_ceiling = bandwidth / (params * torch_dtype.itemsize)
+    print(f"dtype {dtype}, {torch.get_num_threads()} threads, {params / 1e6:.1f}M parameters")
+    print(f"GEMM {flops / 1e9:.0f} GFLOP/s -> compute ceiling {compute_ceiling:.0f} tok/s")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s -> batch-1 ceiling {bandwidth_ceiling:.0f}")
+
+    hf = None
+    if not args.skip_transformers:
+        from transformers import AutoModelForCausalLM
+
+        # transformers keeps GGUF weights packed and computes in float32: its fastest setting.
+        path = bundled_model_path()
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        ).eval()
+
+    rows = []
+    for batch in batches:
+        n = num_prompts_for(batch, args.num_prompts)
+        prompts = prompts_for(n, args.input_len, vocab, seed=batch)
+        ours = run_headrace(args, dtype, batch, prompts)
+        theirs = run_transformers(hf, batch, prompts, args.output_len) if hf is not None else None
+        ceiling = bandwidth_ceiling if batch == 1 else compute_ceiling
+        rows.append(
+            {
+                "max_num_seqs": batch,
+                "prompts": n,
+                "headrace_tok_s": round(ours, 1),
+                "transformers_tok_s": None if theirs is None else round(theirs, 1),
+                "compute_ceiling_pct": round(100 * ours / compute_ceiling, 1),
+                "ceiling_tok_s": round(ceiling, 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    print()
+    print("| max_num_seqs | prompts | headrace tok/s | transformers tok/s | vs transformers "
+          "| % of compute ceiling |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        hf_s = r["transformers_tok_s"]
+        ratio = f"{r['headrace_tok_s'] / hf_s:.2f}x" if hf_s else "-"
+        print(
+            f"| {r['max_num_seqs']} | {r['prompts']} | {r['headrace_tok_s']} | {hf_s or '-'} "
+            f"| {ratio} | {r['compute_ceiling_pct']}% |"
+        )
+    print(f"\ncompute ceiling {compute_ceiling:.0f} tok/s, batch-1 bandwidth ceiling "
+          f"{bandwidth_ceiling:.0f} tok/s")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"dtype": dtype, "gemm_flops": flops, "read_bandwidth": bandwidth,
+                       "rows": rows}, f, indent=2)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
