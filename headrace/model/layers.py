@@ -99,3 +99,46 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+class PackedLinear(nn.Module):
+    """A bf16 CPU linear whose weight oneDNN has reordered into its blocked layout once, at load.
+
+    Measured here (2 cores, avx512_bf16): 1.5-2x faster than `F.linear` on the same weight for
+    1-64 rows, the decode shapes. Same math (bf16 inputs, fp32 accumulation).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
+    """oneDNN weight packing exists for bf16 on CPU builds with mkldnn; check it agrees with
+    `F.linear` before trusting it."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        probe = nn.Linear(64, 32, bias=True).to(dtype)
+        x = torch.randn(3, 64, dtype=dtype)
+        got = PackedLinear(probe)(x).float()
+        return bool(torch.allclose(got, probe(x).float(), atol=5e-2, rtol=1e-2))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Swap every nn.Linear below `module` for a PackedLinear; returns how many were swapped."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, PackedLinear(child))
+            count += 1
+        else:
+            count += pack_linears(child)
+    return count

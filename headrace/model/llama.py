@@ -62,6 +62,7 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg, rope)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.compute_dtype = torch.float32  # the linears' dtype, set by the loader
 
     def forward(
         self,
@@ -71,7 +72,7 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = self.mlp.down_proj.weight.dtype
+        dtype = self.compute_dtype
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h.to(dtype), positions, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
@@ -110,4 +111,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on the rows that sample; float32 logits [N, vocab]."""
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        return self.lm_head(hidden.to(self.embed_tokens.weight.dtype)).float()

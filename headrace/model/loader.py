@@ -18,6 +18,7 @@ from torch import nn
 
 from headrace import envs
 from headrace.model.gguf import GGUFWeights
+from headrace.model.layers import can_pack_linears, pack_linears
 from headrace.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from headrace.model.registry import ArchConfig, UnsupportedModelError, arch_from_hf_config
 
@@ -197,6 +198,10 @@ def load_model(
     leftover = [n for n, prm in model.named_parameters() if prm.is_meta]
     if leftover:
         raise UnsupportedModelError(f"{path}: no weights found for {', '.join(leftover[:5])}")
+    for block in model.layers:
+        cast(LlamaDecoderLayer, block).compute_dtype = dtype
+    if can_pack_linears(dtype, device):
+        logger.info("packed %d linear layers for oneDNN", pack_linears(model))
     model.eval()
     return LoadedModel(model, arch, path, dtype)
 

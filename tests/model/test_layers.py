@@ -1,0 +1,34 @@
+"""Layer-level checks that need no model file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from headrace.model.layers import PackedLinear, can_pack_linears, pack_linears
+
+
+@pytest.mark.skipif(
+    not can_pack_linears(torch.bfloat16, torch.device("cpu")), reason="no oneDNN bf16 packing"
+)
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_packed_linear_matches_linear(rows: int) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    torch.testing.assert_close(PackedLinear(lin)(x).float(), lin(x).float(), atol=3e-2, rtol=2e-2)
+
+
+def test_pack_linears_swaps_every_linear() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.ReLU(), nn.Linear(8, 4)))
+    if not can_pack_linears(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("no oneDNN bf16 packing")
+    model = model.to(torch.bfloat16)
+    assert pack_linears(model) == 2
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert model(torch.randn(2, 8, dtype=torch.bfloat16)).shape == (2, 4)
+
+
+def test_no_packing_for_float32() -> None:
+    assert not can_pack_linears(torch.float32, torch.device("cpu"))
