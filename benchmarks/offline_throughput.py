@@ -26,6 +26,7 @@ import torch
 
 from headrace.engine.model_runner import resolve_dtype
 from headrace.model.loader import bundled_model_path
+from headrace.model.registry import num_parameters
 from headrace.offline import LLM
 from headrace.wire.messages import SamplingParams
 
@@ -109,8 +110,7 @@ def main() -> None:
     flops = gemm_flops(torch_dtype)
     bandwidth = read_bandwidth()
     probe = LLM(dtype=dtype, num_kv_blocks=64)  # type: ignore[arg-type]
-    model = probe.engine.runner.model
-    params = sum(p.numel() for p in model.parameters())
+    params = num_parameters(probe.engine.runner.arch)
     vocab = probe.engine.runner.arch.vocab_size
     del probe
     compute_ceiling = flops / (2 * params)

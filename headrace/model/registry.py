@@ -36,6 +36,17 @@ class ArchConfig:
     sliding_window: int | None = None
 
 
+def num_parameters(cfg: ArchConfig) -> int:
+    """Weights in the checkpoint (a tied LM head counted once), from the shape alone."""
+    h, q = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+    kv = cfg.num_kv_heads * cfg.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size + 2 * h
+    if cfg.qkv_bias:
+        per_layer += q + 2 * kv
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
+    return cfg.vocab_size * h + cfg.num_layers * per_layer + h + head
+
+
 def _as_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()

@@ -75,3 +75,10 @@ def test_clear_errors(tmp_path) -> None:
     w.close()
     with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported"):
         GGUFWeights(other)
+
+
+def test_parameter_count_of_bundled_model() -> None:
+    from headrace.model.registry import num_parameters
+
+    arch = GGUFWeights(bundled_model_path()).arch_config()
+    assert num_parameters(arch) == 134_515_008  # SmolLM2-135M: 272 tensors, tied head
