@@ -44,6 +44,9 @@ class RequestOutput:
     finished: bool = True
 
 
+_Sequence = tuple[CompletionOutput, IncrementalDetokenizer, RequestOutput]
+
+
 class LLM:
     """Load a model once, then generate for many prompts with continuous batching.
 
@@ -130,7 +133,23 @@ class LLM:
             if len(params_list) != len(items):
                 raise ValueError("sampling_params must be one per prompt")
         results: list[RequestOutput] = []
-        seqs: dict[str, tuple[CompletionOutput, IncrementalDetokenizer, RequestOutput]] = {}
+        seqs: dict[str, _Sequence] = {}
+        try:
+            # Inside the try: a prompt the engine refuses must not strand the ones added before it.
+            self._add_all(items, params_list, results, seqs)
+            self._drain(seqs)
+        except BaseException:
+            self.engine.abort(list(seqs))
+            raise
+        return results
+
+    def _add_all(
+        self,
+        items: list[tuple[str | None, list[int]]],
+        params_list: list[SamplingParams],
+        results: list[RequestOutput],
+        seqs: dict[str, _Sequence],
+    ) -> None:
         now = time.monotonic()
         for (text, ids), params in zip(items, params_list, strict=True):
             rid = str(next(self._ids))
@@ -152,29 +171,24 @@ class LLM:
                     request_id=sid, prompt_token_ids=ids, sampling_params=child, arrival_time=now
                 )
                 self.engine.add_request(msg)
-        try:
-            while self.engine.has_unfinished_requests():
-                for o in self.engine.step():
-                    out, detok, result = seqs[o.request_id]
-                    out.token_ids.extend(o.new_token_ids)
-                    if o.new_logprobs is not None:
-                        out.logprobs = (out.logprobs or []) + o.new_logprobs
-                    result.num_cached_tokens = max(result.num_cached_tokens, o.num_cached_tokens)
-                    finished = o.finish_reason is not None
-                    if detok.add_tokens(o.new_token_ids) and not finished:
-                        self.engine.abort([o.request_id])
-                        out.finish_reason, out.stop_reason = (
-                            FinishReason.STOP.value,
-                            detok.stopped_by,
-                        )
-                    elif finished:
-                        detok.flush()
-                        out.finish_reason = str(o.finish_reason)
-                        out.stop_reason = detok.stopped_by or o.stop_reason
-                        if detok.stopped_by:
-                            out.finish_reason = FinishReason.STOP.value
-                    out.text = detok.text
-        except BaseException:
-            self.engine.abort(list(seqs))
-            raise
-        return results
+
+    def _drain(self, seqs: dict[str, _Sequence]) -> None:
+        """Step the engine until every sequence ended, filling in tokens, text and reasons."""
+        while self.engine.has_unfinished_requests():
+            for o in self.engine.step():
+                out, detok, result = seqs[o.request_id]
+                out.token_ids.extend(o.new_token_ids)
+                if o.new_logprobs is not None:
+                    out.logprobs = out.logprobs or []
+                    out.logprobs.extend(o.new_logprobs)
+                result.num_cached_tokens = max(result.num_cached_tokens, o.num_cached_tokens)
+                finished = o.finish_reason is not None
+                if detok.add_tokens(o.new_token_ids) and not finished:
+                    self.engine.abort([o.request_id])  # a stop string: free its blocks now
+                elif finished:
+                    detok.flush()
+                    out.finish_reason = str(o.finish_reason)
+                    out.stop_reason = o.stop_reason
+                if detok.stopped_by is not None:
+                    out.finish_reason, out.stop_reason = FinishReason.STOP.value, detok.stopped_by
+                out.text = detok.text

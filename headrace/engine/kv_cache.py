@@ -112,11 +112,13 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         num_full = req.num_computed_tokens // self.block_size
-        for i, h in enumerate(self._block_hashes(req, num_full)):
+        hashes = self._block_hashes(req, num_full)
+        for i in range(req.num_published_blocks, num_full):
             block = self.blocks[req.block_ids[i]]
-            if block.block_hash is None and h not in self.cached:
-                block.block_hash = h
-                self.cached[h] = block.block_id
+            if block.block_hash is None and hashes[i] not in self.cached:
+                block.block_hash = hashes[i]
+                self.cached[hashes[i]] = block.block_id
+        req.num_published_blocks = num_full
 
     def free(self, req: Request) -> None:
         """Drop the request's references. Tail blocks are queued first so they are evicted
@@ -129,3 +131,4 @@ class KVCacheManager:
                 if block.block_hash is None:
                     self.free_queue.move_to_end(block_id, last=False)
         req.block_ids = []
+        req.num_published_blocks = 0

@@ -26,7 +26,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 where the hardware has fast bf16 matrix units (CUDA, AVX512-BF16/AMX
-    CPUs), else float32. Attention and the KV cache stay float32 on CPU either way."""
+    CPUs), else float32. The KV cache, and so attention, use the same dtype."""
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cuda":
@@ -72,14 +72,13 @@ class ModelRunner:
         loaded = load_model(path, arch, source, self.dtype, self.device, max_len, progress)
         self.model, self.arch = loaded.model, loaded.arch
         self.block_size = cache_cfg.block_size
-        self.kv_dtype = self.dtype
         per_block = (
             2
             * arch.num_layers
             * self.block_size
             * arch.num_kv_heads
             * arch.head_dim
-            * self.kv_dtype.itemsize
+            * self.dtype.itemsize
         )
         num_blocks = cache_cfg.num_kv_blocks or max(1, cache_cfg.kv_cache_memory // per_block)
         if num_blocks * self.block_size < max_len:
@@ -93,8 +92,7 @@ class ModelRunner:
         self.max_model_len = max_len
         shape = (2, num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-            for _ in range(arch.num_layers)
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_layers)
         ]
         logger.info(
             "model %s loaded: %s, dtype %s, %d KV blocks of %d tokens (%.0f MiB), max_model_len %d",

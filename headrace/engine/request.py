@@ -35,6 +35,7 @@ class Request:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
+    num_published_blocks: int = 0  # leading blocks of block_ids already offered to the prefix cache
     num_cached_tokens: int = -1
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING

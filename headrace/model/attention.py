@@ -9,7 +9,6 @@ then V. A request's token at position `p` lives in block `block_table[p // block
 
 Attention gathers whole blocks (one contiguous copy per block, not per token) into a padded
 `[B, blocks * block_size, KH, D]` context, masks what lies past each request's length, and
-
 attends. Requests are attended in groups (decodes together, prefill chunks together), each padded
 to its longest query and context. Query heads that share a KV head are folded into the query
 axis, so GQA never copies K or V: a group computes `[B, KH, G*Q, D] x [B, KH, L, D]`.

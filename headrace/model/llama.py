@@ -56,13 +56,13 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with a float32 residual stream."""
 
-    def __init__(self, cfg: ArchConfig, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ArchConfig, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, rope)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
-        self.compute_dtype = torch.float32  # the linears' dtype, set by the loader
+        self.compute_dtype = dtype  # the linears' dtype; norms and the residual stay float32
 
     def forward(
         self,
@@ -82,12 +82,15 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The whole decoder plus LM head. Qwen2 and Mistral differ only in config (biases, window)."""
 
-    def __init__(self, cfg: ArchConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ArchConfig, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.cfg = cfg
+        self.dtype = dtype
         rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, rope) for _ in range(cfg.num_layers)])
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(cfg, rope, dtype) for _ in range(cfg.num_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -111,4 +114,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on the rows that sample; float32 logits [N, vocab]."""
-        return self.lm_head(hidden.to(self.embed_tokens.weight.dtype)).float()
+        return self.lm_head(hidden.to(self.dtype)).float()

@@ -137,7 +137,7 @@ def load_model(
 ) -> LoadedModel:
     """Build the module on the meta device, then fill every parameter from the weight source."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch, max_positions)
+        model = LlamaForCausalLM(arch, max_positions, dtype)
     model.rope.build(device)
     names = source.names()
 
@@ -198,8 +198,6 @@ def load_model(
     leftover = [n for n, prm in model.named_parameters() if prm.is_meta]
     if leftover:
         raise UnsupportedModelError(f"{path}: no weights found for {', '.join(leftover[:5])}")
-    for block in model.layers:
-        cast(LlamaDecoderLayer, block).compute_dtype = dtype
     if can_pack_linears(dtype, device):
         logger.info("packed %d linear layers for oneDNN", pack_linears(model))
     model.eval()

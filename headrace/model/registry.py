@@ -43,6 +43,8 @@ def num_parameters(cfg: ArchConfig) -> int:
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size + 2 * h
     if cfg.qkv_bias:
         per_layer += q + 2 * kv
+    if cfg.mlp_bias:
+        per_layer += 2 * cfg.intermediate_size + h
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
     return cfg.vocab_size * h + cfg.num_layers * per_layer + h + head
 

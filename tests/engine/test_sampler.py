@@ -92,3 +92,15 @@ def test_seeded_output_independent_of_batch() -> None:
     assert again == alone
     unseeded = SamplingParams(temperature=1.0, max_tokens=24)
     assert len({tuple(llm.chat(conv, unseeded)[0].outputs[0].token_ids) for _ in range(3)}) > 1
+
+
+def test_refused_prompt_leaves_engine_clean() -> None:
+    """A prompt the engine refuses mid-batch must not strand the prompts added before it."""
+    llm = LLM(dtype="float32", num_kv_blocks=8)  # max_model_len 128
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    with pytest.raises(ValueError, match="maximum context length is 128"):
+        llm.generate([[5, 6, 7], list(range(10, 200))], params)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.kv.num_free_blocks == 8
+    out = llm.generate([[5, 6, 7]], params)
+    assert len(out[0].outputs[0].token_ids) == 4
