@@ -1,13 +1,58 @@
-"""The `headrace` command line."""
+"""The `headrace` command line: `serve`, `generate`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import re
 import sys
 
+from headrace import envs
+from headrace.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
 from headrace.wire.messages import SamplingParams
+
+logger = logging.getLogger("headrace.cli")
+
+BUNDLED_SERVED_NAME = "SmolLM2-135M-Instruct"
+
+# Flags of `vllm serve` that mean nothing here: accepted with a warning so an existing manifest
+# starts unchanged. True = the flag takes a value.
+VLLM_IGNORED_FLAGS: dict[str, bool] = {
+    "--gpu-memory-utilization": True,
+    "--enforce-eager": False,
+    "--trust-remote-code": False,
+    "--tensor-parallel-size": True,
+    "--pipeline-parallel-size": True,
+    "--swap-space": True,
+    "--cpu-offload-gb": True,
+    "--disable-custom-all-reduce": False,
+    "--enable-chunked-prefill": False,
+    "--no-enable-chunked-prefill": False,
+    "--kv-cache-dtype": True,
+    "--load-format": True,
+    "--download-dir": True,
+    "--tokenizer-mode": True,
+    "--distributed-executor-backend": True,
+    "--disable-frontend-multiprocessing": False,
+    "--max-seq-len-to-capture": True,
+    "--max-logprobs": True,
+    "--revision": True,
+    "--enable-log-requests": False,
+}
+# Flags whose value must be the only one headrace supports.
+_MUST_BE_ONE = {"--tensor-parallel-size", "--pipeline-parallel-size"}
+
+
+def parse_bytes(text: str) -> int:
+    """'2147483648', '2GiB', '512MiB', '2G' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"not a size: {text!r} (examples: 2GiB, 512MiB, 1073741824)"
+        )
+    scale = 1024 ** "KMGT".find(m.group(2).upper()) * 1024 if m.group(2) else 1
+    return int(float(m.group(1)) * scale)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -19,17 +64,104 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per engine step")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="tokens per engine step (prefill chunk)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument(
+        "--num-kv-blocks", type=int, default=None, help="KV-cache blocks (overrides memory)"
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        type=parse_bytes,
+        default=2 << 30,
+        help="KV-cache size per engine (2GiB)",
+    )
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(args.model, args.dtype, args.device, args.max_model_len, args.seed),
+        cache=CacheConfig(
+            args.block_size, args.num_kv_blocks, args.kv_cache_memory, args.enable_prefix_caching
+        ),
+        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
+    )
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    _add_engine_args(p)
+    p.add_argument("--host", default=None, help="interface to listen on (default: all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--served-model-name", nargs="+", default=None, help="name(s) clients use (default: MODEL)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=envs.api_key(),
+        help="require `Authorization: Bearer KEY` on /v1/* (env HEADRACE_API_KEY or VLLM_API_KEY)",
+    )
+    p.add_argument("--api-server-count", type=int, default=1, help="API-server processes")
+    p.add_argument("--data-parallel-size", type=int, default=1, help="engine-core processes")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds to finish in-flight work"
+    )
+    p.add_argument("--disable-log-requests", action="store_true", help="no per-request log line")
+    p.add_argument(
+        "--disable-access-log-for-endpoints",
+        default="",
+        help="comma-separated paths left out of the access log (e.g. /health,/metrics)",
+    )
+    p.add_argument("--uvicorn-log-level", default="info")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from headrace.launch import LaunchConfig, Launcher
+
+    for name, value in (
+        ("--api-server-count", args.api_server_count),
+        ("--data-parallel-size", args.data_parallel_size),
+    ):
+        if value < 1:
+            raise SystemExit(f"headrace serve: {name} must be at least 1")
+    names = tuple(args.served_model_name or [args.model or BUNDLED_SERVED_NAME])
+    server = ServerConfig(
+        model=args.model,
+        served_model_names=names,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        disable_log_requests=args.disable_log_requests,
+        disable_access_log_for_endpoints=tuple(
+            p.strip() for p in args.disable_access_log_for_endpoints.split(",") if p.strip()
+        ),
+        api_server_count=args.api_server_count,
+        data_parallel_size=args.data_parallel_size,
+        uvicorn_log_level=args.uvicorn_log_level,
+    )
+    try:
+        cfg = LaunchConfig(
+            server, engine_config(args), args.shutdown_timeout, envs.test_load_delay()
+        )
+    except ValueError as exc:
+        raise SystemExit(f"headrace serve: {exc}") from None
+    return Launcher(cfg).run()
 
 
 def _generate(args: argparse.Namespace) -> int:
     from headrace.offline import LLM
 
+    cfg = engine_config(args)
     llm = LLM(
         args.model,
         dtype=args.dtype,
@@ -39,6 +171,8 @@ def _generate(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=cfg.cache.kv_cache_memory,
+        enable_prefix_caching=cfg.cache.enable_prefix_caching,
         seed=args.seed,
     )
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
@@ -52,18 +186,59 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def strip_ignored_vllm_flags(argv: list[str]) -> list[str]:
+    """Remove (with a warning each) the vLLM flags listed in VLLM_IGNORED_FLAGS."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in VLLM_IGNORED_FLAGS:
+            takes_value = VLLM_IGNORED_FLAGS[name]
+            if takes_value and not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            if name in _MUST_BE_ONE and value.strip() != "1":
+                raise SystemExit(f"headrace serve: {name} {value} is not supported (only 1)")
+            logging.getLogger("headrace.cli").warning(
+                "ignoring vLLM flag %s%s: it has no meaning for headrace",
+                name, f" {value}" if takes_value else "",
+            )  # fmt: skip
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headrace", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible API",
+        description="Serve MODEL (default: the bundled SmolLM2-135M-Instruct) over an "
+        "OpenAI-compatible HTTP API, with engine cores in their own processes.",
+    )
+    _add_serve_args(serve)
+    serve.set_defaults(func=_serve, enable_prefix_caching=True)
     gen = sub.add_parser("generate", help="run prompts through the engine in this process")
     _add_engine_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     gen.add_argument("--chat", action="store_true", help="apply the chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
-    gen.set_defaults(func=_generate)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    gen.set_defaults(func=_generate, enable_prefix_caching=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from headrace.process import setup_logging
+
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        argv = ["serve", *strip_ignored_vllm_flags(argv[1:])]
+    args = build_parser().parse_args(argv)
     return int(args.func(args))
 
 

@@ -54,3 +54,20 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.cache.num_kv_blocks is not None and self.cache.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """What an API server process needs (engine settings travel separately, to engines)."""
+
+    model: str | None = None
+    served_model_names: tuple[str, ...] = ("SmolLM2-135M-Instruct",)
+    host: str | None = None
+    port: int = 8000
+    api_key: str | None = None
+    disable_log_requests: bool = False
+    disable_access_log_for_endpoints: tuple[str, ...] = ()
+    api_server_count: int = 1
+    data_parallel_size: int = 1
+    max_request_body_bytes: int = 64 << 20
+    uvicorn_log_level: str = "info"

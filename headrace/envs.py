@@ -9,3 +9,13 @@ from pathlib import Path
 def cache_dir() -> Path:
     """HEADRACE_CACHE_DIR: where converted tokenizers are kept (default ~/.cache/headrace)."""
     return Path(os.environ.get("HEADRACE_CACHE_DIR") or Path.home() / ".cache" / "headrace")
+
+
+def api_key() -> str | None:
+    """HEADRACE_API_KEY, or VLLM_API_KEY for drop-in manifests: the default of `--api-key`."""
+    return os.environ.get("HEADRACE_API_KEY") or os.environ.get("VLLM_API_KEY") or None
+
+
+def test_load_delay() -> float:
+    """HEADRACE_TEST_LOAD_DELAY: seconds added to model loading, so tests can watch `loading`."""
+    return float(os.environ.get("HEADRACE_TEST_LOAD_DELAY") or 0.0)

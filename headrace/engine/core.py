@@ -8,9 +8,9 @@ from headrace.config import EngineConfig
 from headrace.engine.kv_cache import KVCacheManager
 from headrace.engine.model_runner import ModelRunner, RunnerInfo
 from headrace.engine.request import Request
-from headrace.engine.scheduler import Scheduler, SchedulerStats
+from headrace.engine.scheduler import Scheduler
 from headrace.model.loader import ProgressFn
-from headrace.wire.messages import EngineCoreOutput, EngineCoreRequest
+from headrace.wire.messages import EngineCoreOutput, EngineCoreRequest, EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -65,5 +65,5 @@ class EngineCore:
         result = self.runner.execute(plan)
         return self.scheduler.update(plan, result)
 
-    def stats(self) -> SchedulerStats:
+    def stats(self) -> EngineStats:
         return self.scheduler.stats()

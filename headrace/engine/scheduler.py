@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from headrace.config import SchedulerConfig
 from headrace.engine.kv_cache import KVCacheManager
 from headrace.engine.request import Request, RequestStatus
-from headrace.wire.messages import EngineCoreOutput, FinishReason, TokenLogprobs
+from headrace.wire.messages import EngineCoreOutput, EngineStats, FinishReason, TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -45,18 +45,6 @@ class RunnerOutput:
 
     sampled: dict[str, int]
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    """A snapshot for metrics and logs; token counters are deltas since the previous snapshot."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
 
 
 class Scheduler:
@@ -203,8 +191,9 @@ class Scheduler:
         req.finish_reason = reason
         del self.requests[req.request_id]
 
-    def stats(self) -> SchedulerStats:
-        out = SchedulerStats(
+    def stats(self) -> EngineStats:
+        """Load now, plus counters since the previous call (sent with every step's outputs)."""
+        out = EngineStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             kv_cache_usage=self.kv.usage,

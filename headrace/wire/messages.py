@@ -100,3 +100,68 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+
+
+class AbortRequests(msgspec.Struct, kw_only=True, tag="abort"):
+    """Frontend -> engine: end these requests now (unknown ids are ignored)."""
+
+    request_ids: list[str]
+
+
+class AddRequest(msgspec.Struct, kw_only=True, tag="add"):
+    """Frontend -> engine: queue one tokenized request."""
+
+    request: EngineCoreRequest
+
+
+EngineInput = AddRequest | AbortRequests
+
+
+class EngineStats(msgspec.Struct, kw_only=True):
+    """The engine's load after a step; counters are deltas since the previous message."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+class EngineCoreOutputs(msgspec.Struct, kw_only=True, tag="outputs"):
+    """Engine -> frontend: everything one step (or one batch of aborts) produced, plus load."""
+
+    engine_index: int
+    outputs: list[EngineCoreOutput]
+    stats: EngineStats
+    timestamp: float
+    num_steps: int = 0
+
+
+class EngineLoading(msgspec.Struct, kw_only=True, tag="loading"):
+    """Engine -> frontend while it loads: `fraction` of the weights read so far in `phase`."""
+
+    engine_index: int
+    phase: str
+    fraction: float
+
+
+class EngineReady(msgspec.Struct, kw_only=True, tag="ready"):
+    """Engine -> frontend once, after loading: what it found (the frontend's only source)."""
+
+    engine_index: int
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    dtype: str
+    model_type: str
+
+
+class EngineFailed(msgspec.Struct, kw_only=True, tag="failed"):
+    """Engine -> frontend: the engine cannot go on (load error, crashed step); it then exits."""
+
+    engine_index: int
+    message: str
+
+
+EngineMessage = EngineCoreOutputs | EngineLoading | EngineReady | EngineFailed

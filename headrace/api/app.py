@@ -1,0 +1,194 @@
+"""The API-server process: FastAPI app, ASGI middleware, and `run_api_server` (its one loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import msgspec
+import uvicorn
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from headrace.api import chat, completions, health, models, tokenize
+from headrace.api.context import ServerContext
+from headrace.api.errors import error_body, install_error_handlers
+from headrace.config import ServerConfig
+from headrace.frontend.client import EngineClient
+from headrace.frontend.tokenize import FrontendTokenizer
+from headrace.metrics.prometheus import ServerMetrics
+from headrace.process import die_with_parent, setup_logging
+from headrace.wire.sockets import Addresses
+
+logger = logging.getLogger("headrace.api")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiServerArgs:
+    """Everything one API-server process is started with."""
+
+    config: ServerConfig
+    api_index: int
+    addresses: Addresses
+    engine_pids: tuple[int | None, ...]
+
+
+def build_app(ctx: ServerContext) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        ctx.client.start()
+        loader = asyncio.create_task(_load_tokenizer(ctx))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            await ctx.client.close()
+            if ctx.tokenizer is not None:
+                ctx.tokenizer.shutdown()
+
+    app = FastAPI(title="headrace", version=_version(), lifespan=lifespan)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    for module in (health, models, tokenize, completions, chat):
+        app.include_router(module.router)
+    app.add_middleware(GuardMiddleware, ctx=ctx)
+    return app
+
+
+def _version() -> str:
+    import headrace
+
+    return headrace.__version__
+
+
+async def _load_tokenizer(ctx: ServerContext) -> None:
+    try:
+        tok = await FrontendTokenizer.load(ctx.config.model)
+    except Exception as exc:
+        logger.exception("tokenizer failed to load")
+        ctx.tokenizer_error = f"{type(exc).__name__}: {exc}"
+        return
+    ctx.client.tokenizer = tok.backend
+    ctx.tokenizer = tok
+    logger.info("tokenizer loaded (longest token: %d characters)", tok.max_token_chars)
+
+
+class _BodyTooLargeError(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """Before any route: API key on /v1/*, request-body size cap, X-Request-Id echo.
+
+    Plain ASGI (not BaseHTTPMiddleware) so streaming responses and disconnects pass untouched.
+    """
+
+    def __init__(self, app: ASGIApp, ctx: ServerContext) -> None:
+        self.app = app
+        self.ctx = ctx
+        key = ctx.config.api_key
+        self.expected = f"Bearer {key}".encode() if key else None
+        self.limit = ctx.config.max_request_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id") or uuid.uuid4().hex.encode()
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+            await send(message)
+
+        if self.expected is not None and scope["path"].startswith("/v1/"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _reply(
+                    send_with_id, 401, "Invalid or missing API key (use Authorization: Bearer)"
+                )
+                return
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _reply(send_with_id, 413, self._too_large())
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLargeError
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send_with_id)
+        except _BodyTooLargeError:
+            if not started:
+                await _reply(send_with_id, 413, self._too_large())
+
+    def _too_large(self) -> str:
+        return f"The request body is larger than the limit of {self.limit} bytes"
+
+
+async def _reply(send: Send, status: int, message: str) -> None:
+    body = msgspec.json.encode(error_body(status, message))
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _AccessLogFilter(logging.Filter):
+    """Drops uvicorn access-log lines for the paths named in --disable-access-log-for-endpoints."""
+
+    def __init__(self, paths: tuple[str, ...]) -> None:
+        super().__init__()
+        self.paths = set(paths)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3:
+            path = str(args[2]).split("?")[0]
+            return path not in self.paths
+        return True
+
+
+def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
+    """Entry point of an API-server process (spawned by the launcher with the bound socket)."""
+    cfg = args.config
+    setup_logging()
+    die_with_parent()
+    if cfg.disable_access_log_for_endpoints:
+        logging.getLogger("uvicorn.access").addFilter(
+            _AccessLogFilter(cfg.disable_access_log_for_endpoints)
+        )
+
+    async def serve() -> None:
+        client = EngineClient(args.addresses, args.api_index, args.engine_pids)
+        metrics = ServerMetrics(cfg.served_model_names[0], len(args.engine_pids))
+        client.on_stats.append(metrics.record)
+        ctx = ServerContext(cfg, client, metrics, started=time.time())
+        app = build_app(ctx)
+        config = uvicorn.Config(
+            app,
+            log_level=cfg.uvicorn_log_level,
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=5,
+            log_config=None,
+        )
+        await uvicorn.Server(config).serve(sockets=[sock])
+
+    asyncio.run(serve())

@@ -1,0 +1,134 @@
+"""POST /v1/completions: text or token-id prompts (one or a batch), JSON or SSE."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from headrace.api.errors import APIError
+from headrace.api.protocol import CompletionRequest
+from headrace.api.streaming import Choice, collect, sse_response, usage
+from headrace.api.validation import check_prompt_ids, context_of, require_json, start
+from headrace.frontend.output import SeqDelta
+from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits, PromptTooLongError
+from headrace.wire.messages import TokenLogprobs
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", dependencies=[Depends(require_json)])
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    """1. validate (pydantic) 2. tokenize off the loop 3. send to the engines 4. answer."""
+    ctx = context_of(request)
+    model = ctx.check_model(body.model)
+    tok = ctx.require_serving()
+    explicit_max = body.max_tokens if "max_tokens" in body.model_fields_set else None
+    limits = PromptLimits(ctx.client.max_model_len, explicit_max, body.truncate_prompt_tokens)
+    prompts, texts = await _tokenize(tok, body, limits)
+    try:
+        params = body.sampling_params(body.max_tokens, body.logprobs)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    stream = await start(ctx, request_id, prompts, params)
+    base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
+    n = body.n
+    echo = {i: texts[i // n] for i in range(len(prompts) * n)} if body.echo else {}
+
+    if not body.stream:
+        choices = await collect(request, ctx.client, stream)
+        completion_tokens = sum(len(c.token_ids) for c in choices)
+        return JSONResponse(
+            {
+                **base,
+                "choices": [_choice(tok, c, echo.get(c.index, "")) for c in choices],
+                "usage": usage(stream, completion_tokens),
+            }
+        )
+
+    counted = [0]
+    offsets: dict[int, int] = {}
+
+    def chunk_for(d: SeqDelta) -> list[dict[str, Any]]:
+        counted[0] += len(d.token_ids)
+        text = echo.pop(d.index, "") + d.text
+        logprobs = None
+        if d.logprobs:
+            logprobs = _logprobs(tok, d.logprobs, offsets.get(d.index, 0))
+            offsets[d.index] = offsets.get(d.index, 0) + sum(len(t) for t in logprobs["tokens"])
+        choice = {
+            "index": d.index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": d.finish_reason,
+            "stop_reason": d.stop_reason,
+        }
+        return [{**base, "choices": [choice]}]
+
+    def final_chunks() -> list[dict[str, Any]]:
+        if not body.include_usage:
+            return []
+        return [{**base, "choices": [], "usage": usage(stream, counted[0])}]
+
+    return sse_response(ctx.client, stream, chunk_for, final_chunks)
+
+
+async def _tokenize(
+    tok: FrontendTokenizer, body: CompletionRequest, limits: PromptLimits
+) -> tuple[list[list[int]], list[str]]:
+    raw = body.prompt
+    items: list[str | list[int]]
+    if isinstance(raw, str):
+        items = [raw]
+    elif raw and isinstance(raw[0], int):
+        items = [[int(t) for t in raw if isinstance(t, int)]]
+    else:
+        items = [p for p in raw if isinstance(p, str | list)]
+    prompts: list[list[int]] = []
+    texts: list[str] = []
+    try:
+        for item in items:
+            if isinstance(item, str):
+                prompts.append(await tok.encode_prompt(item, limits, body.add_special_tokens))
+                texts.append(item)
+            else:
+                prompts.append(check_prompt_ids(tok, item, limits))
+                texts.append(await tok.decode(item) if body.echo else "")
+    except PromptTooLongError as exc:
+        raise APIError(400, str(exc), param="prompt") from None
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="prompt") from None
+    return prompts, texts
+
+
+def _choice(tok: FrontendTokenizer, c: Choice, echo: str) -> dict[str, Any]:
+    return {
+        "index": c.index,
+        "text": echo + c.text,
+        "logprobs": _logprobs(tok, c.logprobs, 0) if c.logprobs else None,
+        "finish_reason": c.finish_reason,
+        "stop_reason": c.stop_reason,
+    }
+
+
+def _logprobs(tok: FrontendTokenizer, items: list[TokenLogprobs], offset: int) -> dict[str, Any]:
+    """The legacy completions logprobs object."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for lp in items:
+        text = tok.token_text(lp.token_id)
+        tokens.append(text)
+        token_logprobs.append(lp.logprob)
+        top.append({tok.token_text(t): v for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)})
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }

@@ -1,0 +1,87 @@
+"""What every route shares: config, the engine client, the tokenizer, and the server's state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from headrace.api.errors import APIError
+from headrace.config import ServerConfig
+from headrace.frontend.client import EngineClient
+from headrace.frontend.tokenize import FrontendTokenizer
+from headrace.metrics.prometheus import ServerMetrics
+
+RETRY_AFTER_S = "5"
+
+
+class ServerState(enum.StrEnum):
+    """DESIGN §4: loading -> ready -> draining -> stopped, and failed from any state."""
+
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class ServerContext:
+    """One per API-server process, stored on `app.state.ctx`."""
+
+    config: ServerConfig
+    client: EngineClient
+    metrics: ServerMetrics
+    tokenizer: FrontendTokenizer | None = None
+    tokenizer_error: str | None = None
+    draining: bool = False
+    started: float = 0.0
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def state(self) -> ServerState:
+        if self.tokenizer_error is not None or self.client.failed is not None:
+            return ServerState.FAILED
+        if self.draining:
+            return ServerState.DRAINING
+        if self.tokenizer is None or not self.client.all_ready:
+            return ServerState.LOADING
+        return ServerState.READY
+
+    @property
+    def failure(self) -> str | None:
+        if self.tokenizer_error is not None:
+            return f"tokenizer failed to load: {self.tokenizer_error}"
+        engine = self.client.failed
+        return None if engine is None else engine.error
+
+    def load_progress(self) -> dict[str, object]:
+        engines = [
+            {"engine": e.index, "phase": e.load_phase, "fraction": round(e.load_fraction, 4)}
+            for e in self.client.engines
+        ]
+        fractions = [e.load_fraction for e in self.client.engines]
+        return {
+            "fraction": round(sum(fractions) / max(1, len(fractions)), 4),
+            "tokenizer": "ready" if self.tokenizer is not None else "loading",
+            "engines": engines,
+        }
+
+    def require_serving(self) -> FrontendTokenizer:
+        """The tokenizer, if inference may run now; else the state's error (503, or 500)."""
+        state = self.state
+        if state is ServerState.READY and self.tokenizer is not None:
+            return self.tokenizer
+        retry = {"Retry-After": RETRY_AFTER_S}
+        if state is ServerState.FAILED:
+            raise APIError(503, f"the server has failed: {self.failure}", headers=retry)
+        if state is ServerState.DRAINING:
+            raise APIError(503, "the server is shutting down", headers=retry)
+        raise APIError(503, "the model is still loading; retry shortly", headers=retry)
+
+    def check_model(self, name: str | None) -> str:
+        """The served name the request addressed (None means the first one), or 404."""
+        names = self.config.served_model_names
+        if name is None or name == "":
+            return names[0]
+        if name not in names:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model")
+        return name

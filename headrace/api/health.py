@@ -1,0 +1,61 @@
+"""Probes, per the lifecycle table of DESIGN §4.
+
+/health        vLLM-compatible: 200 only when ready
+/health/live   liveness: 200 unless failed (a loading or draining server is alive)
+/health/ready  readiness: 200 only when ready; the 503 body carries loading progress
+Every 503 carries Retry-After and a JSON body naming the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from headrace.api.context import RETRY_AFTER_S, ServerContext, ServerState
+from headrace.api.validation import context_of
+from headrace.metrics.prometheus import CONTENT_TYPE
+
+router = APIRouter()
+
+
+def _body(ctx: ServerContext) -> dict[str, Any]:
+    state = ctx.state
+    body: dict[str, Any] = {"status": state.value}
+    if state is ServerState.LOADING:
+        body["progress"] = ctx.load_progress()
+    elif state is ServerState.FAILED:
+        body["error"] = ctx.failure
+    return body
+
+
+def _answer(ctx: ServerContext, ok: bool) -> JSONResponse:
+    if ok:
+        return JSONResponse(_body(ctx))
+    return JSONResponse(_body(ctx), status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    ctx = context_of(request)
+    return _answer(ctx, ctx.state is ServerState.READY)
+
+
+@router.get("/health/live")
+async def live(request: Request) -> JSONResponse:
+    ctx = context_of(request)
+    return _answer(ctx, ctx.state is not ServerState.FAILED)
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    ctx = context_of(request)
+    return _answer(ctx, ctx.state is ServerState.READY)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition; 200 in every state."""
+    ctx = context_of(request)
+    return Response(ctx.metrics.exposition(), media_type=CONTENT_TYPE)

@@ -1,0 +1,51 @@
+"""Checks shared by the inference routes, run before any work is queued."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from fastapi import Request
+
+from headrace.api.context import ServerContext
+from headrace.api.errors import APIError
+from headrace.frontend.output import EngineError, RequestStream
+from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits
+from headrace.wire.messages import SamplingParams
+
+logger = logging.getLogger("headrace.api")
+
+
+def context_of(request: Request) -> ServerContext:
+    ctx: ServerContext = request.app.state.ctx
+    return ctx
+
+
+async def require_json(request: Request) -> None:
+    """400 unless the body is declared as JSON (FastAPI would otherwise guess)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise APIError(
+            400, f"Content-Type must be application/json, got {content_type or 'none'!r}"
+        )
+
+
+def check_prompt_ids(tok: FrontendTokenizer, ids: list[int], limits: PromptLimits) -> list[int]:
+    out = tok.check_ids(ids, limits)
+    tok.check_fits(len(out), limits)
+    return out
+
+
+async def start(
+    ctx: ServerContext, request_id: str, prompts: list[list[int]], params: SamplingParams
+) -> RequestStream:
+    """Queue the request in the engines; 503 if none can take it."""
+    if not ctx.config.disable_log_requests:
+        logger.info(
+            "request %s: %d prompt tokens, %s",
+            request_id, sum(len(p) for p in prompts), msgspec.json.encode(params).decode(),
+        )  # fmt: skip
+    try:
+        return await ctx.client.add(request_id, prompts, params)
+    except EngineError as exc:
+        raise APIError(503, str(exc), headers={"Retry-After": "5"}) from None

@@ -1,0 +1,254 @@
+"""The API server's side of the ZMQ boundary: sends requests to engines, routes their outputs back.
+
+Binds this server's ROUTER (requests out; engines' READY and loading progress in) and PULL
+(one `EngineCoreOutputs` per engine step). Three background tasks: the handshake reader, the
+output reader (which runs `OutputProcessor` for the whole step in one pass), and a watchdog that
+notices an engine process that exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from headrace.frontend.output import (
+    EngineError,
+    OutputProcessor,
+    RequestStream,
+    SeqState,
+    new_detokenizer,
+)
+from headrace.frontend.router import pick_engine
+from headrace.wire.codec import engine_input_codec, engine_message_codec
+from headrace.wire.messages import (
+    AbortRequests,
+    AddRequest,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineFailed,
+    EngineLoading,
+    EngineReady,
+    EngineStats,
+    SamplingParams,
+)
+from headrace.wire.sockets import Addresses, engine_identity
+
+logger = logging.getLogger("headrace.client")
+
+_WATCHDOG_INTERVAL_S = 0.25
+
+
+class EnginePhase(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class EngineStatus:
+    """What this API server knows about one engine."""
+
+    index: int
+    pid: int | None
+    phase: EnginePhase = EnginePhase.LOADING
+    load_phase: str = "starting"
+    load_fraction: float = 0.0
+    info: EngineReady | None = None
+    stats: EngineStats = field(default_factory=EngineStats)
+    num_steps: int = 0
+    last_message_time: float = field(default_factory=time.monotonic)
+    error: str | None = None
+
+
+class EngineClient:
+    """All engines as seen from API server `api_index`."""
+
+    def __init__(
+        self, addresses: Addresses, api_index: int, engine_pids: Sequence[int | None]
+    ) -> None:
+        self.addresses = addresses
+        self.api_index = api_index
+        self.engines = [EngineStatus(i, pid) for i, pid in enumerate(engine_pids)]
+        self.output = OutputProcessor()
+        self.ctx = zmq.asyncio.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.bind(addresses.input_address(api_index))
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.bind(addresses.output_address(api_index))
+        self._in_codec = engine_input_codec()
+        self._out_codec = engine_message_codec()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending: set[asyncio.Task[None]] = set()  # abort sends in flight
+        self.tokenizer: Any = None  # set once loaded; used to build detokenizers
+        self.on_stats: list[Any] = []  # callbacks(engine_index, EngineCoreOutputs)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._handshake_loop(), name="engine-handshake"),
+            loop.create_task(self._output_loop(), name="engine-outputs"),
+            loop.create_task(self._watchdog(), name="engine-watchdog"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.ctx.destroy(linger=0)
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def all_ready(self) -> bool:
+        return all(e.phase is EnginePhase.READY for e in self.engines)
+
+    @property
+    def failed(self) -> EngineStatus | None:
+        return next((e for e in self.engines if e.phase is EnginePhase.FAILED), None)
+
+    @property
+    def max_model_len(self) -> int:
+        lens = [e.info.max_model_len for e in self.engines if e.info is not None]
+        return min(lens) if lens else 0
+
+    # -- requests ------------------------------------------------------------------------------
+    async def add(
+        self,
+        request_id: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+    ) -> RequestStream:
+        """Send `n` engine requests per prompt; choice index = prompt_index * n + j.
+
+        Raises EngineError (nothing queued) when no engine can take work."""
+        stream = RequestStream(request_id, prompts)
+        ready = [e.phase is EnginePhase.READY for e in self.engines]
+        reported = [e.stats.num_running + e.stats.num_waiting for e in self.engines]
+        in_flight = [self.output.num_in_flight(e.index) for e in self.engines]
+        want_logprobs = params.logprobs is not None
+        sends: list[tuple[int, AddRequest]] = []
+        now = time.time()
+        for p, prompt in enumerate(prompts):
+            for j in range(params.n):
+                child = params
+                if params.n > 1 and params.seed is not None:
+                    child = msgspec.structs.replace(params, seed=params.seed + j)
+                try:
+                    engine = pick_engine(ready, reported, in_flight)
+                except LookupError as exc:
+                    self.abort(stream)
+                    raise EngineError(str(exc)) from None
+                in_flight[engine] += 1
+                index = p * params.n + j
+                rid = f"{request_id}-{index}"
+                detok = new_detokenizer(self.tokenizer, prompt, params)
+                self.output.add(SeqState(rid, index, engine, detok, stream, want_logprobs))
+                msg = EngineCoreRequest(
+                    request_id=rid, prompt_token_ids=prompt, sampling_params=child, arrival_time=now
+                )
+                sends.append((engine, AddRequest(request=msg)))
+        for engine, add in sends:
+            await self._send(engine, add)
+        return stream
+
+    def abort(self, stream: RequestStream) -> None:
+        """The client went away: forget its choices here and free them in their engines.
+
+        Synchronous (the send is a task), so it is safe in a cancelled task's `finally`."""
+        by_engine: dict[int, list[str]] = {}
+        for seq in stream.seqs:
+            if not seq.finished:
+                by_engine.setdefault(seq.engine_index, []).append(seq.request_id)
+        for engine, ids in by_engine.items():
+            self.output.forget(ids)
+            task = asyncio.get_running_loop().create_task(
+                self._send(engine, AbortRequests(request_ids=ids))
+            )
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _send(self, engine: int, msg: AddRequest | AbortRequests) -> None:
+        if self.engines[engine].phase is EnginePhase.FAILED:
+            return
+        try:
+            await self.router.send_multipart([engine_identity(engine), self._in_codec.encode(msg)])
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the engine's socket is gone
+            self._engine_failed(engine, f"cannot reach engine {engine}: {exc}")
+
+    # -- background tasks ----------------------------------------------------------------------
+    async def _handshake_loop(self) -> None:
+        while True:
+            _identity, data = await self.router.recv_multipart()
+            msg = self._out_codec.decode(data)
+            engine = self.engines[msg.engine_index]
+            engine.last_message_time = time.monotonic()
+            if isinstance(msg, EngineLoading):
+                engine.load_phase, engine.load_fraction = msg.phase, msg.fraction
+                logger.info(
+                    "engine %d loading: %s %.0f%%", msg.engine_index, msg.phase, 100 * msg.fraction
+                )
+            elif isinstance(msg, EngineReady):
+                engine.info, engine.phase = msg, EnginePhase.READY
+                engine.load_phase, engine.load_fraction = "ready", 1.0
+                logger.info(
+                    "engine %d ready: %d KV blocks of %d tokens, max_model_len %d, %s",
+                    msg.engine_index, msg.num_kv_blocks, msg.block_size, msg.max_model_len,
+                    msg.dtype,
+                )  # fmt: skip
+            elif isinstance(msg, EngineFailed):
+                self._engine_failed(msg.engine_index, msg.message)
+
+    async def _output_loop(self) -> None:
+        while True:
+            data = await self.pull.recv()
+            msg = self._out_codec.decode(data)
+            if not isinstance(msg, EngineCoreOutputs):
+                if isinstance(msg, EngineFailed):
+                    self._engine_failed(msg.engine_index, msg.message)
+                continue
+            engine = self.engines[msg.engine_index]
+            engine.stats, engine.num_steps = msg.stats, msg.num_steps
+            engine.last_message_time = time.monotonic()
+            to_abort = self.output.process(msg.outputs)
+            if to_abort:
+                await self._send(msg.engine_index, AbortRequests(request_ids=to_abort))
+            for callback in self.on_stats:
+                callback(msg)
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(_WATCHDOG_INTERVAL_S)
+            for engine in self.engines:
+                if engine.phase is not EnginePhase.FAILED and not _process_alive(engine.pid):
+                    self._engine_failed(engine.index, f"engine {engine.index} process exited")
+
+    def _engine_failed(self, index: int, message: str) -> None:
+        engine = self.engines[index]
+        if engine.phase is EnginePhase.FAILED:
+            return
+        logger.error("engine %d failed: %s", index, message)
+        engine.phase, engine.error = EnginePhase.FAILED, message
+        self.output.fail(index, f"engine failed: {message}")
+
+
+def _process_alive(pid: int | None) -> bool:
+    """True unless `pid` is gone or a zombie (exited, not yet reaped by the launcher)."""
+    if pid is None:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # The state letter follows the command name, which is in parentheses and may contain spaces.
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X")

@@ -1,0 +1,165 @@
+"""Engine outputs -> per-request deltas: incremental detokenization, stop strings, timings.
+
+One API request with `n` choices (or several prompts) owns one `RequestStream`; each choice is one
+engine request (`SeqState`). A step's outputs are handled in one pass; a stop string found here
+ends the sequence at once and is returned so the client aborts it in the engine (freeing blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from headrace.frontend.detokenize import IncrementalDetokenizer
+from headrace.wire.messages import EngineCoreOutput, FinishReason, SamplingParams, TokenLogprobs
+
+
+class EngineError(RuntimeError):
+    """The engine could not finish a request (it died, stalled, or refused the request)."""
+
+
+@dataclass(slots=True)
+class SeqDelta:
+    """What one engine step added to one choice."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class SeqState:
+    """One choice = one engine request, as the frontend tracks it."""
+
+    request_id: str
+    index: int
+    engine_index: int
+    detok: IncrementalDetokenizer
+    stream: RequestStream
+    want_logprobs: bool
+    num_output_tokens: int = 0
+    first_token_time: float | None = None
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class RequestStream:
+    """Deltas of every choice of one API request, in arrival order; iterate until all finish."""
+
+    request_id: str
+    prompt_token_ids: list[list[int]]
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[SeqState] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    queue: asyncio.Queue[SeqDelta | BaseException] = field(default_factory=asyncio.Queue)
+    _open: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+    def unfinished_ids(self) -> list[str]:
+        return [s.request_id for s in self.seqs if not s.finished]
+
+    async def __aiter__(self) -> AsyncIterator[SeqDelta]:
+        remaining = len(self.seqs)
+        while remaining:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finish_reason is not None:
+                remaining -= 1
+            yield item
+
+
+def new_detokenizer(
+    tokenizer: Any, prompt: list[int], params: SamplingParams
+) -> IncrementalDetokenizer:
+    return IncrementalDetokenizer(
+        tokenizer,
+        prompt,
+        params.skip_special_tokens,
+        params.stop,
+        params.include_stop_str_in_output,
+    )
+
+
+class OutputProcessor:
+    """Every live choice of this API server, by engine request id."""
+
+    def __init__(self) -> None:
+        self.seqs: dict[str, SeqState] = {}
+
+    def add(self, seq: SeqState) -> None:
+        self.seqs[seq.request_id] = seq
+        seq.stream.seqs.append(seq)
+
+    def num_in_flight(self, engine_index: int) -> int:
+        return sum(1 for s in self.seqs.values() if s.engine_index == engine_index)
+
+    def process(self, outputs: list[EngineCoreOutput]) -> list[str]:
+        """Turn one step's outputs into deltas; return ids a stop string ended (to abort)."""
+        to_abort: list[str] = []
+        now = time.monotonic()
+        for out in outputs:
+            seq = self.seqs.get(out.request_id)
+            if seq is None:
+                continue  # ended here already (stop string, client gone)
+            if out.finish_reason is FinishReason.ERROR:
+                self._end(seq)
+                seq.stream.queue.put_nowait(EngineError(str(out.stop_reason or "engine error")))
+                continue
+            if out.new_token_ids and seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.num_output_tokens += len(out.new_token_ids)
+            seq.stream.num_cached_tokens = max(seq.stream.num_cached_tokens, out.num_cached_tokens)
+            stopped = seq.detok.add_tokens(out.new_token_ids)
+            reason: str | None = None
+            stop_reason = out.stop_reason
+            if stopped:
+                reason, stop_reason = FinishReason.STOP.value, seq.detok.stopped_by
+                if out.finish_reason is None:
+                    to_abort.append(seq.request_id)
+            elif out.finish_reason is not None:
+                seq.detok.flush()
+                reason = out.finish_reason.value
+            text = seq.detok.take_new_text(finished=reason is not None)
+            if reason is not None:
+                self._end(seq)
+            elif not text and not seq.want_logprobs:
+                continue  # nothing a client could see (half a character, a held-back stop prefix)
+            seq.stream.queue.put_nowait(
+                SeqDelta(
+                    seq.index,
+                    text,
+                    list(out.new_token_ids),
+                    out.new_logprobs if seq.want_logprobs else None,
+                    reason,
+                    stop_reason,
+                )
+            )
+        return to_abort
+
+    def _end(self, seq: SeqState) -> None:
+        seq.finished = True
+        self.seqs.pop(seq.request_id, None)
+
+    def forget(self, request_ids: list[str]) -> None:
+        """Drop choices whose client went away (the engine is told separately)."""
+        for rid in request_ids:
+            seq = self.seqs.pop(rid, None)
+            if seq is not None:
+                seq.finished = True
+
+    def fail(self, engine_index: int | None, message: str) -> None:
+        """End every choice on `engine_index` (None: all) with an error."""
+        for seq in list(self.seqs.values()):
+            if engine_index is None or seq.engine_index == engine_index:
+                self._end(seq)
+                seq.stream.queue.put_nowait(EngineError(message))

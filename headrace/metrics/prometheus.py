@@ -1,0 +1,55 @@
+"""Prometheus metrics, recorded only in API-server processes from what engines report.
+
+Every metric name lives in this module. Names, labels and meanings follow vLLM's V1 set
+(shared/reference/metrics.md) under `namespace` (default `vllm`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from headrace.wire.messages import EngineCoreOutputs
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    """The scheduler gauges, one series per (model_name, engine), present at 0 from start-up."""
+
+    def __init__(self, model_name: str, num_engines: int, namespace: str = "vllm") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model_name", "engine"]
+        ns = namespace
+        self.running = Gauge(
+            f"{ns}:num_requests_running",
+            "Number of requests in model execution batches.",
+            labels,
+            registry=self.registry,
+        )
+        self.waiting = Gauge(
+            f"{ns}:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            labels,
+            registry=self.registry,
+        )
+        self.kv_usage = Gauge(
+            f"{ns}:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            labels,
+            registry=self.registry,
+        )
+        self._series = [
+            tuple(g.labels(model_name, str(e)) for g in (self.running, self.waiting, self.kv_usage))
+            for e in range(num_engines)
+        ]
+
+    def record(self, msg: EngineCoreOutputs) -> None:
+        """Called once per engine step message, on the event loop (a few dict lookups)."""
+        running, waiting, kv = self._series[msg.engine_index]
+        running.set(msg.stats.num_running)
+        waiting.set(msg.stats.num_waiting)
+        kv.set(msg.stats.kv_cache_usage)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

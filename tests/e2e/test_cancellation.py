@@ -1,0 +1,89 @@
+"""Clients that go away abort their requests in the engine and free every KV block."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.server import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0.8}
+
+
+def engine_gauges(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (
+                "vllm:num_requests_running",
+                "vllm:num_requests_waiting",
+                "vllm:kv_cache_usage_perc",
+            ):
+                out[sample.name] = sample.value
+    return out
+
+
+def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    gauges: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        gauges = engine_gauges(url)
+        if len(gauges) == 3 and not any(gauges.values()):
+            return gauges
+        time.sleep(0.1)
+    raise AssertionError(f"engine still busy after {timeout} s: {gauges}")
+
+
+def test_disconnects_abort_and_free_blocks(server: ServerProcess) -> None:
+    async def stream_then_leave(client: httpx.AsyncClient, i: int) -> bool:
+        path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+        body: dict[str, object] = {**LONG, "stream": True}
+        if i % 2:
+            body["messages"] = [{"role": "user", "content": f"Tell story number {i}."}]
+        else:
+            body["prompt"] = f"Story number {i}:"
+        async with client.stream("POST", path, json=body) as resp:
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choice = json.loads(line[6:])["choices"][0]
+                    if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                        return True  # leaving the block closes the connection mid-stream
+        return False
+
+    async def json_then_leave(i: int) -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=1.5) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/v1/completions", json={**LONG, "prompt": f"Essay {i}:"})
+
+    async def run() -> list[bool]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+            got = await asyncio.gather(
+                *(stream_then_leave(client, i) for i in range(100)),
+                *(json_then_leave(i) for i in range(8)),
+            )
+        return [g for g in got if g is not None]
+
+    started = time.monotonic()
+    got_first_token = asyncio.run(run())
+    assert all(got_first_token) and len(got_first_token) == 100
+    # 108 requests x 1,500 tokens would take many minutes: idle within 30 s means they were aborted.
+    gauges = wait_idle(server.url)
+    assert gauges["vllm:kv_cache_usage_perc"] == 0.0
+    assert time.monotonic() - started < 120
+
+    resp = server.client().completions.create(
+        model="SmolLM2-135M-Instruct", prompt="After the storm,", max_tokens=8, temperature=0
+    )
+    assert resp.choices[0].finish_reason == "length" and resp.usage is not None
+    assert resp.usage.completion_tokens == 8
+    wait_idle(server.url)

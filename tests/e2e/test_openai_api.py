@@ -1,0 +1,211 @@
+"""The official `openai` client against a real `headrace serve`: every shape a client relies on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from headrace.offline import LLM
+from headrace.wire.messages import SamplingParams
+from tests.e2e.server import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
+PROMPT = "The three primary colors are"
+
+
+@pytest.fixture(scope="module")
+def offline() -> Iterator[LLM]:
+    yield LLM(dtype="float32", max_model_len=2048, num_kv_blocks=256)
+
+
+def test_greedy_chat_and_completion_equal_offline(server: ServerProcess, offline: LLM) -> None:
+    client = server.client()
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    want_chat = offline.chat(CHAT, params)[0].outputs[0]
+    want_text = offline.generate(PROMPT, params)[0].outputs[0]
+
+    chat = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=CHAT,
+        max_tokens=24,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert chat.choices[0].message.content == want_chat.text
+    assert chat.choices[0].finish_reason == want_chat.finish_reason
+    assert chat.usage is not None and chat.usage.completion_tokens == len(want_chat.token_ids)
+
+    comp = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=24, temperature=0
+    )
+    assert comp.choices[0].text == want_text.text
+    assert comp.usage is not None
+    assert comp.usage.prompt_tokens == len(offline.get_tokenizer()(PROMPT).input_ids)
+
+    # Streaming gives the same text, a role-only first chunk, and exact usage at the end.
+    chunks = list(
+        client.chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=CHAT,  # type: ignore[arg-type]
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want_chat.text
+    usage = chunks[-1].usage
+    assert usage is not None and not chunks[-1].choices
+    assert usage.completion_tokens == len(want_chat.token_ids)
+    assert usage.prompt_tokens == chat.usage.prompt_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    stream = client.completions.create(
+        model="SmolLM2-135M-Instruct",
+        prompt=PROMPT,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks_c = list(stream)
+    assert "".join(c.choices[0].text for c in chunks_c if c.choices) == want_text.text
+    assert chunks_c[-1].usage is not None
+    assert chunks_c[-1].usage.completion_tokens == len(want_text.token_ids)
+
+
+def test_n2_seeded_and_stop_strings(server: ServerProcess, offline: LLM) -> None:
+    client = server.client()
+    seeded = {"prompt": PROMPT, "max_tokens": 12, "n": 2, "seed": 7, "temperature": 1.0}
+    out = client.completions.create(
+        model="SmolLM2-135M-Instruct", **seeded, extra_body={"ignore_eos": True}
+    )
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    assert out.usage is not None
+    assert out.usage.completion_tokens == 24  # two choices of 12
+    again = client.completions.create(
+        model="SmolLM2-135M-Instruct", **seeded, extra_body={"ignore_eos": True}
+    )
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]
+
+    # Streaming n=2: both indexes appear, each ends once.
+    chunks = list(
+        client.chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=CHAT,  # type: ignore[arg-type]
+            max_tokens=8,
+            n=2,
+            stream=True,
+        )
+    )
+    ends = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(ends) == [0, 1]
+
+    # A stop string: the text ends before it, finish_reason stop, stop_reason names it.
+    full = offline.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=24))[0]
+    text = full.outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text
+    cut = text[: text.index(stop)]
+    res = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop]
+    )
+    assert res.choices[0].text == cut
+    assert res.choices[0].finish_reason == "stop"
+    raw = httpx.post(
+        server.url + "/v1/completions",
+        json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": stop, "stream": True},
+    )
+    events = [line[6:] for line in raw.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    streamed = "".join(
+        httpx.Response(200, content=e).json()["choices"][0]["text"] for e in events[:-1]
+    )
+    assert streamed == cut
+
+
+def test_logprobs(server: ServerProcess) -> None:
+    client = server.client()
+    chat = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=CHAT,  # type: ignore[arg-type]
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 6
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5)  # greedy = top-1
+        assert t.logprob <= 0
+
+    comp = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2
+    )
+    lp = comp.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and len(lp.tokens) == 5
+    assert "".join(lp.tokens) == comp.choices[0].text
+    assert lp.top_logprobs is not None and all(len(d) == 2 for d in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+
+
+def test_tokenize_detokenize_version_models(server: ServerProcess) -> None:
+    tok = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == 2048
+    detok = httpx.post(server.url + "/detokenize", json={"tokens": tok["tokens"]}).json()
+    assert detok["prompt"] == PROMPT
+    assert httpx.get(server.url + "/version").json()["version"]
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct"]
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "/v1/chat/completions" in spec["paths"]
+    # X-Request-Id is honoured and echoed.
+    r = httpx.get(server.url + "/v1/models", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+
+
+def test_truncated_and_untruncated_concurrently_never_500(server: ServerProcess) -> None:
+    words = " ".join(f"word{i % 97}" for i in range(3000))  # ~ 6,000 tokens: over 2,048
+
+    def body_for(i: int) -> dict[str, object]:
+        kind = i % 6
+        body: dict[str, object] = {"max_tokens": 4}
+        if kind == 0:  # as many as fit
+            body.update(prompt=words, truncate_prompt_tokens=-1)
+        elif kind in (1, 2):  # a fixed number of last tokens
+            body.update(prompt=words[: 2000 * kind], truncate_prompt_tokens=50 + i)
+        elif kind == 3:  # untruncated and too long: 400
+            body.update(prompt=words)
+        else:  # untruncated and short
+            body.update(prompt=words[: 100 * i])
+        return body
+
+    async def one(i: int, client: httpx.AsyncClient) -> tuple[int, dict[str, object]]:
+        resp = await client.post("/v1/completions", json=body_for(i))
+        return resp.status_code, resp.json()
+
+    async def run() -> list[tuple[int, dict[str, object]]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*(one(i, client) for i in range(18)))
+
+    for i, (status, body) in enumerate(asyncio.run(run())):
+        kind = i % 6
+        if kind == 3:
+            assert status == 400 and "maximum context length is 2048" in str(body["error"])
+            continue
+        assert status == 200, (i, status, body)
+        usage = body["usage"]
+        assert isinstance(usage, dict)
+        if kind == 0:
+            assert usage["prompt_tokens"] == 2048 - 4
+        elif kind in (1, 2):
+            assert usage["prompt_tokens"] == 50 + i
