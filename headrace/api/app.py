@@ -180,6 +180,7 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
         client = EngineClient(args.addresses, args.api_index, args.engine_pids)
         metrics = ServerMetrics(cfg.served_model_names[0], len(args.engine_pids))
         client.on_stats.append(metrics.record)
+        client.output.on_finish = metrics.on_finish
         ctx = ServerContext(cfg, client, metrics, started=time.time())
         app = build_app(ctx)
         config = uvicorn.Config(

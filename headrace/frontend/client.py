@@ -151,7 +151,8 @@ class EngineClient:
                 index = p * params.n + j
                 rid = f"{request_id}-{index}"
                 detok = new_detokenizer(self.tokenizer, prompt, params)
-                self.output.add(SeqState(rid, index, engine, detok, stream, want_logprobs))
+                seq = SeqState(rid, index, engine, detok, stream, want_logprobs, len(prompt))
+                self.output.add(seq)
                 msg = EngineCoreRequest(
                     request_id=rid, prompt_token_ids=prompt, sampling_params=child, arrival_time=now
                 )

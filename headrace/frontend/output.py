@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ class SeqState:
     detok: IncrementalDetokenizer
     stream: RequestStream
     want_logprobs: bool
+    prompt_len: int = 0
     num_output_tokens: int = 0
     first_token_time: float | None = None
     finished: bool = False
@@ -90,11 +91,16 @@ def new_detokenizer(
     )
 
 
+FinishHook = Callable[[SeqState, str], None]
+"""Called once per choice when it ends, with its finish reason (metrics)."""
+
+
 class OutputProcessor:
     """Every live choice of this API server, by engine request id."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_finish: FinishHook | None = None) -> None:
         self.seqs: dict[str, SeqState] = {}
+        self.on_finish = on_finish
 
     def add(self, seq: SeqState) -> None:
         self.seqs[seq.request_id] = seq
@@ -112,7 +118,7 @@ class OutputProcessor:
             if seq is None:
                 continue  # ended here already (stop string, client gone)
             if out.finish_reason is FinishReason.ERROR:
-                self._end(seq)
+                self._end(seq, FinishReason.ERROR)
                 seq.stream.queue.put_nowait(EngineError(str(out.stop_reason or "engine error")))
                 continue
             if out.new_token_ids and seq.first_token_time is None:
@@ -131,7 +137,7 @@ class OutputProcessor:
                 reason = out.finish_reason.value
             text = seq.detok.take_new_text(finished=reason is not None)
             if reason is not None:
-                self._end(seq)
+                self._end(seq, reason)
             elif not text and not seq.want_logprobs:
                 continue  # nothing a client could see (half a character, a held-back stop prefix)
             seq.stream.queue.put_nowait(
@@ -146,20 +152,22 @@ class OutputProcessor:
             )
         return to_abort
 
-    def _end(self, seq: SeqState) -> None:
+    def _end(self, seq: SeqState, reason: str) -> None:
         seq.finished = True
         self.seqs.pop(seq.request_id, None)
+        if self.on_finish is not None:
+            self.on_finish(seq, reason)
 
     def forget(self, request_ids: list[str]) -> None:
         """Drop choices whose client went away (the engine is told separately)."""
         for rid in request_ids:
-            seq = self.seqs.pop(rid, None)
+            seq = self.seqs.get(rid)
             if seq is not None:
-                seq.finished = True
+                self._end(seq, FinishReason.ABORT)
 
     def fail(self, engine_index: int | None, message: str) -> None:
         """End every choice on `engine_index` (None: all) with an error."""
         for seq in list(self.seqs.values()):
             if engine_index is None or seq.engine_index == engine_index:
-                self._end(seq)
+                self._end(seq, FinishReason.ERROR)
                 seq.stream.queue.put_nowait(EngineError(message))

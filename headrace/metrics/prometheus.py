@@ -6,10 +6,11 @@ Every metric name lives in this module. Names, labels and meanings follow vLLM's
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from headrace.wire.messages import EngineCoreOutputs
+from headrace.frontend.output import SeqState
+from headrace.wire.messages import EngineCoreOutputs, FinishReason
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -39,6 +40,38 @@ class ServerMetrics:
             labels,
             registry=self.registry,
         )
+        self.prompt_tokens = Counter(
+            f"{ns}:prompt_tokens",
+            "Number of prefill tokens processed.",
+            labels,
+            registry=self.registry,
+        )
+        self.generation_tokens = Counter(
+            f"{ns}:generation_tokens",
+            "Number of generation tokens processed.",
+            labels,
+            registry=self.registry,
+        )
+        self.request_success = Counter(
+            f"{ns}:request_success",
+            "Count of successfully processed requests.",
+            [*labels, "finished_reason"],
+            registry=self.registry,
+        )
+        self._finished = [
+            {
+                r.value: self.request_success.labels(model_name, str(e), r.value)
+                for r in FinishReason
+            }
+            for e in range(num_engines)
+        ]
+        self._tokens = [
+            (
+                self.prompt_tokens.labels(model_name, str(e)),
+                self.generation_tokens.labels(model_name, str(e)),
+            )
+            for e in range(num_engines)
+        ]
         self._series = [
             tuple(g.labels(model_name, str(e)) for g in (self.running, self.waiting, self.kv_usage))
             for e in range(num_engines)
@@ -50,6 +83,13 @@ class ServerMetrics:
         running.set(msg.stats.num_running)
         waiting.set(msg.stats.num_waiting)
         kv.set(msg.stats.kv_cache_usage)
+
+    def on_finish(self, seq: SeqState, reason: str) -> None:
+        """One choice ended (aborts by a departed client included): count it and its tokens."""
+        prompt, generation = self._tokens[seq.engine_index]
+        prompt.inc(seq.prompt_len)
+        generation.inc(seq.num_output_tokens)
+        self._finished[seq.engine_index][reason].inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
