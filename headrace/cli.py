@@ -186,6 +186,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_serve_args(p: argparse.ArgumentParser) -> None:
+    from headrace.bench.serve import add_bench_serve_args
+
+    add_bench_serve_args(p)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from headrace.bench.serve import main as bench_main
+
+    return bench_main(args)
+
+
 def strip_ignored_vllm_flags(argv: list[str]) -> list[str]:
     """Remove (with a warning each) the vLLM flags listed in VLLM_IGNORED_FLAGS."""
     out: list[str] = []
@@ -221,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_serve_args(serve)
     serve.set_defaults(func=_serve, enable_prefix_caching=True)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bench_serve = bench.add_parser(
+        "serve",
+        help="load-test an OpenAI-compatible server (like `vllm bench serve`)",
+        description="Send a random-token workload to any OpenAI-compatible server and report "
+        "TTFT, TPOT, ITL and end-to-end latency exactly as `vllm bench serve` defines them.",
+    )
+    _add_bench_serve_args(bench_serve)
+    bench_serve.set_defaults(func=_bench_serve)
     gen = sub.add_parser("generate", help="run prompts through the engine in this process")
     _add_engine_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")

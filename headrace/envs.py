@@ -19,3 +19,8 @@ def api_key() -> str | None:
 def test_load_delay() -> float:
     """HEADRACE_TEST_LOAD_DELAY: seconds added to model loading, so tests can watch `loading`."""
     return float(os.environ.get("HEADRACE_TEST_LOAD_DELAY") or 0.0)
+
+
+def openai_api_key() -> str | None:
+    """OPENAI_API_KEY: the key `headrace bench serve` sends (as `vllm bench serve` does)."""
+    return os.environ.get("OPENAI_API_KEY") or None

@@ -1,0 +1,1 @@
+"""Benchmark tools (`headrace bench serve`)."""
