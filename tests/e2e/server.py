@@ -21,6 +21,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def process_running(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie (an exited child nobody reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
+
+
 class ServerProcess:
     """One `headrace serve` launcher (and its children) for a test."""
 
@@ -59,6 +68,20 @@ class ServerProcess:
     def async_client(self, **kwargs: object) -> openai.AsyncOpenAI:
         kwargs.setdefault("api_key", "unused")
         return openai.AsyncOpenAI(base_url=self.url + "/v1", max_retries=0, **kwargs)  # type: ignore[arg-type]
+
+    def children(self) -> list[int]:
+        """PIDs whose parent is the launcher (engines and API servers)."""
+        out = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_bytes()
+                except OSError:
+                    continue
+                fields = stat[stat.rfind(b")") + 2 :].split()
+                if int(fields[1]) == self.proc.pid:
+                    out.append(int(entry.name))
+        return out
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:

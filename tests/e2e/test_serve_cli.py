@@ -1,0 +1,94 @@
+"""`headrace serve` flags, the API key, and the loading state, against real processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.server import ServerProcess, process_running
+
+pytestmark = pytest.mark.slow
+
+
+def test_serve_help_lists_the_vllm_shaped_flags() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "headrace", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in (
+        "--host", "--port", "--served-model-name", "--max-model-len", "--max-num-seqs",
+        "--max-num-batched-tokens", "--block-size", "--num-kv-blocks", "--dtype", "--device",
+        "--seed", "--api-key", "--disable-log-requests",
+    ):  # fmt: skip
+        assert flag in out, flag
+
+
+def test_unknown_flag_is_an_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "headrace", "serve", "--no-such-flag"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--no-such-flag" in proc.stderr
+
+
+def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
+    """While loading (stretched to 8 s): probes and inference answer 503 with Retry-After. Then
+    the API key guards /v1/* (401 without it), and vLLM-only flags were accepted with a warning."""
+    srv = ServerProcess(
+        "--api-key", "sekret", "--served-model-name", "smol", "alias",
+        "--gpu-memory-utilization", "0.9", "--enforce-eager", "--tensor-parallel-size=1",
+        "--max-model-len", "1024", "--disable-log-requests",
+        env={"HEADRACE_TEST_LOAD_DELAY": "8"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        resp = None
+        while time.monotonic() < deadline:  # the port opens long before the model is loaded
+            try:
+                resp = httpx.get(srv.url + "/health", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert resp is not None and resp.status_code == 503, resp
+        assert resp.json()["status"] == "loading" and resp.headers["retry-after"]
+        ready = httpx.get(srv.url + "/health/ready")
+        assert ready.status_code == 503 and "fraction" in ready.json()["progress"]
+        assert httpx.get(srv.url + "/health/live").status_code == 200
+        headers = {"Authorization": "Bearer sekret"}
+        assert httpx.get(srv.url + "/v1/models", headers=headers).status_code == 503
+        busy = httpx.post(
+            srv.url + "/v1/completions", json={"prompt": "hi"}, headers=headers, timeout=10
+        )
+        assert busy.status_code == 503 and busy.headers["retry-after"]
+        assert busy.json()["error"]["code"] == 503
+        assert httpx.get(srv.url + "/metrics").status_code == 200
+
+        srv.wait_ready()
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        bad = srv.client(api_key="wrong")
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = srv.client(api_key="sekret")
+        assert [m.id for m in good.models.list().data] == ["smol", "alias"]
+        out = good.completions.create(model="alias", prompt="Hello", max_tokens=3)
+        assert out.model == "alias" and out.usage is not None
+        assert out.usage.completion_tokens <= 3
+        assert httpx.get(srv.url + "/health").status_code == 200  # probes need no key
+        children = srv.children()
+        assert len(children) >= 2  # an engine and an API server
+    finally:
+        code = srv.stop(signal.SIGINT)  # Ctrl-C stops everything
+    assert not [p for p in children if process_running(p)]
+    log = srv.log.read_text()
+    assert "ignoring vLLM flag --gpu-memory-utilization 0.9" in log
+    assert "ignoring vLLM flag --enforce-eager" in log
+    assert code == 0, srv.log_tail()
