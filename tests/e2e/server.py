@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
@@ -93,3 +94,28 @@ class ServerProcess:
                 self.proc.wait(10)
         self._log_file.close()
         return int(self.proc.returncode)
+
+
+def engine_gauges(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (
+                "vllm:num_requests_running",
+                "vllm:num_requests_waiting",
+                "vllm:kv_cache_usage_perc",
+            ):
+                out[sample.name] = sample.value
+    return out
+
+
+def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    gauges: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        gauges = engine_gauges(url)
+        if len(gauges) == 3 and not any(gauges.values()):
+            return gauges
+        time.sleep(0.1)
+    raise AssertionError(f"engine still busy after {timeout} s: {gauges}")

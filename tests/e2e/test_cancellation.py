@@ -8,38 +8,12 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.server import ServerProcess
+from tests.e2e.server import ServerProcess, wait_idle
 
 pytestmark = pytest.mark.slow
 
 LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0.8}
-
-
-def engine_gauges(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics").text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in (
-                "vllm:num_requests_running",
-                "vllm:num_requests_waiting",
-                "vllm:kv_cache_usage_perc",
-            ):
-                out[sample.name] = sample.value
-    return out
-
-
-def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    gauges: dict[str, float] = {}
-    while time.monotonic() < deadline:
-        gauges = engine_gauges(url)
-        if len(gauges) == 3 and not any(gauges.values()):
-            return gauges
-        time.sleep(0.1)
-    raise AssertionError(f"engine still busy after {timeout} s: {gauges}")
 
 
 def test_disconnects_abort_and_free_blocks(server: ServerProcess) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from headrace.offline import LLM
 from headrace.wire.messages import SamplingParams
-from tests.e2e.server import ServerProcess
+from tests.e2e.server import ServerProcess, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -128,6 +128,13 @@ def test_n2_seeded_and_stop_strings(server: ServerProcess, offline: LLM) -> None
         httpx.Response(200, content=e).json()["choices"][0]["text"] for e in events[:-1]
     )
     assert streamed == cut
+    wait_idle(server.url)  # the stop string aborted the request in the engine: no block held
+
+    echoed = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=4, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text.startswith(PROMPT)
+    assert len(echoed.choices[0].text) > len(PROMPT)
 
 
 def test_logprobs(server: ServerProcess) -> None:
