@@ -116,6 +116,13 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds to finish in-flight work"
     )
+    p.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds an engine may hold requests without completing a step before the server "
+        "reports failed",
+    )
     p.add_argument("--disable-log-requests", action="store_true", help="no per-request log line")
     p.add_argument(
         "--disable-access-log-for-endpoints",
@@ -148,6 +155,8 @@ def _serve(args: argparse.Namespace) -> int:
         api_server_count=args.api_server_count,
         data_parallel_size=args.data_parallel_size,
         uvicorn_log_level=args.uvicorn_log_level,
+        shutdown_timeout=args.shutdown_timeout,
+        engine_stall_timeout=args.engine_stall_timeout,
     )
     try:
         cfg = LaunchConfig(
@@ -184,6 +193,12 @@ def _generate(args: argparse.Namespace) -> int:
         seq = out.outputs[0]
         print(json.dumps({"text": seq.text, "finish_reason": seq.finish_reason}))
     return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from headrace.probe import main as probe_main
+
+    return probe_main(args.host, args.port, args.timeout)
 
 
 def _add_bench_serve_args(p: argparse.ArgumentParser) -> None:
@@ -242,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_bench_serve_args(bench_serve)
     bench_serve.set_defaults(func=_bench_serve)
+    probe = sub.add_parser(
+        "probe",
+        help="exit 0 only if a server is ready (/health 200 and a non-empty /v1/models)",
+    )
+    probe.add_argument("--host", default="127.0.0.1")
+    probe.add_argument("--port", type=int, default=8000)
+    probe.add_argument("--timeout", type=float, default=5.0, help="seconds per HTTP call")
+    probe.set_defaults(func=_probe)
     gen = sub.add_parser("generate", help="run prompts through the engine in this process")
     _add_engine_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
@@ -255,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from headrace.process import setup_logging
 
-    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "probe":  # a probe prints one line at most
+        setup_logging()
     if argv and argv[0] == "serve":
         argv = ["serve", *strip_ignored_vllm_flags(argv[1:])]
     args = build_parser().parse_args(argv)

@@ -70,4 +70,6 @@ class ServerConfig:
     api_server_count: int = 1
     data_parallel_size: int = 1
     max_request_body_bytes: int = 64 << 20
+    shutdown_timeout: float = 30.0
+    engine_stall_timeout: float = 60.0
     uvicorn_log_level: str = "info"

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -108,6 +109,7 @@ class Launcher:
         finally:
             self._stop_all()
             addresses.cleanup()
+            _stop_resource_tracker()
 
     def _supervise(self) -> int:
         reported: set[int] = set()
@@ -131,6 +133,17 @@ class Launcher:
         api_grace = self.cfg.shutdown_timeout + 5.0
         _terminate(self.api_servers, api_grace)
         _terminate(self.engines, _ENGINE_GRACE_S)
+
+
+def _stop_resource_tracker() -> None:
+    """multiprocessing's spawn starts a resource-tracker child; stop and reap it now, so no
+    process of ours outlives the launcher (it would otherwise exit a moment later)."""
+    from multiprocessing import resource_tracker
+
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is not None:
+        with contextlib.suppress(Exception):
+            stop()
 
 
 def _terminate(procs: list[BaseProcess], grace_s: float) -> None:

@@ -8,6 +8,7 @@ import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -18,6 +19,17 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except OSError:
+        pass
+
+
+def set_process_name(name: str) -> None:
+    """Name this process in `ps` / /proc/PID/comm (15 bytes at most), e.g. `hr-engine-0`."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
     except OSError:
         pass
 

@@ -20,11 +20,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from headrace.api import chat, completions, health, models, tokenize
 from headrace.api.context import ServerContext
 from headrace.api.errors import error_body, install_error_handlers
+from headrace.api.lifecycle import DrainingServer
 from headrace.config import ServerConfig
 from headrace.frontend.client import EngineClient
 from headrace.frontend.tokenize import FrontendTokenizer
 from headrace.metrics.prometheus import ServerMetrics
-from headrace.process import die_with_parent, setup_logging
+from headrace.process import die_with_parent, set_process_name, setup_logging
 from headrace.wire.sockets import Addresses
 
 logger = logging.getLogger("headrace.api")
@@ -171,13 +172,16 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
     cfg = args.config
     setup_logging()
     die_with_parent()
+    set_process_name(f"hr-api-{args.api_index}")
     if cfg.disable_access_log_for_endpoints:
         logging.getLogger("uvicorn.access").addFilter(
             _AccessLogFilter(cfg.disable_access_log_for_endpoints)
         )
 
     async def serve() -> None:
-        client = EngineClient(args.addresses, args.api_index, args.engine_pids)
+        client = EngineClient(
+            args.addresses, args.api_index, args.engine_pids, cfg.engine_stall_timeout
+        )
         metrics = ServerMetrics(cfg.served_model_names[0], len(args.engine_pids))
         client.on_stats.append(metrics.record)
         client.output.on_finish = metrics.on_finish
@@ -190,6 +194,6 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
             timeout_keep_alive=5,
             log_config=None,
         )
-        await uvicorn.Server(config).serve(sockets=[sock])
+        await DrainingServer(config, ctx).serve(sockets=[sock])
 
     asyncio.run(serve())

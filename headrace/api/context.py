@@ -53,14 +53,19 @@ class ServerContext:
         engine = self.client.failed
         return None if engine is None else engine.error
 
+    @property
+    def load_fraction(self) -> float:
+        """Mean fraction of weights loaded over the engines."""
+        fractions = [e.load_fraction for e in self.client.engines]
+        return sum(fractions) / max(1, len(fractions))
+
     def load_progress(self) -> dict[str, object]:
         engines = [
             {"engine": e.index, "phase": e.load_phase, "fraction": round(e.load_fraction, 4)}
             for e in self.client.engines
         ]
-        fractions = [e.load_fraction for e in self.client.engines]
         return {
-            "fraction": round(sum(fractions) / max(1, len(fractions)), 4),
+            "fraction": round(self.load_fraction, 4),
             "tokenizer": "ready" if self.tokenizer is not None else "loading",
             "engines": engines,
         }

@@ -58,4 +58,5 @@ async def ready(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     """Prometheus exposition; 200 in every state."""
     ctx = context_of(request)
+    ctx.metrics.set_lifecycle(ctx.state.value, ctx.load_fraction)
     return Response(ctx.metrics.exposition(), media_type=CONTENT_TYPE)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from headrace.config import EngineConfig
-from headrace.process import die_with_parent, setup_logging
+from headrace.process import die_with_parent, set_process_name, setup_logging
 from headrace.wire.codec import engine_input_codec, engine_message_codec
 from headrace.wire.messages import (
     AbortRequests,
@@ -65,6 +65,7 @@ def run_engine_core(cfg: EngineProcConfig) -> None:
     """Entry point of an engine process (spawned by the launcher)."""
     setup_logging()
     die_with_parent()
+    set_process_name(f"hr-engine-{cfg.engine_index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when engines stop
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     proc = _EngineProc(cfg)

@@ -73,8 +73,13 @@ class EngineClient:
     """All engines as seen from API server `api_index`."""
 
     def __init__(
-        self, addresses: Addresses, api_index: int, engine_pids: Sequence[int | None]
+        self,
+        addresses: Addresses,
+        api_index: int,
+        engine_pids: Sequence[int | None],
+        stall_timeout: float = 60.0,
     ) -> None:
+        self.stall_timeout = stall_timeout
         self.addresses = addresses
         self.api_index = api_index
         self.engines = [EngineStatus(i, pid) for i, pid in enumerate(engine_pids)]
@@ -147,6 +152,8 @@ class EngineClient:
                 except LookupError as exc:
                     self.abort(stream)
                     raise EngineError(str(exc)) from None
+                if in_flight[engine] == 0:  # the stall clock starts when work arrives
+                    self.engines[engine].last_message_time = time.monotonic()
                 in_flight[engine] += 1
                 index = p * params.n + j
                 rid = f"{request_id}-{index}"
@@ -176,6 +183,17 @@ class EngineClient:
             )
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+
+    def abort_all(self) -> int:
+        """Shutdown: end every in-flight choice with finish_reason `abort`; returns how many."""
+        by_engine = self.output.abort_all()
+        for engine, ids in by_engine.items():
+            task = asyncio.get_running_loop().create_task(
+                self._send(engine, AbortRequests(request_ids=ids))
+            )
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        return sum(len(ids) for ids in by_engine.values())
 
     async def _send(self, engine: int, msg: AddRequest | AbortRequests) -> None:
         if self.engines[engine].phase is EnginePhase.FAILED:
@@ -226,11 +244,24 @@ class EngineClient:
                 callback(msg)
 
     async def _watchdog(self) -> None:
+        """An engine process that is gone, or that holds our requests but has reported no step
+        for `stall_timeout` seconds, is failed (and every request on it ends with an error)."""
         while True:
             await asyncio.sleep(_WATCHDOG_INTERVAL_S)
+            now = time.monotonic()
             for engine in self.engines:
-                if engine.phase is not EnginePhase.FAILED and not _process_alive(engine.pid):
+                if engine.phase is EnginePhase.FAILED:
+                    continue
+                if not _process_alive(engine.pid):
                     self._engine_failed(engine.index, f"engine {engine.index} process exited")
+                    continue
+                idle_for = now - engine.last_message_time
+                if idle_for > self.stall_timeout and self.output.num_in_flight(engine.index):
+                    self._engine_failed(
+                        engine.index,
+                        f"engine {engine.index} completed no step for {idle_for:.0f} s "
+                        "while holding requests",
+                    )
 
     def _engine_failed(self, index: int, message: str) -> None:
         engine = self.engines[index]

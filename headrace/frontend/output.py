@@ -165,6 +165,19 @@ class OutputProcessor:
             if seq is not None:
                 self._end(seq, FinishReason.ABORT)
 
+    def abort_all(self) -> dict[int, list[str]]:
+        """End every live choice with finish_reason `abort` (shutdown); ids by engine."""
+        by_engine: dict[int, list[str]] = {}
+        for seq in list(self.seqs.values()):
+            by_engine.setdefault(seq.engine_index, []).append(seq.request_id)
+            seq.detok.flush()
+            text = seq.detok.take_new_text(finished=True)
+            self._end(seq, FinishReason.ABORT)
+            seq.stream.queue.put_nowait(
+                SeqDelta(seq.index, text, [], None, FinishReason.ABORT.value)
+            )
+        return by_engine
+
     def fail(self, engine_index: int | None, message: str) -> None:
         """End every choice on `engine_index` (None: all) with an error."""
         for seq in list(self.seqs.values()):

@@ -13,6 +13,7 @@ from headrace.frontend.output import SeqState
 from headrace.wire.messages import EngineCoreOutputs, FinishReason
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+LIFECYCLE_STATES = ("loading", "ready", "draining", "failed")
 
 
 class ServerMetrics:
@@ -72,6 +73,18 @@ class ServerMetrics:
             )
             for e in range(num_engines)
         ]
+        self.server_state = Gauge(
+            f"{ns}:server_state",
+            "1 for the server's current lifecycle state (loading, ready, draining, failed).",
+            ["state"],
+            registry=self.registry,
+        )
+        self.load_progress = Gauge(
+            f"{ns}:model_load_progress",
+            "Fraction of the model weights loaded (1 once loaded).",
+            registry=self.registry,
+        )
+        self._states = {s: self.server_state.labels(s) for s in LIFECYCLE_STATES}
         self._series = [
             tuple(g.labels(model_name, str(e)) for g in (self.running, self.waiting, self.kv_usage))
             for e in range(num_engines)
@@ -90,6 +103,12 @@ class ServerMetrics:
         prompt.inc(seq.prompt_len)
         generation.inc(seq.num_output_tokens)
         self._finished[seq.engine_index][reason].inc()
+
+    def set_lifecycle(self, state: str, load_fraction: float) -> None:
+        """Refreshed at scrape time (two gauge writes): the state is the API server's own."""
+        for name, gauge in self._states.items():
+            gauge.set(1.0 if name == state else 0.0)
+        self.load_progress.set(load_fraction)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -84,6 +86,16 @@ class ServerProcess:
                     out.append(int(entry.name))
         return out
 
+    def child_named(self, prefix: str) -> int:
+        """The launcher's child whose process name starts with `prefix` (hr-engine-, hr-api-)."""
+        for pid in self.children():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().startswith(prefix):
+                    return pid
+            except OSError:
+                continue
+        raise LookupError(f"no child named {prefix}*")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -119,3 +131,31 @@ def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
             return gauges
         time.sleep(0.1)
     raise AssertionError(f"engine still busy after {timeout} s: {gauges}")
+
+
+def poll(fn: Any, timeout: float, interval: float = 0.05) -> Any:
+    """Call fn until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+        except httpx.TransportError:
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def stream_request(url: str, body: dict[str, Any], out: list[dict[str, Any]]) -> None:
+    """POST a streaming completion; append every event (and a final {'done': True})."""
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as resp,
+    ):
+        out.append({"status": resp.status_code})
+        for line in resp.iter_lines():
+            if line == "data: [DONE]":
+                out.append({"done": True})
+            elif line.startswith("data: "):
+                out.append(json.loads(line[6:]))

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.server import ServerProcess, process_running
+from tests.e2e.server import ServerProcess, poll, process_running
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
         assert len(children) >= 2  # an engine and an API server
     finally:
         code = srv.stop(signal.SIGINT)  # Ctrl-C stops everything
-    assert not [p for p in children if process_running(p)]
+    poll(lambda: not [p for p in children if process_running(p)], 5)
     log = srv.log.read_text()
     assert "ignoring vLLM flag --gpu-memory-utilization 0.9" in log
     assert "ignoring vLLM flag --enforce-eager" in log
