@@ -28,6 +28,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             config.scheduler, self.kv, info.max_model_len, info.eos_token_ids
         )
+        self._step_tokens = self._step_prompt_tokens = self._step_generated = 0
 
     @property
     def info(self) -> RunnerInfo:
@@ -62,8 +63,21 @@ class EngineCore:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
+        self._step_tokens = plan.total_tokens
+        self._step_prompt_tokens = sum(
+            max(0, min(n, r.num_prompt_tokens - r.num_computed_tokens))
+            for r, n in zip(plan.requests, plan.num_new_tokens, strict=True)
+        )
         result = self.runner.execute(plan)
+        self._step_generated = len(result.sampled)
         return self.scheduler.update(plan, result)
 
     def stats(self) -> EngineStats:
-        return self.scheduler.stats()
+        """Load now; counters since the last call (tokens of the last step, if not reported)."""
+        stats = self.scheduler.stats(self._step_tokens)
+        stats.num_prompt_tokens, stats.num_generation_tokens = (
+            self._step_prompt_tokens,
+            self._step_generated,
+        )
+        self._step_tokens = self._step_prompt_tokens = self._step_generated = 0
+        return stats

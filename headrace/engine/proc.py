@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
 import zmq
 
 from headrace.config import EngineConfig
@@ -197,11 +198,16 @@ class _EngineProc:
             if out.finish_reason is not None:
                 self.owner.pop(out.request_id, None)
         now = time.time()
+        # Counters go to API server 0 only, so N servers do not count them N times.
+        load_only = msgspec.structs.replace(
+            stats, prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0,
+            num_scheduled_tokens=0, has_counters=False,
+        )  # fmt: skip
         for i, outs in by_server.items():
             msg = EngineCoreOutputs(
                 engine_index=self.index,
                 outputs=outs,
-                stats=stats,
+                stats=stats if i == 0 else load_only,
                 timestamp=now,
                 num_steps=num_steps,
             )

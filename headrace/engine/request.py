@@ -42,6 +42,9 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
+    queued_time: float = 0.0  # engine monotonic clock
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
 
     @classmethod
     def from_wire(cls, msg: EngineCoreRequest, max_tokens: int) -> Request:

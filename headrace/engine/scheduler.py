@@ -9,6 +9,7 @@ slots and blocks last; the first that does not fit blocks the rest.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,7 +17,13 @@ from dataclasses import dataclass, field
 from headrace.config import SchedulerConfig
 from headrace.engine.kv_cache import KVCacheManager
 from headrace.engine.request import Request, RequestStatus
-from headrace.wire.messages import EngineCoreOutput, EngineStats, FinishReason, TokenLogprobs
+from headrace.wire.messages import (
+    EngineCoreOutput,
+    EngineStats,
+    FinishReason,
+    RequestTimes,
+    TokenLogprobs,
+)
 
 
 @dataclass(slots=True)
@@ -70,6 +77,7 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in the engine")
+        req.queued_time = time.monotonic()
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -86,7 +94,12 @@ class Scheduler:
                 self.waiting.remove(req)
             self._finish(req, FinishReason.ABORT)
             outputs.append(
-                EngineCoreOutput(request_id=rid, new_token_ids=[], finish_reason=FinishReason.ABORT)
+                EngineCoreOutput(
+                    request_id=rid,
+                    new_token_ids=[],
+                    finish_reason=FinishReason.ABORT,
+                    times=_times(req),
+                )
             )
         return outputs
 
@@ -134,6 +147,8 @@ class Scheduler:
                 req.num_cached_tokens = num_hit
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
+            if req.scheduled_time is None:
+                req.scheduled_time = time.monotonic()
             self.running.append(req)
             plan.add(req, n)
             budget -= n
@@ -156,6 +171,8 @@ class Scheduler:
             if token is None:
                 continue  # a prompt chunk that does not reach the end of the sequence
             req.append_output(token)
+            if req.first_token_time is None:
+                req.first_token_time = time.monotonic()
             reason = self._stop_reason(req, token)
             logprobs = result.logprobs.get(req.request_id)
             out = EngineCoreOutput(
@@ -169,6 +186,7 @@ class Scheduler:
                 self._finish(req, reason)
                 out.finish_reason = reason
                 out.stop_reason = req.stop_reason
+                out.times = _times(req)
             outputs.append(out)
         return outputs
 
@@ -191,7 +209,7 @@ class Scheduler:
         req.finish_reason = reason
         del self.requests[req.request_id]
 
-    def stats(self) -> EngineStats:
+    def stats(self, num_scheduled_tokens: int = 0) -> EngineStats:
         """Load now, plus counters since the previous call (sent with every step's outputs)."""
         out = EngineStats(
             num_running=len(self.running),
@@ -200,6 +218,20 @@ class Scheduler:
             prefix_cache_queries=self._prefix_queries,
             prefix_cache_hits=self._prefix_hits,
             num_preemptions=self._preemptions,
+            num_scheduled_tokens=num_scheduled_tokens,
         )
         self._prefix_queries = self._prefix_hits = self._preemptions = 0
         return out
+
+
+def _times(req: Request) -> RequestTimes:
+    now = time.monotonic()
+    scheduled = req.scheduled_time if req.scheduled_time is not None else now
+    first = req.first_token_time if req.first_token_time is not None else now
+    return RequestTimes(
+        queued=req.queued_time,
+        scheduled=scheduled,
+        first_token=first,
+        last_token=now,
+        num_preemptions=req.num_preemptions,
+    )

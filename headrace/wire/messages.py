@@ -91,6 +91,17 @@ class TokenLogprobs(msgspec.Struct, kw_only=True):
     top_logprobs: list[float] = msgspec.field(default_factory=list)
 
 
+class RequestTimes(msgspec.Struct, kw_only=True):
+    """Engine-side milestones of a finished request, on the engine's monotonic clock (the same
+    clock as every process on the host): queued, first scheduled, first token."""
+
+    queued: float
+    scheduled: float
+    first_token: float
+    last_token: float
+    num_preemptions: int = 0
+
+
 class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     """New tokens for one request from one engine step; `finish_reason` set on its last one."""
 
@@ -100,6 +111,7 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    times: RequestTimes | None = None  # on the last output of a request that ran
 
 
 class AbortRequests(msgspec.Struct, kw_only=True, tag="abort"):
@@ -126,6 +138,10 @@ class EngineStats(msgspec.Struct, kw_only=True):
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    num_scheduled_tokens: int = 0  # tokens computed in this message's step (0: no step)
+    num_prompt_tokens: int = 0  # of those, prompt (prefill) tokens
+    num_generation_tokens: int = 0  # tokens sampled in this step
+    has_counters: bool = True  # False in copies sent to other API servers (counted once)
 
 
 class EngineCoreOutputs(msgspec.Struct, kw_only=True, tag="outputs"):
