@@ -125,6 +125,19 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--disable-log-requests", action="store_true", help="no per-request log line")
     p.add_argument(
+        "--metrics-namespace", default="vllm", help="prefix of every serving metric (vllm:...)"
+    )
+    p.add_argument(
+        "--log-stats-interval", type=float, default=10.0, help="seconds between stats log lines"
+    )
+    p.add_argument("--disable-log-stats", action="store_true", help="no periodic stats line")
+    p.add_argument(
+        "--max-num-queued-requests",
+        type=int,
+        default=None,
+        help="answer 429 once this many requests wait for the engines (default: no limit)",
+    )
+    p.add_argument(
         "--disable-access-log-for-endpoints",
         default="",
         help="comma-separated paths left out of the access log (e.g. /health,/metrics)",
@@ -157,6 +170,11 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn_log_level=args.uvicorn_log_level,
         shutdown_timeout=args.shutdown_timeout,
         engine_stall_timeout=args.engine_stall_timeout,
+        metrics_namespace=args.metrics_namespace,
+        log_stats_interval=args.log_stats_interval,
+        disable_log_stats=args.disable_log_stats,
+        max_num_queued_requests=args.max_num_queued_requests,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
     try:
         cfg = LaunchConfig(

@@ -72,4 +72,9 @@ class ServerConfig:
     max_request_body_bytes: int = 64 << 20
     shutdown_timeout: float = 30.0
     engine_stall_timeout: float = 60.0
+    metrics_namespace: str = "vllm"
+    log_stats_interval: float = 10.0
+    disable_log_stats: bool = False
+    max_num_queued_requests: int | None = None
+    enable_prefix_caching: bool = True
     uvicorn_log_level: str = "info"

@@ -16,8 +16,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -72,23 +74,31 @@ class Launcher:
         self.api_servers: list[BaseProcess] = []
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        """Forward at once, so readiness turns red now; a second signal is forwarded too (API
+        servers then stop without waiting for in-flight requests)."""
         if not self.stop_requested:
-            logger.info("received %s: shutting down", signal.Signals(signum).name)
+            logger.info("received %s: draining", signal.Signals(signum).name)
         self.stop_requested = True
+        for proc in self.api_servers:
+            if proc.is_alive():
+                proc.terminate()
 
     def run(self) -> int:
+        server = self.cfg.server
+        sock = bind_socket(server.host, server.port)  # first: clients may connect from now on
+        logger.info("listening on %s:%d", server.host or "*", server.port)
         from headrace.api.app import ApiServerArgs, run_api_server
         from headrace.engine.proc import EngineProcConfig, run_engine_core
 
-        server = self.cfg.server
-        sock = bind_socket(server.host, server.port)
-        logger.info("listening on %s:%d", server.host or "*", server.port)
         addresses = Addresses.create(server.api_server_count)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         # Set before any child imports torch: spin-waiting OpenMP threads starve the API server.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # API servers share their metrics through files here (prometheus_client multiprocess).
+        metrics_dir = tempfile.mkdtemp(prefix="headrace-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         mp = multiprocessing.get_context("spawn")
         try:
             for i in range(server.data_parallel_size):
@@ -109,6 +119,7 @@ class Launcher:
         finally:
             self._stop_all()
             addresses.cleanup()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
             _stop_resource_tracker()
 
     def _supervise(self) -> int:
@@ -117,6 +128,9 @@ class Launcher:
             sentinels = [p.sentinel for p in (*self.api_servers, *self.engines) if p.is_alive()]
             wait(sentinels, timeout=0.5)
             for proc in self.api_servers:
+                if proc.exitcode is not None and proc.pid not in reported:
+                    reported.add(proc.pid or 0)
+                    _mark_dead(proc.pid)
                 if proc.exitcode is not None and not self.stop_requested:
                     logger.error("%s exited with code %s; stopping", proc.name, proc.exitcode)
                     return 1
@@ -131,8 +145,18 @@ class Launcher:
 
     def _stop_all(self) -> None:
         api_grace = self.cfg.shutdown_timeout + 5.0
-        _terminate(self.api_servers, api_grace)
+        # API servers already got SIGTERM from _on_signal when a signal started the stop.
+        _terminate(self.api_servers, api_grace, signal_them=not self.stop_requested)
         _terminate(self.engines, _ENGINE_GRACE_S)
+
+
+def _mark_dead(pid: int | None) -> None:
+    """Drop a dead API server's live gauges from the shared metrics directory."""
+    if pid is not None:
+        from prometheus_client import multiprocess
+
+        with contextlib.suppress(OSError):
+            multiprocess.mark_process_dead(pid)
 
 
 def _stop_resource_tracker() -> None:
@@ -146,9 +170,9 @@ def _stop_resource_tracker() -> None:
             stop()
 
 
-def _terminate(procs: list[BaseProcess], grace_s: float) -> None:
+def _terminate(procs: list[BaseProcess], grace_s: float, signal_them: bool = True) -> None:
     for proc in procs:
-        if proc.is_alive():
+        if signal_them and proc.is_alive():
             proc.terminate()
     deadline = time.monotonic() + grace_s
     for proc in procs:

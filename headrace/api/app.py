@@ -24,7 +24,9 @@ from headrace.api.lifecycle import DrainingServer
 from headrace.config import ServerConfig
 from headrace.frontend.client import EngineClient
 from headrace.frontend.tokenize import FrontendTokenizer
-from headrace.metrics.prometheus import ServerMetrics
+from headrace.metrics.http import HttpMetrics, HttpMetricsMiddleware
+from headrace.metrics.prometheus import MetricsConfig, ServerMetrics
+from headrace.metrics.stats import StatsLogger
 from headrace.process import die_with_parent, set_process_name, setup_logging
 from headrace.wire.sockets import Addresses
 
@@ -45,11 +47,17 @@ def build_app(ctx: ServerContext) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         ctx.client.start()
-        loader = asyncio.create_task(_load_tokenizer(ctx))
+        tasks = [
+            asyncio.create_task(_load_tokenizer(ctx)),
+            asyncio.create_task(_watch_loop_lag(ctx)),
+        ]
+        if ctx.stats_logger is not None:
+            tasks.append(asyncio.create_task(_log_stats(ctx)))
         try:
             yield
         finally:
-            loader.cancel()
+            for task in tasks:
+                task.cancel()
             await ctx.client.close()
             if ctx.tokenizer is not None:
                 ctx.tokenizer.shutdown()
@@ -60,7 +68,28 @@ def build_app(ctx: ServerContext) -> FastAPI:
     for module in (health, models, tokenize, completions, chat):
         app.include_router(module.router)
     app.add_middleware(GuardMiddleware, ctx=ctx)
+    app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(ctx.metrics.registry))
     return app
+
+
+_LAG_PERIOD_S = 0.25
+
+
+async def _watch_loop_lag(ctx: ServerContext) -> None:
+    """How late a timer fires is the event loop's own measure of responsiveness."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(_LAG_PERIOD_S)
+        ctx.metrics.observe_loop_lag(max(0.0, loop.time() - start - _LAG_PERIOD_S))
+
+
+async def _log_stats(ctx: ServerContext) -> None:
+    assert ctx.stats_logger is not None
+    while True:
+        await asyncio.sleep(ctx.config.log_stats_interval)
+        if ctx.state.value in ("ready", "draining"):
+            ctx.stats_logger.log()
 
 
 def _version() -> str:
@@ -182,10 +211,21 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
         client = EngineClient(
             args.addresses, args.api_index, args.engine_pids, cfg.engine_stall_timeout
         )
-        metrics = ServerMetrics(cfg.served_model_names[0], len(args.engine_pids))
-        client.on_stats.append(metrics.record)
-        client.output.on_finish = metrics.on_finish
+        metrics = ServerMetrics(
+            MetricsConfig(
+                cfg.served_model_names[0],
+                len(args.engine_pids),
+                cfg.metrics_namespace,
+                args.api_index,
+            )
+        )
+        client.on_stats.append(metrics.record_step)
+        client.on_ready.append(lambda msg: metrics.engine_ready(msg, cfg.enable_prefix_caching))
+        client.output.observer = metrics
         ctx = ServerContext(cfg, client, metrics, started=time.time())
+        if not cfg.disable_log_stats and args.api_index == 0:
+            ctx.stats_logger = StatsLogger(len(args.engine_pids))
+            client.on_stats.append(ctx.stats_logger.record)
         app = build_app(ctx)
         config = uvicorn.Config(
             app,

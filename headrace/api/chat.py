@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from headrace.api.errors import APIError
 from headrace.api.protocol import ChatCompletionRequest
 from headrace.api.streaming import collect, sse_response, usage
-from headrace.api.validation import context_of, require_json, start
+from headrace.api.validation import admit, context_of, require_json, start
 from headrace.frontend.output import SeqDelta
 from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits, PromptTooLongError
 from headrace.wire.messages import TokenLogprobs
@@ -23,9 +23,11 @@ router = APIRouter()
 @router.post("/v1/chat/completions", dependencies=[Depends(require_json)])
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     """1. validate 2. template + tokenize off the loop 3. send to the engines 4. answer."""
+    arrival = time.monotonic()
     ctx = context_of(request)
     model = ctx.check_model(body.model)
     tok = ctx.require_serving()
+    admit(ctx)
     max_tokens = body.requested_max_tokens
     limits = PromptLimits(ctx.client.max_model_len, max_tokens, body.truncate_prompt_tokens)
     prompt = await _render(tok, body, limits)
@@ -34,7 +36,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = await start(ctx, request_id, [prompt], params)
+    stream = await start(ctx, request_id, [prompt], params, arrival)
     base = {
         "id": request_id,
         "object": "chat.completion",

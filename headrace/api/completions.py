@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from headrace.api.errors import APIError
 from headrace.api.protocol import CompletionRequest
 from headrace.api.streaming import Choice, collect, sse_response, usage
-from headrace.api.validation import check_prompt_ids, context_of, require_json, start
+from headrace.api.validation import admit, check_prompt_ids, context_of, require_json, start
 from headrace.frontend.output import SeqDelta
 from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits, PromptTooLongError
 from headrace.wire.messages import TokenLogprobs
@@ -23,9 +23,11 @@ router = APIRouter()
 @router.post("/v1/completions", dependencies=[Depends(require_json)])
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     """1. validate (pydantic) 2. tokenize off the loop 3. send to the engines 4. answer."""
+    arrival = time.monotonic()
     ctx = context_of(request)
     model = ctx.check_model(body.model)
     tok = ctx.require_serving()
+    admit(ctx)
     explicit_max = body.max_tokens if "max_tokens" in body.model_fields_set else None
     limits = PromptLimits(ctx.client.max_model_len, explicit_max, body.truncate_prompt_tokens)
     prompts, texts = await _tokenize(tok, body, limits)
@@ -35,7 +37,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise APIError(400, str(exc)) from None
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    stream = await start(ctx, request_id, prompts, params)
+    stream = await start(ctx, request_id, prompts, params, arrival)
     base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
     n = body.n
     echo = {i: texts[i // n] for i in range(len(prompts) * n)} if body.echo else {}

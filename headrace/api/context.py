@@ -10,6 +10,7 @@ from headrace.config import ServerConfig
 from headrace.frontend.client import EngineClient
 from headrace.frontend.tokenize import FrontendTokenizer
 from headrace.metrics.prometheus import ServerMetrics
+from headrace.metrics.stats import StatsLogger
 
 RETRY_AFTER_S = "5"
 
@@ -33,6 +34,7 @@ class ServerContext:
     tokenizer: FrontendTokenizer | None = None
     tokenizer_error: str | None = None
     draining: bool = False
+    stats_logger: StatsLogger | None = None
     started: float = 0.0
     notes: dict[str, str] = field(default_factory=dict)
 

@@ -36,8 +36,25 @@ def check_prompt_ids(tok: FrontendTokenizer, ids: list[int], limits: PromptLimit
     return out
 
 
+def admit(ctx: ServerContext) -> None:
+    """429 when --max-num-queued-requests requests already wait (engines' reports plus what
+    this server sent since)."""
+    limit = ctx.config.max_num_queued_requests
+    if limit is not None and ctx.client.num_queued() >= limit:
+        ctx.metrics.rejections.inc()
+        raise APIError(
+            429,
+            f"too many queued requests (limit {limit}); retry shortly",
+            headers={"Retry-After": "1"},
+        )
+
+
 async def start(
-    ctx: ServerContext, request_id: str, prompts: list[list[int]], params: SamplingParams
+    ctx: ServerContext,
+    request_id: str,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    arrival_time: float,
 ) -> RequestStream:
     """Queue the request in the engines; 503 if none can take it."""
     if not ctx.config.disable_log_requests:
@@ -46,6 +63,8 @@ async def start(
             request_id, sum(len(p) for p in prompts), msgspec.json.encode(params).decode(),
         )  # fmt: skip
     try:
-        return await ctx.client.add(request_id, prompts, params)
+        stream = await ctx.client.add(request_id, prompts, params, arrival_time)
     except EngineError as exc:
         raise APIError(503, str(exc), headers={"Retry-After": "5"}) from None
+    ctx.metrics.request_params(stream.seqs[0].engine_index, params.n)
+    return stream

@@ -12,7 +12,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,7 @@ class EngineStatus:
     num_steps: int = 0
     last_message_time: float = field(default_factory=time.monotonic)
     error: str | None = None
+    sent_since_report: int = 0
 
 
 class EngineClient:
@@ -95,7 +96,8 @@ class EngineClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[asyncio.Task[None]] = set()  # abort sends in flight
         self.tokenizer: Any = None  # set once loaded; used to build detokenizers
-        self.on_stats: list[Any] = []  # callbacks(engine_index, EngineCoreOutputs)
+        self.on_stats: list[Callable[[EngineCoreOutputs], None]] = []  # once per step message
+        self.on_ready: list[Callable[[EngineReady], None]] = []
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -125,17 +127,24 @@ class EngineClient:
         lens = [e.info.max_model_len for e in self.engines if e.info is not None]
         return min(lens) if lens else 0
 
+    def num_queued(self) -> int:
+        """Requests waiting in the engines as last reported, plus those sent since."""
+        return sum(e.stats.num_waiting + e.sent_since_report for e in self.engines)
+
     # -- requests ------------------------------------------------------------------------------
     async def add(
         self,
         request_id: str,
         prompts: list[list[int]],
         params: SamplingParams,
+        arrival_time: float | None = None,
     ) -> RequestStream:
         """Send `n` engine requests per prompt; choice index = prompt_index * n + j.
 
         Raises EngineError (nothing queued) when no engine can take work."""
         stream = RequestStream(request_id, prompts)
+        if arrival_time is not None:
+            stream.arrival_time = arrival_time
         ready = [e.phase is EnginePhase.READY for e in self.engines]
         reported = [e.stats.num_running + e.stats.num_waiting for e in self.engines]
         in_flight = [self.output.num_in_flight(e.index) for e in self.engines]
@@ -155,10 +164,14 @@ class EngineClient:
                 if in_flight[engine] == 0:  # the stall clock starts when work arrives
                     self.engines[engine].last_message_time = time.monotonic()
                 in_flight[engine] += 1
+                self.engines[engine].sent_since_report += 1
                 index = p * params.n + j
                 rid = f"{request_id}-{index}"
                 detok = new_detokenizer(self.tokenizer, prompt, params)
                 seq = SeqState(rid, index, engine, detok, stream, want_logprobs, len(prompt))
+                room = self.max_model_len - len(prompt)
+                seq.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+                seq.params_max_tokens = params.max_tokens
                 self.output.add(seq)
                 msg = EngineCoreRequest(
                     request_id=rid, prompt_token_ids=prompt, sampling_params=child, arrival_time=now
@@ -217,6 +230,8 @@ class EngineClient:
                 )
             elif isinstance(msg, EngineReady):
                 engine.info, engine.phase = msg, EnginePhase.READY
+                for callback in self.on_ready:
+                    callback(msg)
                 engine.load_phase, engine.load_fraction = "ready", 1.0
                 logger.info(
                     "engine %d ready: %d KV blocks of %d tokens, max_model_len %d, %s",
@@ -236,6 +251,7 @@ class EngineClient:
                 continue
             engine = self.engines[msg.engine_index]
             engine.stats, engine.num_steps = msg.stats, msg.num_steps
+            engine.sent_since_report = 0
             engine.last_message_time = time.monotonic()
             to_abort = self.output.process(msg.outputs)
             if to_abort:

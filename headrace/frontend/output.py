@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from headrace.frontend.detokenize import IncrementalDetokenizer
-from headrace.wire.messages import EngineCoreOutput, FinishReason, SamplingParams, TokenLogprobs
+from headrace.wire.messages import (
+    EngineCoreOutput,
+    FinishReason,
+    RequestTimes,
+    SamplingParams,
+    TokenLogprobs,
+)
 
 
 class EngineError(RuntimeError):
@@ -44,8 +50,13 @@ class SeqState:
     stream: RequestStream
     want_logprobs: bool
     prompt_len: int = 0
+    max_tokens: int = 0  # resolved: what the engine may generate at most
+    params_max_tokens: int | None = None  # as the client asked
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
     first_token_time: float | None = None
+    last_token_time: float | None = None
+    times: RequestTimes | None = None  # engine milestones, on the last output
     finished: bool = False
 
 
@@ -91,16 +102,27 @@ def new_detokenizer(
     )
 
 
-FinishHook = Callable[[SeqState, str], None]
-"""Called once per choice when it ends, with its finish reason (metrics)."""
+class RequestObserver(Protocol):
+    """What metrics see of a choice's life (all times on this host's monotonic clock)."""
+
+    def first_token(self, seq: SeqState, ttft: float) -> None: ...
+
+    def next_token(self, seq: SeqState, gap: float) -> None: ...
+
+    def finished(self, seq: SeqState, reason: str, now: float) -> None: ...
+
+    def engine_times(self, seq: SeqState, times: RequestTimes) -> None: ...
 
 
 class OutputProcessor:
     """Every live choice of this API server, by engine request id."""
 
-    def __init__(self, on_finish: FinishHook | None = None) -> None:
+    def __init__(self, observer: RequestObserver | None = None) -> None:
         self.seqs: dict[str, SeqState] = {}
-        self.on_finish = on_finish
+        self.observer = observer
+        # Choices ended here (stop string, client gone) whose engine milestones still come with
+        # the engine's abort output.
+        self.awaiting_times: dict[str, SeqState] = {}
 
     def add(self, seq: SeqState) -> None:
         self.seqs[seq.request_id] = seq
@@ -115,16 +137,23 @@ class OutputProcessor:
         now = time.monotonic()
         for out in outputs:
             seq = self.seqs.get(out.request_id)
-            if seq is None:
-                continue  # ended here already (stop string, client gone)
+            if seq is None:  # ended here already (stop string, client gone)
+                if out.finish_reason is not None:  # the engine's last word on it
+                    late = self.awaiting_times.pop(out.request_id, None)
+                    if late is not None and out.times is not None and self.observer is not None:
+                        self.observer.engine_times(late, out.times)
+                continue
             if out.finish_reason is FinishReason.ERROR:
                 self._end(seq, FinishReason.ERROR)
                 seq.stream.queue.put_nowait(EngineError(str(out.stop_reason or "engine error")))
                 continue
-            if out.new_token_ids and seq.first_token_time is None:
-                seq.first_token_time = now
+            if out.new_token_ids:
+                self._timing(seq, now)
             seq.num_output_tokens += len(out.new_token_ids)
+            seq.num_cached_tokens = out.num_cached_tokens
             seq.stream.num_cached_tokens = max(seq.stream.num_cached_tokens, out.num_cached_tokens)
+            if out.times is not None:
+                seq.times = out.times
             stopped = seq.detok.add_tokens(out.new_token_ids)
             reason: str | None = None
             stop_reason = out.stop_reason
@@ -152,11 +181,22 @@ class OutputProcessor:
             )
         return to_abort
 
+    def _timing(self, seq: SeqState, now: float) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            if self.observer is not None:
+                self.observer.first_token(seq, now - seq.stream.arrival_time)
+        elif self.observer is not None and seq.last_token_time is not None:
+            self.observer.next_token(seq, now - seq.last_token_time)
+        seq.last_token_time = now
+
     def _end(self, seq: SeqState, reason: str) -> None:
         seq.finished = True
         self.seqs.pop(seq.request_id, None)
-        if self.on_finish is not None:
-            self.on_finish(seq, reason)
+        if self.observer is not None:
+            self.observer.finished(seq, reason, time.monotonic())
+            if seq.times is None and reason != FinishReason.ERROR:
+                self.awaiting_times[seq.request_id] = seq
 
     def forget(self, request_ids: list[str]) -> None:
         """Drop choices whose client went away (the engine is told separately)."""
@@ -180,6 +220,9 @@ class OutputProcessor:
 
     def fail(self, engine_index: int | None, message: str) -> None:
         """End every choice on `engine_index` (None: all) with an error."""
+        for rid, seq in list(self.awaiting_times.items()):
+            if engine_index is None or seq.engine_index == engine_index:
+                del self.awaiting_times[rid]  # that engine will not report them now
         for seq in list(self.seqs.values()):
             if engine_index is None or seq.engine_index == engine_index:
                 self._end(seq, FinishReason.ERROR)

@@ -1,114 +1,333 @@
 """Prometheus metrics, recorded only in API-server processes from what engines report.
 
-Every metric name lives in this module. Names, labels and meanings follow vLLM's V1 set
-(shared/reference/metrics.md) under `namespace` (default `vllm`).
+Every metric name lives in this module. Names, types, labels and buckets follow vLLM's V1 set
+(shared/reference/metrics.md) under `namespace` (default `vllm`). With several API servers the
+launcher sets PROMETHEUS_MULTIPROC_DIR before they start: counters and histograms are summed over
+processes; engine gauges keep the most recent write (every server receives the same values), so
+there is exactly one series per (model_name, engine).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from headrace.frontend.output import SeqState
-from headrace.wire.messages import EngineCoreOutputs, FinishReason
+from headrace.wire.messages import EngineCoreOutputs, EngineReady, FinishReason, RequestTimes
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LIFECYCLE_STATES = ("loading", "ready", "draining", "failed")
+GaugeMode = Literal["mostrecent", "livemostrecent"]
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)  # fmt: skip
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+N_BUCKETS = (1, 2, 5, 10, 20)
+PREEMPTION_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
+ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def token_buckets(max_model_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_model_len."""
+    out: list[int] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_model_len:
+                return out
+            out.append(m * scale)
+        scale *= 10
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    model_name: str
+    num_engines: int
+    namespace: str = "vllm"
+    api_server_index: int = 0
 
 
 class ServerMetrics:
-    """The scheduler gauges, one series per (model_name, engine), present at 0 from start-up."""
+    """All serving metrics of one API-server process; one child per (model, engine) created
+    up front so every series exists at 0 from start-up."""
 
-    def __init__(self, model_name: str, num_engines: int, namespace: str = "vllm") -> None:
+    def __init__(self, cfg: MetricsConfig) -> None:
+        self.cfg = cfg
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = ["model_name", "engine"]
-        ns = namespace
-        self.running = Gauge(
-            f"{ns}:num_requests_running",
-            "Number of requests in model execution batches.",
-            labels,
-            registry=self.registry,
+        ns, me = cfg.namespace, ["model_name", "engine"]
+        r = self.registry
+
+        def gauge(name: str, doc: str, labels: list[str], mode: GaugeMode = "mostrecent") -> Gauge:
+            return Gauge(f"{ns}:{name}", doc, labels, registry=r, multiprocess_mode=mode)
+
+        def counter(name: str, doc: str, labels: list[str] = me) -> Counter:
+            return Counter(f"{ns}:{name}", doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(f"{ns}:{name}", doc, me, registry=r, buckets=buckets)
+
+        self._histogram = histogram
+
+        self.running = gauge(
+            "num_requests_running", "Number of requests in model execution batches.", me
         )
-        self.waiting = Gauge(
-            f"{ns}:num_requests_waiting",
-            "Number of requests waiting to be processed.",
-            labels,
-            registry=self.registry,
+        self.waiting = gauge(
+            "num_requests_waiting", "Number of requests waiting to be processed.", me
         )
-        self.kv_usage = Gauge(
-            f"{ns}:kv_cache_usage_perc",
-            "KV-cache usage. 1 means 100 percent usage.",
-            labels,
-            registry=self.registry,
+        self.kv_usage = gauge(
+            "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", me
         )
-        self.prompt_tokens = Counter(
-            f"{ns}:prompt_tokens",
-            "Number of prefill tokens processed.",
-            labels,
-            registry=self.registry,
+        self.cache_info = gauge(
+            "cache_config_info", "Information of the LLMEngine CacheConfig",
+            ["engine", "block_size", "num_gpu_blocks", "enable_prefix_caching", "cache_dtype"],
+        )  # fmt: skip
+        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter(
+            "generation_tokens", "Number of generation tokens processed."
         )
-        self.generation_tokens = Counter(
-            f"{ns}:generation_tokens",
-            "Number of generation tokens processed.",
-            labels,
-            registry=self.registry,
+        self.request_success = counter(
+            "request_success", "Count of successfully processed requests.", [*me, "finished_reason"]
         )
-        self.request_success = Counter(
-            f"{ns}:request_success",
-            "Count of successfully processed requests.",
-            [*labels, "finished_reason"],
-            registry=self.registry,
+        self.preemptions = counter(
+            "num_preemptions", "Cumulative number of preemption from the engine."
         )
-        self._finished = [
-            {
-                r.value: self.request_success.labels(model_name, str(e), r.value)
-                for r in FinishReason
-            }
-            for e in range(num_engines)
-        ]
-        self._tokens = [
-            (
-                self.prompt_tokens.labels(model_name, str(e)),
-                self.generation_tokens.labels(model_name, str(e)),
-            )
-            for e in range(num_engines)
-        ]
-        self.server_state = Gauge(
-            f"{ns}:server_state",
-            "1 for the server's current lifecycle state (loading, ready, draining, failed).",
+        self.prefix_queries = counter(
+            "prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
+        )
+        self.prefix_hits = counter(
+            "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        )
+        self.admission_rejections = counter(
+            "admission_rejections", "Requests refused by a queue limit.", ["model_name", "reason"]
+        )
+        self.ttft = histogram(
+            "time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            TTFT_BUCKETS,
+        )
+        self.itl = histogram(
+            "inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            ITL_BUCKETS,
+        )
+        self.tpot = histogram(
+            "request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.", ITL_BUCKETS,
+        )  # fmt: skip
+        self.e2e = histogram(
+            "e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            LATENCY_BUCKETS,
+        )
+        self.queue_time = histogram(
+            "request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            LATENCY_BUCKETS,
+        )
+        self.inference_time = histogram(
+            "request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            LATENCY_BUCKETS,
+        )
+        self.prefill_time = histogram(
+            "request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            LATENCY_BUCKETS,
+        )
+        self.decode_time = histogram(
+            "request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            LATENCY_BUCKETS,
+        )
+        self.params_n = histogram(
+            "request_params_n", "Histogram of the n request parameter.", N_BUCKETS
+        )
+        self.request_preemptions = histogram(
+            "request_num_preemptions",
+            "Number of preemptions per finished request.",
+            PREEMPTION_BUCKETS,
+        )
+        self.iteration_tokens = histogram(
+            "iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            ITERATION_BUCKETS,
+        )
+        self.server_state = gauge(
+            "server_state",
+            "1 for the server's current lifecycle state.",
             ["state"],
-            registry=self.registry,
+            "livemostrecent",
         )
-        self.load_progress = Gauge(
-            f"{ns}:model_load_progress",
+        self.load_progress = gauge(
+            "model_load_progress",
             "Fraction of the model weights loaded (1 once loaded).",
-            registry=self.registry,
+            [],
+            "livemostrecent",
         )
+        self.loop_lag = Histogram(
+            f"{ns}:event_loop_lag_seconds",
+            "How late this API server's event loop ran a timer.",
+            ["api_server"],
+            registry=r,
+            buckets=LOOP_LAG_BUCKETS,
+        )
+        self._loop_lag = self.loop_lag.labels(str(cfg.api_server_index))
+        self.engines = [_EngineSeries(self, cfg.model_name, str(e)) for e in range(cfg.num_engines)]
+        self.rejections = self.admission_rejections.labels(cfg.model_name, "queue_full")
         self._states = {s: self.server_state.labels(s) for s in LIFECYCLE_STATES}
-        self._series = [
-            tuple(g.labels(model_name, str(e)) for g in (self.running, self.waiting, self.kv_usage))
-            for e in range(num_engines)
-        ]
 
-    def record(self, msg: EngineCoreOutputs) -> None:
-        """Called once per engine step message, on the event loop (a few dict lookups)."""
-        running, waiting, kv = self._series[msg.engine_index]
-        running.set(msg.stats.num_running)
-        waiting.set(msg.stats.num_waiting)
-        kv.set(msg.stats.kv_cache_usage)
+    # -- engine steps --------------------------------------------------------------------------
+    def record_step(self, msg: EngineCoreOutputs) -> None:
+        """Once per engine step message, on the event loop: three gauge writes, and counters
+        on the one API server the engine sends them to."""
+        e = self.engines[msg.engine_index]
+        s = msg.stats
+        e.running.set(s.num_running)
+        e.waiting.set(s.num_waiting)
+        e.kv_usage.set(s.kv_cache_usage)
+        if not s.has_counters:
+            return
+        if s.prefix_cache_queries:
+            e.prefix_queries.inc(s.prefix_cache_queries)
+            e.prefix_hits.inc(s.prefix_cache_hits)
+        if s.num_preemptions:
+            e.preemptions.inc(s.num_preemptions)
+        if s.num_scheduled_tokens:
+            e.iteration_tokens.observe(s.num_scheduled_tokens)
 
-    def on_finish(self, seq: SeqState, reason: str) -> None:
-        """One choice ended (aborts by a departed client included): count it and its tokens."""
-        prompt, generation = self._tokens[seq.engine_index]
-        prompt.inc(seq.prompt_len)
-        generation.inc(seq.num_output_tokens)
-        self._finished[seq.engine_index][reason].inc()
+    def _token_histograms(self, max_model_len: int) -> None:
+        """Histograms whose buckets run up to max_model_len: created once the engines said it."""
+        histogram = self._histogram
+        tok = token_buckets(max_model_len)
+        self.prompt_len = histogram(
+            "request_prompt_tokens", "Number of prefill tokens processed.", tok
+        )
+        self.generation_len = histogram(
+            "request_generation_tokens", "Number of generation tokens processed.", tok
+        )
+        self.max_generation = histogram(
+            "request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+            tok,
+        )
+        self.params_max_tokens = histogram(
+            "request_params_max_tokens", "Histogram of the max_tokens request parameter.", tok
+        )
+        self.kv_computed = histogram(
+            "request_prefill_kv_computed_tokens",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).", tok,
+        )  # fmt: skip
+        for e in self.engines:
+            e.bind_token_histograms(self)
+
+    def engine_ready(self, msg: EngineReady, enable_prefix_caching: bool) -> None:
+        if not hasattr(self, "prompt_len"):
+            self._token_histograms(msg.max_model_len)
+        self.cache_info.labels(
+            str(msg.engine_index), str(msg.block_size), str(msg.num_kv_blocks),
+            str(enable_prefix_caching), msg.dtype,
+        ).set(1)  # fmt: skip
+
+    # -- requests (RequestObserver) ------------------------------------------------------------
+    def request_params(self, engine_index: int, n: int) -> None:
+        self.engines[engine_index].params_n.observe(n)
+
+    def first_token(self, seq: SeqState, ttft: float) -> None:
+        self.engines[seq.engine_index].ttft.observe(ttft)
+
+    def next_token(self, seq: SeqState, gap: float) -> None:
+        self.engines[seq.engine_index].itl.observe(gap)
+
+    def finished(self, seq: SeqState, reason: str, now: float) -> None:
+        """One choice ended (aborts by a departed client included)."""
+        e = self.engines[seq.engine_index]
+        e.prompt_tokens.inc(seq.prompt_len)
+        e.generation_tokens.inc(seq.num_output_tokens)
+        e.finished[reason].inc()
+        e.e2e.observe(now - seq.stream.arrival_time)
+        e.prompt_len.observe(seq.prompt_len)
+        e.generation_len.observe(seq.num_output_tokens)
+        e.max_generation.observe(seq.max_tokens)
+        if seq.params_max_tokens is not None:
+            e.params_max_tokens.observe(seq.params_max_tokens)
+        if seq.times is not None:
+            self.engine_times(seq, seq.times)
+
+    def engine_times(self, seq: SeqState, t: RequestTimes) -> None:
+        """The engine's milestones: with the last output, or with the abort that followed a
+        stop string or a departed client."""
+        e = self.engines[seq.engine_index]
+        e.queue_time.observe(max(0.0, t.scheduled - t.queued))
+        e.prefill_time.observe(max(0.0, t.first_token - t.scheduled))
+        e.decode_time.observe(max(0.0, t.last_token - t.first_token))
+        e.inference_time.observe(max(0.0, t.last_token - t.scheduled))
+        if seq.num_output_tokens > 1:
+            e.tpot.observe((t.last_token - t.first_token) / (seq.num_output_tokens - 1))
+        e.request_preemptions.observe(t.num_preemptions)
+        e.kv_computed.observe(max(0, seq.prompt_len - seq.num_cached_tokens))
+
+    # -- this process --------------------------------------------------------------------------
+    def observe_loop_lag(self, seconds: float) -> None:
+        self._loop_lag.observe(seconds)
 
     def set_lifecycle(self, state: str, load_fraction: float) -> None:
-        """Refreshed at scrape time (two gauge writes): the state is the API server's own."""
+        """Refreshed at scrape time (two gauge writes): the state is this API server's own."""
         for name, gauge in self._states.items():
             gauge.set(1.0 if name == state else 0.0)
         self.load_progress.set(load_fraction)
 
     def exposition(self) -> bytes:
+        if multiprocess_enabled():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class _EngineSeries:
+    """The labelled children of one (model, engine), looked up once."""
+
+    def __init__(self, m: ServerMetrics, model: str, engine: str) -> None:
+        labels = (model, engine)
+        self.running = m.running.labels(*labels)
+        self.waiting = m.waiting.labels(*labels)
+        self.kv_usage = m.kv_usage.labels(*labels)
+        self.prompt_tokens = m.prompt_tokens.labels(*labels)
+        self.generation_tokens = m.generation_tokens.labels(*labels)
+        self.finished = {r.value: m.request_success.labels(*labels, r.value) for r in FinishReason}
+        self.preemptions = m.preemptions.labels(*labels)
+        self.prefix_queries = m.prefix_queries.labels(*labels)
+        self.prefix_hits = m.prefix_hits.labels(*labels)
+        self.ttft = m.ttft.labels(*labels)
+        self.itl = m.itl.labels(*labels)
+        self.tpot = m.tpot.labels(*labels)
+        self.e2e = m.e2e.labels(*labels)
+        self.queue_time = m.queue_time.labels(*labels)
+        self.inference_time = m.inference_time.labels(*labels)
+        self.prefill_time = m.prefill_time.labels(*labels)
+        self.decode_time = m.decode_time.labels(*labels)
+        self.params_n = m.params_n.labels(*labels)
+        self.request_preemptions = m.request_preemptions.labels(*labels)
+        self.iteration_tokens = m.iteration_tokens.labels(*labels)
+        self.labels = labels
+
+    def bind_token_histograms(self, m: ServerMetrics) -> None:
+        self.prompt_len = m.prompt_len.labels(*self.labels)
+        self.generation_len = m.generation_len.labels(*self.labels)
+        self.max_generation = m.max_generation.labels(*self.labels)
+        self.params_max_tokens = m.params_max_tokens.labels(*self.labels)
+        self.kv_computed = m.kv_computed.labels(*self.labels)
