@@ -1,0 +1,86 @@
+"""What a 20 Hz /metrics scraper (the GIE endpoint picker's rate) costs served throughput.
+
+    .venv/bin/python benchmarks/metrics_overhead.py [--users 16] [--rounds 3]
+
+One `headrace serve` (default flags); alternating rounds of the same `headrace bench serve`
+workload without and with a thread fetching /metrics every 50 ms; reports the median output
+tok/s of each and their ratio, plus the scrape latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx
+
+from headrace.bench.serve import add_bench_serve_args, run_benchmark
+from tests.e2e.server import ServerProcess
+
+
+def scraper(url: str, stop: threading.Event, latencies: list[float]) -> None:
+    with httpx.Client(timeout=10) as client:
+        next_at = time.perf_counter()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            client.get(url + "/metrics").raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+            next_at += 0.05
+            time.sleep(max(0.0, next_at - time.perf_counter()))
+
+
+def one_round(url: str, args: argparse.Namespace) -> float:
+    parser = argparse.ArgumentParser()
+    add_bench_serve_args(parser)
+    bench_args = parser.parse_args(
+        ["--base-url", url, "--num-prompts", str(args.num_prompts),
+         "--random-input-len", "128", "--random-output-len", "128",
+         "--max-concurrency", str(args.users), "--disable-tqdm", "--seed", "1"]
+    )  # fmt: skip
+    result = asyncio.run(run_benchmark(bench_args))
+    assert result.failed == 0, result.errors
+    return result.output_throughput
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--users", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    srv = ServerProcess("--disable-log-requests", "--disable-log-stats").wait_ready()
+    plain: list[float] = []
+    scraped: list[float] = []
+    latencies: list[float] = []
+    try:
+        one_round(srv.url, argparse.Namespace(users=args.users, num_prompts=8))  # warm-up
+        for r in range(args.rounds):
+            plain.append(one_round(srv.url, args))
+            stop = threading.Event()
+            t = threading.Thread(target=scraper, args=(srv.url, stop, latencies), daemon=True)
+            t.start()
+            try:
+                scraped.append(one_round(srv.url, args))
+            finally:
+                stop.set()
+                t.join()
+            print(f"round {r}: without {plain[-1]:.1f} tok/s, with 20 Hz scraper {scraped[-1]:.1f}")
+    finally:
+        srv.stop()
+    a, b = statistics.median(plain), statistics.median(scraped)
+    lat = sorted(latencies)
+    print(f"\nmedian output tok/s: without {a:.1f}, with 20 Hz /metrics {b:.1f} "
+          f"({100 * (b - a) / a:+.1f}%)")  # fmt: skip
+    print(f"/metrics latency: p50 {1e3 * lat[len(lat) // 2]:.1f} ms, "
+          f"p99 {1e3 * lat[int(0.99 * len(lat))]:.1f} ms over {len(lat)} scrapes")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
