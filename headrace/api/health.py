@@ -56,7 +56,9 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    """Prometheus exposition; 200 in every state."""
+    """Prometheus exposition; 200 in every state. `Cache-Control: no-cache` skips the
+    counter/histogram snapshot (at most 0.5 s old otherwise); live gauges are always current."""
     ctx = context_of(request)
     ctx.metrics.set_lifecycle(ctx.state.value, ctx.load_fraction)
-    return Response(ctx.metrics.exposition(), media_type=CONTENT_TYPE)
+    fresh = "no-cache" in request.headers.get("cache-control", "")
+    return Response(ctx.metrics.exposition(fresh), media_type=CONTENT_TYPE)

@@ -10,6 +10,7 @@ there is exactly one series per (model_name, engine).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -22,6 +23,8 @@ from headrace.frontend.output import SeqState
 from headrace.wire.messages import EngineCoreOutputs, EngineReady, FinishReason, RequestTimes
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+CACHE_S = 0.5  # counters and histograms: at most this stale (Prometheus scrapes every 15 s)
+MAX_AGE_S = 2.0  # ... and at most this, for what other API-server processes wrote
 LIFECYCLE_STATES = ("loading", "ready", "draining", "failed")
 GaugeMode = Literal["mostrecent", "livemostrecent"]
 
@@ -82,15 +85,6 @@ class ServerMetrics:
 
         self._histogram = histogram
 
-        self.running = gauge(
-            "num_requests_running", "Number of requests in model execution batches.", me
-        )
-        self.waiting = gauge(
-            "num_requests_waiting", "Number of requests waiting to be processed.", me
-        )
-        self.kv_usage = gauge(
-            "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", me
-        )
         self.cache_info = gauge(
             "cache_config_info", "Information of the LLMEngine CacheConfig",
             ["engine", "block_size", "num_gpu_blocks", "enable_prefix_caching", "cache_dtype"],
@@ -166,18 +160,6 @@ class ServerMetrics:
             "Histogram of number of tokens per engine_step.",
             ITERATION_BUCKETS,
         )
-        self.server_state = gauge(
-            "server_state",
-            "1 for the server's current lifecycle state.",
-            ["state"],
-            "livemostrecent",
-        )
-        self.load_progress = gauge(
-            "model_load_progress",
-            "Fraction of the model weights loaded (1 once loaded).",
-            [],
-            "livemostrecent",
-        )
         self.loop_lag = Histogram(
             f"{ns}:event_loop_lag_seconds",
             "How late this API server's event loop ran a timer.",
@@ -188,19 +170,23 @@ class ServerMetrics:
         self._loop_lag = self.loop_lag.labels(str(cfg.api_server_index))
         self.engines = [_EngineSeries(self, cfg.model_name, str(e)) for e in range(cfg.num_engines)]
         self.rejections = self.admission_rejections.labels(cfg.model_name, "queue_full")
-        self._states = {s: self.server_state.labels(s) for s in LIFECYCLE_STATES}
+        # Hot gauges: kept as plain numbers and rendered at every scrape (see LiveGauges).
+        self.live = LiveGauges(cfg)
+        self._cache = b""
+        self._cache_time = -1.0
+        self._cache_version = -1
+        self.version = 0  # bumped by every write this process makes
 
     # -- engine steps --------------------------------------------------------------------------
     def record_step(self, msg: EngineCoreOutputs) -> None:
         """Once per engine step message, on the event loop: three gauge writes, and counters
         on the one API server the engine sends them to."""
-        e = self.engines[msg.engine_index]
         s = msg.stats
-        e.running.set(s.num_running)
-        e.waiting.set(s.num_waiting)
-        e.kv_usage.set(s.kv_cache_usage)
+        self.live.engine_load[msg.engine_index] = (s.num_running, s.num_waiting, s.kv_cache_usage)
         if not s.has_counters:
             return
+        e = self.engines[msg.engine_index]
+        self.version += 1
         if s.prefix_cache_queries:
             e.prefix_queries.inc(s.prefix_cache_queries)
             e.prefix_hits.inc(s.prefix_cache_hits)
@@ -235,6 +221,7 @@ class ServerMetrics:
             e.bind_token_histograms(self)
 
     def engine_ready(self, msg: EngineReady, enable_prefix_caching: bool) -> None:
+        self.version += 1
         if not hasattr(self, "prompt_len"):
             self._token_histograms(msg.max_model_len)
         self.cache_info.labels(
@@ -244,16 +231,20 @@ class ServerMetrics:
 
     # -- requests (RequestObserver) ------------------------------------------------------------
     def request_params(self, engine_index: int, n: int) -> None:
+        self.version += 1
         self.engines[engine_index].params_n.observe(n)
 
     def first_token(self, seq: SeqState, ttft: float) -> None:
+        self.version += 1
         self.engines[seq.engine_index].ttft.observe(ttft)
 
     def next_token(self, seq: SeqState, gap: float) -> None:
+        self.version += 1
         self.engines[seq.engine_index].itl.observe(gap)
 
     def finished(self, seq: SeqState, reason: str, now: float) -> None:
         """One choice ended (aborts by a departed client included)."""
+        self.version += 1
         e = self.engines[seq.engine_index]
         e.prompt_tokens.inc(seq.prompt_len)
         e.generation_tokens.inc(seq.num_output_tokens)
@@ -270,6 +261,7 @@ class ServerMetrics:
     def engine_times(self, seq: SeqState, t: RequestTimes) -> None:
         """The engine's milestones: with the last output, or with the abort that followed a
         stop string or a departed client."""
+        self.version += 1
         e = self.engines[seq.engine_index]
         e.queue_time.observe(max(0.0, t.scheduled - t.queued))
         e.prefill_time.observe(max(0.0, t.first_token - t.scheduled))
@@ -285,12 +277,26 @@ class ServerMetrics:
         self._loop_lag.observe(seconds)
 
     def set_lifecycle(self, state: str, load_fraction: float) -> None:
-        """Refreshed at scrape time (two gauge writes): the state is this API server's own."""
-        for name, gauge in self._states.items():
-            gauge.set(1.0 if name == state else 0.0)
-        self.load_progress.set(load_fraction)
+        """This API server's own state, read at scrape time."""
+        self.live.state, self.live.load_fraction = state, load_fraction
 
-    def exposition(self) -> bytes:
+    def exposition(self, fresh: bool = False) -> bytes:
+        """Live gauges, rendered now, plus everything else from a snapshot at most
+        CACHE_S old that is also refreshed whenever this process wrote since it was taken
+        (`fresh` forces a new one): counters and histograms change per request, and
+        collecting them from the multiprocess files costs milliseconds, too much to repeat
+        at the endpoint picker's 20 Hz."""
+        now = time.monotonic()
+        stale = now - self._cache_time >= CACHE_S
+        if fresh or (
+            stale and (self.version != self._cache_version or now - self._cache_time >= MAX_AGE_S)
+        ):
+            self._cache_version = self.version
+            self._cache_time = now
+            self._cache = self._collect()
+        return self.live.render() + self._cache
+
+    def _collect(self) -> bytes:
         if multiprocess_enabled():
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
@@ -298,14 +304,57 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class LiveGauges:
+    """The gauges routers poll (running, waiting, KV usage per engine) and the lifecycle state:
+    plain numbers set per engine step, rendered by hand at every scrape (microseconds). Every
+    API server holds the same engine figures, so each renders the one series per (model,
+    engine) itself; nothing goes through the multiprocess files."""
+
+    def __init__(self, cfg: MetricsConfig) -> None:
+        ns, model = cfg.namespace, _escape(cfg.model_name)
+        self.engine_load = [(0, 0, 0.0) for _ in range(cfg.num_engines)]
+        self.state = "loading"
+        self.load_fraction = 0.0
+        self._labels = [f'{{engine="{e}",model_name="{model}"}}' for e in range(cfg.num_engines)]
+        self._heads = [
+            f"# HELP {ns}:{name} {doc}\n# TYPE {ns}:{name} gauge\n"
+            for name, doc in (
+                ("num_requests_running", "Number of requests in model execution batches."),
+                ("num_requests_waiting", "Number of requests waiting to be processed."),
+                ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+                ("server_state", "1 for the server's current lifecycle state."),
+                ("model_load_progress", "Fraction of the model weights loaded (1 once loaded)."),
+            )
+        ]
+        self._names = [f"{ns}:{n}" for n in (
+            "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+            "server_state", "model_load_progress",
+        )]  # fmt: skip
+
+    def render(self) -> bytes:
+        out: list[str] = []
+        for k in range(3):
+            out.append(self._heads[k])
+            for labels, load in zip(self._labels, self.engine_load, strict=True):
+                out.append(f"{self._names[k]}{labels} {float(load[k])!r}\n")
+        out.append(self._heads[3])
+        for state in LIFECYCLE_STATES:
+            value = 1.0 if state == self.state else 0.0
+            out.append(f'{self._names[3]}{{state="{state}"}} {value!r}\n')
+        out.append(self._heads[4])
+        out.append(f"{self._names[4]} {float(self.load_fraction)!r}\n")
+        return "".join(out).encode()
+
+
 class _EngineSeries:
     """The labelled children of one (model, engine), looked up once."""
 
     def __init__(self, m: ServerMetrics, model: str, engine: str) -> None:
         labels = (model, engine)
-        self.running = m.running.labels(*labels)
-        self.waiting = m.waiting.labels(*labels)
-        self.kv_usage = m.kv_usage.labels(*labels)
         self.prompt_tokens = m.prompt_tokens.labels(*labels)
         self.generation_tokens = m.generation_tokens.labels(*labels)
         self.finished = {r.value: m.request_success.labels(*labels, r.value) for r in FinishReason}

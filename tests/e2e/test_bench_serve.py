@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 def server_counts(url: str) -> dict[str, float]:
     """Sum of each counter over its series (all finish reasons, all engines)."""
     totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+    text = httpx.get(url + "/metrics", headers={"Cache-Control": "no-cache"}).text
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name.endswith("_total"):
                 totals[s.name] = totals.get(s.name, 0.0) + s.value

@@ -19,7 +19,7 @@ from headrace.metrics.prometheus import (
     TTFT_BUCKETS,
     token_buckets,
 )
-from tests.e2e.server import ServerProcess, wait_idle
+from tests.e2e.server import ServerProcess, poll, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,8 @@ HTTP_FAMILIES = {
 
 
 def families(url: str) -> dict[str, Any]:
-    return {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+    text = httpx.get(url + "/metrics", headers={"Cache-Control": "no-cache"}).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
 
 
 def value(fams: dict[str, Any], sample_name: str, **labels: str) -> float:
@@ -211,3 +212,14 @@ def test_counts_add_up_after_a_scripted_mix(server: ServerProcess) -> None:
     assert delta("vllm:prefix_cache_hits_total") >= 3 * 16  # SKY (3 full blocks) asked 3 times
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert value(after, f"vllm:{gauge}") == 0.0, gauge
+
+
+def test_plain_scrapes_catch_up_within_the_snapshot_age(server: ServerProcess) -> None:
+    def success_total() -> float:
+        text = httpx.get(server.url + "/metrics").text  # no Cache-Control: may be a snapshot
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        return value(fams, "vllm:request_success_total")
+
+    start = value(families(server.url), "vllm:request_success_total")
+    server.client().completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=2)
+    poll(lambda: success_total() == start + 1, 3)
