@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -223,3 +224,44 @@ def test_plain_scrapes_catch_up_within_the_snapshot_age(server: ServerProcess) -
     start = value(families(server.url), "vllm:request_success_total")
     server.client().completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=2)
     poll(lambda: success_total() == start + 1, 3)
+
+
+def test_two_api_servers_share_one_view() -> None:
+    """Two API-server processes behind one port: whichever answers /metrics reports the totals
+    of both, and one series per (model, engine)."""
+    srv = ServerProcess("--api-server-count", "2", "--max-model-len", "1024").wait_ready()
+    try:
+        assert (
+            len(
+                [
+                    p
+                    for p in srv.children()
+                    if Path(f"/proc/{p}/comm").read_text().startswith("hr-api-")
+                ]
+            )
+            == 2
+        )
+
+        async def send_all() -> None:
+            limits = httpx.Limits(max_keepalive_connections=0)  # new connections spread out
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits) as c:
+                await asyncio.gather(*(
+                    c.post("/v1/completions", json={"prompt": f"Hi {i}", "max_tokens": 3,
+                                                    "ignore_eos": True})
+                    for i in range(12)
+                ))  # fmt: skip
+
+        asyncio.run(send_all())
+        wait_idle(srv.url)
+        for _ in range(6):  # each scrape may land on either process
+            with httpx.Client(base_url=srv.url) as c:  # a fresh connection each time
+                text = c.get("/metrics", headers={"Cache-Control": "no-cache"}).text
+            fams = {f.name: f for f in text_string_to_metric_families(text)}
+            assert value(fams, "vllm:request_success_total", finished_reason="length") == 12
+            assert value(fams, "vllm:generation_tokens_total") == 36
+            assert len(fams["vllm:num_requests_running"].samples) == 1
+            lag = fams["vllm:event_loop_lag_seconds"].samples
+            assert {x.labels["api_server"] for x in lag} == {"0", "1"}  # both write, either reads
+            assert value(fams, "http_requests_total", handler="/v1/completions") == 12
+    finally:
+        assert srv.stop() == 0
