@@ -4,7 +4,8 @@
 
 Run by hand (not in CI). Without --llama-server it builds `llama-server` from the llama.cpp
 vendored in the `llama-cpp-python` source package on PyPI (cmake + a C++ compiler; ~8 minutes
-on 2 cores the first time, then cached under HEADRACE_CACHE_DIR/llama.cpp/). Each server runs
+on 2 cores the first time, then cached under HEADRACE_CACHE_DIR/llama.cpp/; AVX-512, no AMX:
+a -march=native build dies with SIGILL where the VM does not grant AMX). Each server runs
 alone: headrace first (`headrace serve`, default flags), then llama-server with continuous
 batching (`-np` = users, `-t` = cores, one KV slot per user, no unified KV cache). The load is
 `headrace bench serve` logic with the bundled model's tokenizer (so both get identical
@@ -47,7 +48,7 @@ def build_llama_server(version: str | None) -> Path:
         )  # fmt: skip
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         name = sdist.name.removesuffix(".tar.gz")
-        out = envs.cache_dir() / "llama.cpp" / name / "llama-server"
+        out = envs.cache_dir() / "llama.cpp" / f"{name}-avx512" / "llama-server"
         if out.is_file():
             return out
         print(f"building llama-server from {sdist.name} (several minutes)...", file=sys.stderr)
@@ -59,6 +60,10 @@ def build_llama_server(version: str | None) -> Path:
             ["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
              "-DLLAMA_BUILD_TESTS=OFF",
+             # Not -march=native: its AMX kernels die with SIGILL in VMs that do not grant
+             # AMX tile state; AVX-512 (what torch uses here too) is the fair comparison.
+             "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"],
             check=True,
         )  # fmt: skip

@@ -69,6 +69,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
         app.include_router(module.router)
     app.add_middleware(GuardMiddleware, ctx=ctx)
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(ctx.metrics.registry))
+    app.add_middleware(health.MetricsEndpoint, ctx=ctx)  # outermost: scrapes skip the rest
     return app
 
 
