@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from headrace import envs
-from tests.e2e.server import ServerProcess, free_port
+from tests.e2e.server import ServerProcess, free_port, poll
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"
@@ -101,8 +101,10 @@ def live_prometheus(prometheus_bin: Path, server: ServerProcess, tmp_path: Path)
          f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        poll(lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200, 60, 0.2)
+        yield url
     finally:
         proc.terminate()
         proc.wait(20)
