@@ -144,12 +144,12 @@ def test_dashboard_and_alert_queries_return_data(
             ):
                 break
             time.sleep(1)
-        time.sleep(3)
-        missing = [
-            (name, expr)
-            for name, expr in dashboard_queries() + alert_queries()
-            if not _has_number(query(live_prometheus, expr))
-        ]
+        queries = dashboard_queries() + alert_queries()
+        missing = queries
+        deadline = time.monotonic() + 30
+        while missing and time.monotonic() < deadline:  # rate windows fill as scrapes arrive
+            time.sleep(1)
+            missing = [(n, e) for n, e in missing if not _has_number(query(live_prometheus, e))]
         assert not missing, missing
     finally:
         stop.set()
