@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import socket
 import statistics
 import sys
@@ -46,6 +47,27 @@ def scraper(port: int, stop: Event, latencies: list[float]) -> None:
             time.sleep(max(0.0, next_at - time.perf_counter()))
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def cpu_per_scrape(srv: ServerProcess, count: int = 400) -> float:
+    """API-server CPU seconds per /metrics scrape at 20 Hz on an idle server (deterministic,
+    unlike throughput on a shared machine)."""
+    api = srv.child_named("hr-api-")
+    with multiprocessing.Manager() as manager:
+        stop, lat = manager.Event(), manager.list()
+        before = cpu_seconds(api)
+        proc = multiprocessing.Process(target=scraper, args=(srv.port, stop, lat))
+        proc.start()
+        while len(lat) < count:
+            time.sleep(0.2)
+        stop.set()
+        proc.join(10)
+        return (cpu_seconds(api) - before) / len(lat)
+
+
 def one_round(url: str, args: argparse.Namespace) -> float:
     parser = argparse.ArgumentParser()
     add_bench_serve_args(parser)
@@ -71,6 +93,16 @@ def main() -> None:
     latencies: list[float] = []
     try:
         one_round(srv.url, argparse.Namespace(users=args.users, num_prompts=8))  # warm-up
+        api = srv.child_named("hr-api-")
+        t0, c0 = time.monotonic(), cpu_seconds(api)
+        time.sleep(10)
+        baseline = (cpu_seconds(api) - c0) / (time.monotonic() - t0)  # idle API server CPU/s
+        per_scrape = cpu_per_scrape(srv)
+        print(
+            f"API server CPU: idle {1e3 * baseline:.1f} ms/s; with 20 Hz scrapes "
+            f"{1e3 * (per_scrape - baseline * 0.05):.2f} ms per scrape above idle "
+            f"= {100 * 20 * (per_scrape - baseline * 0.05):.2f}% of one core"
+        )
         for r in range(args.rounds):
             plain.append(one_round(srv.url, args))
             with multiprocessing.Manager() as manager:
