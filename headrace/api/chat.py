@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from headrace.api.errors import APIError
 from headrace.api.protocol import ChatCompletionRequest
 from headrace.api.streaming import collect, sse_response, usage
-from headrace.api.validation import admit, context_of, require_json, start
+from headrace.api.validation import admit, context_of, require_json, sampling_params, start
 from headrace.frontend.output import SeqDelta
 from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits, PromptTooLongError
 from headrace.wire.messages import TokenLogprobs
@@ -30,11 +30,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     admit(ctx)
     max_tokens = body.requested_max_tokens
     limits = PromptLimits(ctx.client.max_model_len, max_tokens, body.truncate_prompt_tokens)
+    params = sampling_params(body, max_tokens, body.num_logprobs)
     prompt = await _render(tok, body, limits)
-    try:
-        params = body.sampling_params(max_tokens, body.num_logprobs)
-    except ValueError as exc:
-        raise APIError(400, str(exc)) from None
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = await start(ctx, request_id, [prompt], params, arrival)
     base = {

@@ -12,9 +12,9 @@ from fastapi.responses import JSONResponse, Response
 from headrace.api.errors import APIError
 from headrace.api.protocol import CompletionRequest
 from headrace.api.streaming import Choice, collect, sse_response, usage
-from headrace.api.validation import admit, check_prompt_ids, context_of, require_json, start
+from headrace.api.validation import admit, context_of, require_json, sampling_params, start
 from headrace.frontend.output import SeqDelta
-from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits, PromptTooLongError
+from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits
 from headrace.wire.messages import TokenLogprobs
 
 router = APIRouter()
@@ -30,11 +30,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     admit(ctx)
     explicit_max = body.max_tokens if "max_tokens" in body.model_fields_set else None
     limits = PromptLimits(ctx.client.max_model_len, explicit_max, body.truncate_prompt_tokens)
+    params = sampling_params(body, body.max_tokens, body.logprobs)
     prompts, texts = await _tokenize(tok, body, limits)
-    try:
-        params = body.sampling_params(body.max_tokens, body.logprobs)
-    except ValueError as exc:
-        raise APIError(400, str(exc)) from None
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     stream = await start(ctx, request_id, prompts, params, arrival)
@@ -99,11 +96,9 @@ async def _tokenize(
                 prompts.append(await tok.encode_prompt(item, limits, body.add_special_tokens))
                 texts.append(item)
             else:
-                prompts.append(check_prompt_ids(tok, item, limits))
+                prompts.append(tok.check_ids(item, limits))
                 texts.append(await tok.decode(item) if body.echo else "")
-    except PromptTooLongError as exc:
-        raise APIError(400, str(exc), param="prompt") from None
-    except ValueError as exc:
+    except ValueError as exc:  # PromptTooLongError included
         raise APIError(400, str(exc), param="prompt") from None
     return prompts, texts
 

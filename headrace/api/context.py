@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from headrace.api.errors import APIError
 from headrace.config import ServerConfig
@@ -36,7 +36,6 @@ class ServerContext:
     draining: bool = False
     stats_logger: StatsLogger | None = None
     started: float = 0.0
-    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def state(self) -> ServerState:

@@ -9,8 +9,8 @@ from fastapi import Request
 
 from headrace.api.context import ServerContext
 from headrace.api.errors import APIError
+from headrace.api.protocol import SamplingFields
 from headrace.frontend.output import EngineError, RequestStream
-from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits
 from headrace.wire.messages import SamplingParams
 
 logger = logging.getLogger("headrace.api")
@@ -30,10 +30,14 @@ async def require_json(request: Request) -> None:
         )
 
 
-def check_prompt_ids(tok: FrontendTokenizer, ids: list[int], limits: PromptLimits) -> list[int]:
-    out = tok.check_ids(ids, limits)
-    tok.check_fits(len(out), limits)
-    return out
+def sampling_params(
+    body: SamplingFields, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    """The wire params, or 400: checked before any tokenizing is spent on the request."""
+    try:
+        return body.sampling_params(max_tokens, logprobs)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
 
 
 def admit(ctx: ServerContext) -> None:

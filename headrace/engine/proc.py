@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import msgspec
 import zmq
 
 from headrace.config import EngineConfig
@@ -40,6 +39,7 @@ from headrace.wire.messages import (
     EngineInput,
     EngineLoading,
     EngineReady,
+    EngineStats,
     FinishReason,
 )
 from headrace.wire.sockets import Addresses, engine_identity
@@ -99,7 +99,7 @@ class _EngineProc:
             self.pushes.append(push)
         self.dealer_lock = threading.Lock()  # handshake sends (main) vs recv (input thread)
         self.inputs: queue.Queue[tuple[int, EngineInput]] = queue.Queue()
-        self.outputs: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        self.outputs: queue.Queue[tuple[int, bytes]] = queue.Queue()
         self.codec = engine_message_codec()
         self.owner: dict[str, int] = {}  # request id -> index of the API server that sent it
         self._last_progress = 0.0
@@ -150,13 +150,11 @@ class _EngineProc:
 
     # -- steady state --------------------------------------------------------------------------
     def _busy_loop(self, core: EngineCore) -> None:
-        num_steps = 0
         while True:
             outputs = self._take_inputs(core, block=not core.has_unfinished_requests())
             if core.has_unfinished_requests():
                 outputs.extend(core.step())
-                num_steps += 1
-            self._send(outputs, core, num_steps)
+            self._send(outputs, core)
 
     def _take_inputs(self, core: EngineCore, block: bool) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
@@ -168,12 +166,11 @@ class _EngineProc:
             api_index, msg = item
             if isinstance(msg, AddRequest):
                 rid = msg.request.request_id
+                self.owner[rid] = api_index
                 try:
                     core.add_request(msg.request)
-                    self.owner[rid] = api_index
                 except ValueError as exc:  # the frontend checks first; never fail silently
                     logger.warning("refused request %s: %s", rid, exc)
-                    self.owner[rid] = api_index
                     outputs.append(
                         EngineCoreOutput(
                             request_id=rid,
@@ -189,7 +186,7 @@ class _EngineProc:
             except queue.Empty:
                 return outputs
 
-    def _send(self, outputs: list[EngineCoreOutput], core: EngineCore, num_steps: int) -> None:
+    def _send(self, outputs: list[EngineCoreOutput], core: EngineCore) -> None:
         stats = core.stats()
         by_server: dict[int, list[EngineCoreOutput]] = {i: [] for i in range(len(self.pushes))}
         for out in outputs:
@@ -197,19 +194,16 @@ class _EngineProc:
             by_server[owner].append(out)
             if out.finish_reason is not None:
                 self.owner.pop(out.request_id, None)
-        now = time.time()
         # Counters go to API server 0 only, so N servers do not count them N times.
-        load_only = msgspec.structs.replace(
-            stats, prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0,
-            num_scheduled_tokens=0, has_counters=False,
-        )  # fmt: skip
+        load_only = EngineStats(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            kv_cache_usage=stats.kv_cache_usage,
+            has_counters=False,
+        )
         for i, outs in by_server.items():
             msg = EngineCoreOutputs(
-                engine_index=self.index,
-                outputs=outs,
-                stats=stats if i == 0 else load_only,
-                timestamp=now,
-                num_steps=num_steps,
+                engine_index=self.index, outputs=outs, stats=stats if i == 0 else load_only
             )
             self.outputs.put((i, self.codec.encode(msg)))
 
@@ -227,8 +221,5 @@ class _EngineProc:
 
     def _output_loop(self) -> None:
         while True:
-            item = self.outputs.get()
-            if item is None:
-                return
-            api_index, data = item
+            api_index, data = self.outputs.get()
             self.pushes[api_index].send(data)

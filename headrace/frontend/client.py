@@ -28,7 +28,7 @@ from headrace.frontend.output import (
     new_detokenizer,
 )
 from headrace.frontend.router import pick_engine
-from headrace.wire.codec import engine_input_codec, engine_message_codec
+from headrace.wire.codec import Codec, engine_input_codec, engine_message_codec
 from headrace.wire.messages import (
     AbortRequests,
     AddRequest,
@@ -64,7 +64,6 @@ class EngineStatus:
     load_fraction: float = 0.0
     info: EngineReady | None = None
     stats: EngineStats = field(default_factory=EngineStats)
-    num_steps: int = 0
     last_message_time: float = field(default_factory=time.monotonic)
     error: str | None = None
     sent_since_report: int = 0
@@ -92,7 +91,8 @@ class EngineClient:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(addresses.output_address(api_index))
         self._in_codec = engine_input_codec()
-        self._out_codec = engine_message_codec()
+        self._handshake_codec = engine_message_codec()
+        self._outputs_codec = Codec(EngineCoreOutputs)  # the PULL socket carries only these
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[asyncio.Task[None]] = set()  # abort sends in flight
         self.tokenizer: Any = None  # set once loaded; used to build detokenizers
@@ -191,22 +191,22 @@ class EngineClient:
                 by_engine.setdefault(seq.engine_index, []).append(seq.request_id)
         for engine, ids in by_engine.items():
             self.output.forget(ids)
-            task = asyncio.get_running_loop().create_task(
-                self._send(engine, AbortRequests(request_ids=ids))
-            )
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            self._abort_soon(engine, ids)
 
     def abort_all(self) -> int:
         """Shutdown: end every in-flight choice with finish_reason `abort`; returns how many."""
         by_engine = self.output.abort_all()
         for engine, ids in by_engine.items():
-            task = asyncio.get_running_loop().create_task(
-                self._send(engine, AbortRequests(request_ids=ids))
-            )
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            self._abort_soon(engine, ids)
         return sum(len(ids) for ids in by_engine.values())
+
+    def _abort_soon(self, engine: int, ids: list[str]) -> None:
+        """Send AbortRequests from a task (callers may be cancelled tasks that cannot await)."""
+        task = asyncio.get_running_loop().create_task(
+            self._send(engine, AbortRequests(request_ids=ids))
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _send(self, engine: int, msg: AddRequest | AbortRequests) -> None:
         if self.engines[engine].phase is EnginePhase.FAILED:
@@ -220,7 +220,7 @@ class EngineClient:
     async def _handshake_loop(self) -> None:
         while True:
             _identity, data = await self.router.recv_multipart()
-            msg = self._out_codec.decode(data)
+            msg = self._handshake_codec.decode(data)
             engine = self.engines[msg.engine_index]
             engine.last_message_time = time.monotonic()
             if isinstance(msg, EngineLoading):
@@ -243,14 +243,9 @@ class EngineClient:
 
     async def _output_loop(self) -> None:
         while True:
-            data = await self.pull.recv()
-            msg = self._out_codec.decode(data)
-            if not isinstance(msg, EngineCoreOutputs):
-                if isinstance(msg, EngineFailed):
-                    self._engine_failed(msg.engine_index, msg.message)
-                continue
+            msg = self._outputs_codec.decode(await self.pull.recv())
             engine = self.engines[msg.engine_index]
-            engine.stats, engine.num_steps = msg.stats, msg.num_steps
+            engine.stats = msg.stats
             engine.sent_since_report = 0
             engine.last_message_time = time.monotonic()
             to_abort = self.output.process(msg.outputs)

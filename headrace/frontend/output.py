@@ -70,14 +70,10 @@ class RequestStream:
     seqs: list[SeqState] = field(default_factory=list)
     num_cached_tokens: int = 0
     queue: asyncio.Queue[SeqDelta | BaseException] = field(default_factory=asyncio.Queue)
-    _open: int = 0
 
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
-
-    def unfinished_ids(self) -> list[str]:
-        return [s.request_id for s in self.seqs if not s.finished]
 
     async def __aiter__(self) -> AsyncIterator[SeqDelta]:
         remaining = len(self.seqs)

@@ -41,11 +41,7 @@ class PromptLimits:
 
     def keep_tokens(self) -> int | None:
         t = self.truncate_prompt_tokens
-        if t is None:
-            return None
-        if t == -1 or t > self.max_model_len - self.reserve:
-            return max(1, self.max_model_len - self.reserve) if t == -1 else t
-        return t
+        return max(1, self.max_model_len - self.reserve) if t == -1 else t
 
 
 def too_long_message(num_prompt: int, limits: PromptLimits, at_least: bool = False) -> str:
@@ -128,11 +124,13 @@ class FrontendTokenizer:
             raise PromptTooLongError(too_long_message(num_tokens, limits))
 
     def check_ids(self, ids: Sequence[int], limits: PromptLimits) -> list[int]:
-        """Truncate or check a prompt given as token ids (cheap: no executor needed)."""
+        """Truncate a prompt given as token ids and check it like a tokenized one (cheap: no
+        executor needed)."""
         keep = limits.keep_tokens()
         out = list(ids[-keep:]) if keep is not None else list(ids)
         if any(not 0 <= t < self.vocab_size for t in out):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        self.check_fits(len(out), limits)
         return out
 
     # -- chat ----------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ class ServerMetrics:
             return Histogram(f"{ns}:{name}", doc, me, registry=r, buckets=buckets)
 
         self._histogram = histogram
+        self._has_token_histograms = False
 
         self.cache_info = gauge(
             "cache_config_info", "Information of the LLMEngine CacheConfig",
@@ -222,7 +223,8 @@ class ServerMetrics:
 
     def engine_ready(self, msg: EngineReady, enable_prefix_caching: bool) -> None:
         self.version += 1
-        if not hasattr(self, "prompt_len"):
+        if not self._has_token_histograms:  # the first engine to be ready sets the buckets
+            self._has_token_histograms = True
             self._token_histograms(msg.max_model_len)
         self.cache_info.labels(
             str(msg.engine_index), str(msg.block_size), str(msg.num_kv_blocks),

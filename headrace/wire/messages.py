@@ -150,8 +150,6 @@ class EngineCoreOutputs(msgspec.Struct, kw_only=True, tag="outputs"):
     engine_index: int
     outputs: list[EngineCoreOutput]
     stats: EngineStats
-    timestamp: float
-    num_steps: int = 0
 
 
 class EngineLoading(msgspec.Struct, kw_only=True, tag="loading"):

@@ -19,8 +19,7 @@ def _msg(engine: int, **stats: float) -> EngineCoreOutputs:
     return EngineCoreOutputs(
         engine_index=engine,
         outputs=[],
-        stats=EngineStats(**stats),
-        timestamp=0.0,  # type: ignore[arg-type]
+        stats=EngineStats(**stats),  # type: ignore[arg-type]
     )
 
 
