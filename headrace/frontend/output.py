@@ -103,6 +103,8 @@ class RequestObserver(Protocol):
 
     def first_token(self, seq: SeqState, ttft: float) -> None: ...
 
+    def generated(self, engine_index: int, num_tokens: int) -> None: ...
+
     def next_token(self, seq: SeqState, gap: float) -> None: ...
 
     def finished(self, seq: SeqState, reason: str, now: float) -> None: ...
@@ -131,6 +133,7 @@ class OutputProcessor:
         """Turn one step's outputs into deltas; return ids a stop string ended (to abort)."""
         to_abort: list[str] = []
         now = time.monotonic()
+        engine_index, generated = -1, 0
         for out in outputs:
             seq = self.seqs.get(out.request_id)
             if seq is None:  # ended here already (stop string, client gone)
@@ -145,6 +148,8 @@ class OutputProcessor:
                 continue
             if out.new_token_ids:
                 self._timing(seq, now)
+                engine_index = seq.engine_index
+                generated += len(out.new_token_ids)
             seq.num_output_tokens += len(out.new_token_ids)
             seq.num_cached_tokens = out.num_cached_tokens
             seq.stream.num_cached_tokens = max(seq.stream.num_cached_tokens, out.num_cached_tokens)
@@ -175,6 +180,8 @@ class OutputProcessor:
                     stop_reason,
                 )
             )
+        if generated and self.observer is not None:  # one message = one engine's step
+            self.observer.generated(engine_index, generated)
         return to_abort
 
     def _timing(self, seq: SeqState, now: float) -> None:

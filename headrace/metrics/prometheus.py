@@ -17,9 +17,9 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from headrace.frontend.output import SeqState
+from headrace.metrics.multiproc import MultiProcessText
 from headrace.wire.messages import EngineCoreOutputs, EngineReady, FinishReason, RequestTimes
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -50,10 +50,6 @@ def token_buckets(max_model_len: int) -> list[int]:
                 return out
             out.append(m * scale)
         scale *= 10
-
-
-def multiprocess_enabled() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +169,8 @@ class ServerMetrics:
         self.rejections = self.admission_rejections.labels(cfg.model_name, "queue_full")
         # Hot gauges: kept as plain numbers and rendered at every scrape (see LiveGauges).
         self.live = LiveGauges(cfg)
+        mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self._multiprocess = MultiProcessText(mp_dir) if mp_dir else None
         self._cache = b""
         self._cache_time = -1.0
         self._cache_version = -1
@@ -237,8 +235,18 @@ class ServerMetrics:
         self.engines[engine_index].params_n.observe(n)
 
     def first_token(self, seq: SeqState, ttft: float) -> None:
+        """Prompt tokens count once the prompt is processed, as in vLLM (a request aborted
+        before its first token adds none)."""
         self.version += 1
-        self.engines[seq.engine_index].ttft.observe(ttft)
+        e = self.engines[seq.engine_index]
+        e.ttft.observe(ttft)
+        e.prompt_tokens.inc(seq.prompt_len)
+
+    def generated(self, engine_index: int, num_tokens: int) -> None:
+        """Generation tokens count per engine step as they arrive (vLLM's iteration stats),
+        so rate() is smooth even when a whole batch finishes at once."""
+        self.version += 1
+        self.engines[engine_index].generation_tokens.inc(num_tokens)
 
     def next_token(self, seq: SeqState, gap: float) -> None:
         self.version += 1
@@ -248,8 +256,6 @@ class ServerMetrics:
         """One choice ended (aborts by a departed client included)."""
         self.version += 1
         e = self.engines[seq.engine_index]
-        e.prompt_tokens.inc(seq.prompt_len)
-        e.generation_tokens.inc(seq.num_output_tokens)
         e.finished[reason].inc()
         e.e2e.observe(now - seq.stream.arrival_time)
         e.prompt_len.observe(seq.prompt_len)
@@ -299,10 +305,8 @@ class ServerMetrics:
         return self.live.render() + self._cache
 
     def _collect(self) -> bytes:
-        if multiprocess_enabled():
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)
-            return generate_latest(registry)
+        if self._multiprocess is not None:
+            return self._multiprocess.render()
         return generate_latest(self.registry)
 
 

@@ -20,6 +20,9 @@ class Recorder:
     def next_token(self, seq: SeqState, gap: float) -> None:
         self.events.append(("next", seq.request_id))
 
+    def generated(self, engine_index: int, num_tokens: int) -> None:
+        self.events.append(("generated", num_tokens))
+
     def finished(self, seq: SeqState, reason: str, now: float) -> None:
         self.events.append(("finished", reason))
 
@@ -51,5 +54,8 @@ def test_stop_string_ends_the_choice_and_late_engine_times_are_kept() -> None:
     assert "".join(d.text for d in deltas) == " hello "
     assert deltas[-1].finish_reason == "stop" and deltas[-1].stop_reason == "wor"
     assert [a for a in aborts if a] == [["r-0"]]  # abort sent once, when the stop string matched
+    # generation tokens count as they arrive, up to the one that completed the stop string
+    counted = [n for kind, n in rec.events if kind == "generated"]
+    assert counted == [1] * (next(i for i, a in enumerate(aborts) if a) + 1)
     assert rec.events[0] == ("first", "r-0")
     assert ("finished", "stop") in rec.events and rec.events[-1] == ("times", 2.0)
