@@ -1,10 +1,18 @@
 """What a 20 Hz /metrics scraper (the GIE endpoint picker's rate) costs served throughput.
 
-    .venv/bin/python benchmarks/metrics_overhead.py [--users 16] [--rounds 3]
+    .venv/bin/python benchmarks/metrics_overhead.py [--users 16] [--windows 12] [--window-s 20]
 
-One `headrace serve` (default flags); alternating rounds of the same `headrace bench serve`
-workload without and with a separate process fetching /metrics every 50 ms over one keep-alive
-connection; reports the median output tok/s of each and their ratio, plus the scrape latency.
+One `headrace serve` (default flags) under a steady `headrace bench serve` load (`--users`
+streams kept busy for the whole run, 64-192 in and out, so the streams do not move in
+lock-step). A separate process fetches /metrics
+every 50 ms over one keep-alive connection during every other measurement window (order
+off, on, on, off, ... so slow drift cancels). Each window's throughput is the server's own
+generation-token counter over the window, read once at each edge. Reported: the median
+of the per-pair ratios (adjacent off/on windows), the medians per condition, the scrape
+latency, and the API server's CPU per scrape measured on an idle server.
+
+Steady windows instead of whole benchmark rounds: a round's ramp-up and tail swing its
+throughput by +-15% on this shared 2-core machine, far more than the effect measured.
 """
 
 from __future__ import annotations
@@ -19,32 +27,62 @@ import sys
 import time
 from pathlib import Path
 from threading import Event
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from headrace.bench.serve import add_bench_serve_args, run_benchmark
+from headrace.model.loader import bundled_model_path
 from tests.e2e.server import ServerProcess
 
 
-def scraper(port: int, stop: Event, latencies: list[float]) -> None:
+class Scrape:
+    """GET /metrics over one keep-alive connection, reopened when the server closed it
+    (uvicorn drops connections idle for 5 s)."""
+
+    def __init__(self, port: int, headers: bytes = b"") -> None:
+        self.port = port
+        self.request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n" + headers + b"\r\n"
+        self.sock: socket.socket | None = None
+        self.f: Any = None
+
+    def get(self) -> bytes:
+        for _ in range(2):
+            if self.sock is None:
+                self.sock = socket.create_connection(("127.0.0.1", self.port))
+                self.f = self.sock.makefile("rb")
+            try:
+                self.sock.sendall(self.request)
+                if (status := self.f.readline()) == b"":
+                    raise ConnectionError("closed")
+                assert b" 200 " in status, status
+                length = 0
+                while (line := self.f.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                return bytes(self.f.read(length))
+            except (ConnectionError, BrokenPipeError):
+                self.sock.close()
+                self.sock = None
+        raise ConnectionError("/metrics: connection closed twice")
+
+
+def scraper(port: int, active: Event, stop: Event, latencies: list[float]) -> None:
     """A separate process, like a router on another host: a raw keep-alive HTTP/1.1 client
-    (no HTTP library, so the scraper's own CPU stays small on this 2-core machine)."""
-    request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        f = sock.makefile("rb")
-        next_at = time.perf_counter()
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            sock.sendall(request)
-            length = 0
-            while (line := f.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            f.read(length)
-            latencies.append(time.perf_counter() - t0)
-            next_at += 0.05
-            time.sleep(max(0.0, next_at - time.perf_counter()))
+    (no HTTP library, so the scraper's own CPU stays small on this 2-core machine).
+    Scrapes at 20 Hz while `active` is set."""
+    scrape = Scrape(port)
+    next_at = time.perf_counter()
+    while not stop.is_set():
+        if not active.wait(0.1):
+            next_at = time.perf_counter()
+            continue
+        t0 = time.perf_counter()
+        scrape.get()
+        latencies.append(time.perf_counter() - t0)
+        next_at += 0.05
+        time.sleep(max(0.0, next_at - time.perf_counter()))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -52,78 +90,108 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def cpu_per_scrape(srv: ServerProcess, count: int = 400) -> float:
-    """API-server CPU seconds per /metrics scrape at 20 Hz on an idle server (deterministic,
-    unlike throughput on a shared machine)."""
-    api = srv.child_named("hr-api-")
-    with multiprocessing.Manager() as manager:
-        stop, lat = manager.Event(), manager.list()
-        before = cpu_seconds(api)
-        proc = multiprocessing.Process(target=scraper, args=(srv.port, stop, lat))
-        proc.start()
-        while len(lat) < count:
-            time.sleep(0.2)
-        stop.set()
-        proc.join(10)
-        return (cpu_seconds(api) - before) / len(lat)
+def generated_tokens(scrape: Scrape) -> float:
+    """The server's generation-token total (scraped with Cache-Control: no-cache)."""
+    body = scrape.get()
+    return sum(
+        float(line.rsplit(b" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith(b"vllm:generation_tokens_total{")
+    )
 
 
-def one_round(url: str, args: argparse.Namespace) -> float:
+def load(url: str, users: int) -> None:
+    """Keeps `users` streams busy until terminated (prompts made with the local tokenizer)."""
     parser = argparse.ArgumentParser()
     add_bench_serve_args(parser)
-    bench_args = parser.parse_args(
-        ["--base-url", url, "--num-prompts", str(args.num_prompts),
-         "--random-input-len", "128", "--random-output-len", "128",
-         "--max-concurrency", str(args.users), "--disable-tqdm", "--seed", "1"]
+    args = parser.parse_args(
+        ["--base-url", url, "--num-prompts", "3000", "--tokenizer", str(bundled_model_path()),
+         "--random-input-len", "128", "--random-output-len", "128", "--random-range-ratio", "0.5",
+         "--max-concurrency", str(users), "--disable-tqdm", "--seed", "1"]
     )  # fmt: skip
-    result = asyncio.run(run_benchmark(bench_args))
-    assert result.failed == 0, result.errors
-    return result.output_throughput
+    asyncio.run(run_benchmark(args))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--users", type=int, default=16)
-    p.add_argument("--num-prompts", type=int, default=48)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--windows", type=int, default=12, help="per condition")
+    p.add_argument("--window-s", type=float, default=20.0)
     args = p.parse_args()
     srv = ServerProcess("--disable-log-requests", "--disable-log-stats").wait_ready()
-    plain: list[float] = []
-    scraped: list[float] = []
-    latencies: list[float] = []
-    try:
-        one_round(srv.url, argparse.Namespace(users=args.users, num_prompts=8))  # warm-up
-        api = srv.child_named("hr-api-")
-        t0, c0 = time.monotonic(), cpu_seconds(api)
-        time.sleep(10)
-        baseline = (cpu_seconds(api) - c0) / (time.monotonic() - t0)  # idle API server CPU/s
-        per_scrape = cpu_per_scrape(srv)
-        print(
-            f"API server CPU: idle {1e3 * baseline:.1f} ms/s; with 20 Hz scrapes "
-            f"{1e3 * (per_scrape - baseline * 0.05):.2f} ms per scrape above idle "
-            f"= {100 * 20 * (per_scrape - baseline * 0.05):.2f}% of one core"
-        )
-        for r in range(args.rounds):
-            plain.append(one_round(srv.url, args))
-            with multiprocessing.Manager() as manager:
-                stop, lat = manager.Event(), manager.list()
-                proc = multiprocessing.Process(target=scraper, args=(srv.port, stop, lat))
-                proc.start()
-                try:
-                    scraped.append(one_round(srv.url, args))
-                finally:
-                    stop.set()
-                    proc.join(10)
-                latencies.extend(lat)
-            print(f"round {r}: without {plain[-1]:.1f} tok/s, with 20 Hz scraper {scraped[-1]:.1f}")
-    finally:
-        srv.stop()
-    a, b = statistics.median(plain), statistics.median(scraped)
-    lat = sorted(latencies)
-    print(f"\nmedian output tok/s: without {a:.1f}, with 20 Hz /metrics {b:.1f} "
-          f"({100 * (b - a) / a:+.1f}%)")  # fmt: skip
-    print(f"/metrics latency: p50 {1e3 * lat[len(lat) // 2]:.1f} ms, "
-          f"p99 {1e3 * lat[int(0.99 * len(lat))]:.1f} ms over {len(lat)} scrapes")  # fmt: skip
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        active, stop, lat = manager.Event(), manager.Event(), manager.list()
+        scrape = ctx.Process(target=scraper, args=(srv.port, active, stop, lat))
+        loader = ctx.Process(target=load, args=(srv.url, args.users))
+        try:
+            api = srv.child_named("hr-api-")
+            scrape.start()
+            # API-server CPU per scrape, on the idle server: deterministic, unlike throughput.
+            t0, c0 = time.monotonic(), cpu_seconds(api)
+            time.sleep(10)
+            idle = (cpu_seconds(api) - c0) / (time.monotonic() - t0)
+            active.set()
+            time.sleep(1)
+            n0, t0, c0 = len(lat), time.monotonic(), cpu_seconds(api)
+            time.sleep(20)
+            active.clear()
+            per_scrape = ((cpu_seconds(api) - c0) - idle * (time.monotonic() - t0)) / (
+                len(lat) - n0
+            )
+            print(
+                f"API server CPU: idle {1e3 * idle:.1f} ms/s; {1e3 * per_scrape:.2f} ms per "
+                f"scrape above idle = {100 * 20 * per_scrape:.2f}% of one core at 20 Hz"
+            )
+            del lat[:]
+
+            loader.start()
+            counter = Scrape(srv.port, b"Cache-Control: no-cache\r\n")
+            while generated_tokens(counter) == 0:  # prompts being made
+                assert loader.is_alive(), "the load generator died"
+                time.sleep(1)
+            time.sleep(20)  # ramp up
+            names = ["engine", "api server", "load generator", "scraper"]
+            pids = [srv.child_named("hr-engine-"), api, loader.pid, scrape.pid]
+            rates: dict[bool, list[float]] = {False: [], True: []}
+            pairs: list[float] = []
+            for w in range(2 * args.windows):
+                on = w % 4 in (1, 2)  # off, on, on, off, off, on, on, off, ...
+                if on:
+                    active.set()
+                else:
+                    active.clear()
+                time.sleep(1.0)  # let the switch settle
+                cpu0 = [cpu_seconds(pid) for pid in pids]
+                g0, t0 = generated_tokens(counter), time.monotonic()
+                time.sleep(args.window_s)
+                elapsed = time.monotonic() - t0
+                rate = (generated_tokens(counter) - g0) / elapsed
+                cpu = [(cpu_seconds(pid) - c) / elapsed for pid, c in zip(pids, cpu0, strict=True)]
+                rates[on].append(rate)
+                print(
+                    f"window {w:2d} scraper {'on ' if on else 'off'}: {rate:6.1f} tok/s; CPU "
+                    + ", ".join(f"{n} {100 * c:.0f}%" for n, c in zip(names, cpu, strict=True))
+                )
+                if w % 2 == 1:
+                    pairs.append(rates[True][-1] / rates[False][-1])
+            assert loader.is_alive(), "the load generator died"
+        finally:
+            stop.set()
+            active.set()
+            loader.terminate()
+            scrape.join(10)
+            srv.stop()
+        latencies = sorted(lat)
+    a, b = statistics.median(rates[False]), statistics.median(rates[True])
+    ratio = statistics.median(pairs)
+    print(
+        f"\nmedian output tok/s: without {a:.1f}, with 20 Hz /metrics {b:.1f} "
+        f"({100 * (b - a) / a:+.1f}%); median of {len(pairs)} paired ratios "
+        f"{100 * (ratio - 1):+.1f}% (mean {100 * (statistics.fmean(pairs) - 1):+.1f}%)"
+    )
+    p50, p99 = (1e3 * latencies[int(q * len(latencies))] for q in (0.5, 0.99))
+    print(f"/metrics latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms over {len(latencies)} scrapes")
 
 
 if __name__ == "__main__":
