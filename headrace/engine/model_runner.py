@@ -26,13 +26,20 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 where the hardware has fast bf16 matrix units (CUDA, AVX512-BF16/AMX
-    CPUs), else float32. The KV cache, and so attention, use the same dtype."""
+    CPUs), else float32."""
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16
     caps = torch.backends.cpu.get_cpu_capability()
     return torch.bfloat16 if caps in ("AVX512", "AMX") and _cpu_has_bf16() else torch.float32
+
+
+def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype, and so attention's. On CPU attention runs in float32 whatever the
+    weights: torch's CPU attention kernel is several times slower in bfloat16, and attention
+    is bandwidth-bound work that gains nothing from bf16 matrix units."""
+    return torch.float32 if device.type == "cpu" else dtype
 
 
 def _cpu_has_bf16() -> bool:
@@ -72,13 +79,14 @@ class ModelRunner:
         loaded = load_model(path, arch, source, self.dtype, self.device, max_len, progress)
         self.model, self.arch = loaded.model, loaded.arch
         self.block_size = cache_cfg.block_size
+        self.kv_dtype = kv_cache_dtype(self.dtype, self.device)
         per_block = (
             2
             * arch.num_layers
             * self.block_size
             * arch.num_kv_heads
             * arch.head_dim
-            * self.dtype.itemsize
+            * self.kv_dtype.itemsize
         )
         num_blocks = cache_cfg.num_kv_blocks or max(1, cache_cfg.kv_cache_memory // per_block)
         if num_blocks * self.block_size < max_len:
@@ -92,11 +100,13 @@ class ModelRunner:
         self.max_model_len = max_len
         shape = (2, num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_layers)
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            for _ in range(arch.num_layers)
         ]
         logger.info(
-            "model %s loaded: %s, dtype %s, %d KV blocks of %d tokens (%.0f MiB), max_model_len %d",
-            path.name, arch.architecture, self.dtype, num_blocks, self.block_size,
+            "model %s loaded: %s, dtype %s, KV cache %s: %d blocks of %d tokens (%.0f MiB), "
+            "max_model_len %d",
+            path.name, arch.architecture, self.dtype, self.kv_dtype, num_blocks, self.block_size,
             num_blocks * per_block / 2**20, max_len,
         )  # fmt: skip
 
