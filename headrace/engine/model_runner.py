@@ -59,6 +59,7 @@ class RunnerInfo:
     block_size: int
     max_model_len: int
     dtype: str
+    kv_cache_dtype: str
     eos_token_ids: tuple[int, ...]
 
 
@@ -117,6 +118,7 @@ class ModelRunner:
             block_size=self.block_size,
             max_model_len=self.max_model_len,
             dtype=str(self.dtype).removeprefix("torch."),
+            kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
             eos_token_ids=self.arch.eos_token_ids,
         )
 

@@ -140,6 +140,7 @@ class _EngineProc:
                 block_size=info.block_size,
                 max_model_len=info.max_model_len,
                 dtype=info.dtype,
+                kv_cache_dtype=info.kv_cache_dtype,
                 model_type=core.runner.arch.architecture,
             )
         )

@@ -234,9 +234,9 @@ class EngineClient:
                     callback(msg)
                 engine.load_phase, engine.load_fraction = "ready", 1.0
                 logger.info(
-                    "engine %d ready: %d KV blocks of %d tokens, max_model_len %d, %s",
-                    msg.engine_index, msg.num_kv_blocks, msg.block_size, msg.max_model_len,
-                    msg.dtype,
+                    "engine %d ready: %d KV blocks of %d tokens (%s), max_model_len %d, weights %s",
+                    msg.engine_index, msg.num_kv_blocks, msg.block_size, msg.kv_cache_dtype,
+                    msg.max_model_len, msg.dtype,
                 )  # fmt: skip
             elif isinstance(msg, EngineFailed):
                 self._engine_failed(msg.engine_index, msg.message)

@@ -226,7 +226,7 @@ class ServerMetrics:
             self._token_histograms(msg.max_model_len)
         self.cache_info.labels(
             str(msg.engine_index), str(msg.block_size), str(msg.num_kv_blocks),
-            str(enable_prefix_caching), msg.dtype,
+            str(enable_prefix_caching), msg.kv_cache_dtype,
         ).set(1)  # fmt: skip
 
     # -- requests (RequestObserver) ------------------------------------------------------------

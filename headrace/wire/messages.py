@@ -167,7 +167,8 @@ class EngineReady(msgspec.Struct, kw_only=True, tag="ready"):
     num_kv_blocks: int
     block_size: int
     max_model_len: int
-    dtype: str
+    dtype: str  # the weights'
+    kv_cache_dtype: str  # the KV cache's (float32 on CPU whatever the weights)
     model_type: str
 
 

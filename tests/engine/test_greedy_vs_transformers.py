@@ -138,6 +138,7 @@ def test_bfloat16_stays_close_to_float32() -> None:
     bf16_llm = LLM(dtype="bfloat16")
     # on CPU the KV cache, and so attention, stays float32 (torch's bf16 CPU attention is slow)
     assert bf16_llm.engine.runner.kv_caches[0].dtype == torch.float32
+    assert bf16_llm.engine.info.kv_cache_dtype == "float32"  # what cache_config_info reports
     bf16 = bf16_llm.chat(convs, GREEDY)
     common = []
     for a, b in zip(f32, bf16, strict=True):

@@ -22,7 +22,8 @@ seed, index = int(sys.argv[1]), int(sys.argv[2])
 rng = random.Random(seed)
 m = ServerMetrics(MetricsConfig("some \"model\"\n", 2, api_server_index=index))
 m.engine_ready(EngineReady(engine_index=0, num_kv_blocks=64, block_size=16, max_model_len=4096,
-                           dtype="bfloat16", model_type="llama"), True)
+                           dtype="bfloat16", kv_cache_dtype="float32", model_type="llama"),
+               True)
 for e in m.engines:
     for _ in range(50):
         e.ttft.observe(rng.random() * 3)
