@@ -21,14 +21,15 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.utils import floatToGoString
 
 
-def _escape(value: str) -> str:
+def escape_label_value(value: str) -> str:
+    """A label value as the text exposition format quotes it."""
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def _labels(items: list[tuple[str, str]]) -> str:
     if not items:
         return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(items)) + "}"
+    return "{" + ",".join(f'{k}="{escape_label_value(v)}"' for k, v in sorted(items)) + "}"
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from headrace.frontend.output import SeqState
-from headrace.metrics.multiproc import MultiProcessText
+from headrace.metrics.multiproc import MultiProcessText, escape_label_value
 from headrace.wire.messages import EngineCoreOutputs, EngineReady, FinishReason, RequestTimes
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -310,10 +310,6 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
 class LiveGauges:
     """The gauges routers poll (running, waiting, KV usage per engine) and the lifecycle state:
     plain numbers set per engine step, rendered by hand at every scrape (microseconds). Every
@@ -321,7 +317,7 @@ class LiveGauges:
     engine) itself; nothing goes through the multiprocess files."""
 
     def __init__(self, cfg: MetricsConfig) -> None:
-        ns, model = cfg.namespace, _escape(cfg.model_name)
+        ns, model = cfg.namespace, escape_label_value(cfg.model_name)
         self.engine_load = [(0, 0, 0.0) for _ in range(cfg.num_engines)]
         self.state = "loading"
         self.load_fraction = 0.0
