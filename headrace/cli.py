@@ -188,20 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from headrace.offline import LLM
 
-    cfg = engine_config(args)
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory=cfg.cache.kv_cache_memory,
-        enable_prefix_caching=cfg.cache.enable_prefix_caching,
-        seed=args.seed,
-    )
+    llm = LLM.from_config(engine_config(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)

@@ -70,13 +70,27 @@ class LLM:
         enable_prefix_caching: bool = True,
         seed: int = 0,
     ) -> None:
-        self.config = EngineConfig(
-            model=ModelConfig(model, dtype, device, max_model_len, seed),
-            cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+        self._start(
+            EngineConfig(
+                model=ModelConfig(model, dtype, device, max_model_len, seed),
+                cache=CacheConfig(
+                    block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching
+                ),
+                scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+            )
         )
-        self.engine = EngineCore(self.config)
-        self.tokenizer = load_tokenizer(resolve_model_path(model))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """An LLM from a ready EngineConfig (what `headrace serve`'s flags parse to)."""
+        llm = cls.__new__(cls)
+        llm._start(config)
+        return llm
+
+    def _start(self, config: EngineConfig) -> None:
+        self.config = config
+        self.engine = EngineCore(config)
+        self.tokenizer = load_tokenizer(resolve_model_path(config.model.model))
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:

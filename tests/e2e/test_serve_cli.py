@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -92,3 +93,20 @@ def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
     assert "ignoring vLLM flag --gpu-memory-utilization 0.9" in log
     assert "ignoring vLLM flag --enforce-eager" in log
     assert code == 0, srv.log_tail()
+
+
+def test_generate_runs_the_engine_flags_in_process() -> None:
+    """`headrace generate` builds its LLM from the same flags as `serve` (LLM.from_config)."""
+    from headrace.offline import LLM
+    from headrace.wire.messages import SamplingParams
+
+    out = subprocess.run(
+        [sys.executable, "-m", "headrace", "generate", "--prompt", "The capital of France is",
+         "--max-tokens", "6", "--dtype", "float32", "--num-kv-blocks", "32",
+         "--no-enable-prefix-caching"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    line = json.loads(out.strip().splitlines()[-1])
+    llm = LLM(dtype="float32", num_kv_blocks=32, enable_prefix_caching=False)
+    want = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=6))
+    assert line == {"text": want[0].outputs[0].text, "finish_reason": "length"}
