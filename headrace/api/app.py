@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 import uvicorn
+import uvloop
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -237,4 +238,6 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
         )
         await DrainingServer(config, ctx).serve(sockets=[sock])
 
-    asyncio.run(serve())
+    # uvloop, as uvicorn picks by itself when it owns the loop: it does not here, the
+    # server runs inside our coroutine next to the engine client.
+    uvloop.run(serve())
