@@ -24,3 +24,9 @@ def test_load_delay() -> float:
 def openai_api_key() -> str | None:
     """OPENAI_API_KEY: the key `headrace bench serve` sends (as `vllm bench serve` does)."""
     return os.environ.get("OPENAI_API_KEY") or None
+
+
+def disable_kernels() -> bool:
+    """HEADRACE_DISABLE_KERNELS=1: attention on CPU uses torch ops only, not the compiled C
+    kernel (model/kernels.py)."""
+    return os.environ.get("HEADRACE_DISABLE_KERNELS", "") not in ("", "0")

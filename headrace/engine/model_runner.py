@@ -16,6 +16,7 @@ from headrace.engine.request import Request
 from headrace.engine.sampler import sample
 from headrace.engine.scheduler import RunnerOutput, SchedulePlan
 from headrace.model.attention import AttentionMetadata, AttnGroup, build_group
+from headrace.model.kernels import cpu_kernels
 from headrace.model.loader import ProgressFn, load_model, read_arch, resolve_model_path
 from headrace.model.registry import ArchConfig
 
@@ -98,6 +99,7 @@ class ModelRunner:
             )
             max_len = num_blocks * self.block_size
         self.num_blocks = num_blocks
+        self.kernels = cpu_kernels() if self.device.type == "cpu" else None
         self.max_model_len = max_len
         shape = (2, num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [
@@ -169,7 +171,7 @@ class ModelRunner:
             slots.append(new_slots)
             start += sum(q_lens)
         slot_mapping = torch.cat(slots).to(self.device)
-        return AttentionMetadata(slot_mapping, groups)
+        return AttentionMetadata(slot_mapping, groups, self.kernels)
 
 
 def _max_model_len(requested: int | None, arch: ArchConfig) -> int:

@@ -9,9 +9,12 @@ then V. A request's token at position `p` lives in block `block_table[p // block
 
 Attention gathers whole blocks (one contiguous copy per block, not per token) into a padded
 `[B, blocks * block_size, KH, D]` context, masks what lies past each request's length, and
-attends. Requests are attended in groups (decodes together, prefill chunks together), each padded
-to its longest query and context. Query heads that share a KV head are folded into the query
-axis, so GQA never copies K or V: a group computes `[B, KH, G*Q, D] x [B, KH, L, D]`.
+attends. Requests are attended in groups (decodes together, prefill chunks together), each
+padded to its longest query and context. Query heads that share a KV head are folded into the
+query axis, so GQA never copies K or V: a group computes `[B, KH, G*Q, D] x [B, KH, L, D]`.
+
+On CPU a group of decodes skips the copy: a C kernel (model/kernels.py) reads K and V through
+the block table where they lie.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from headrace.model.kernels import Kernels
 
 
 @dataclass(slots=True)
@@ -32,6 +37,7 @@ class AttnGroup:
     q_keep:   rows of the padded [B*Q] layout that hold real tokens; None when no padding
     blocks:   [B, W] block table padded with block 0 (masked out); context L = W * block_size
     mask:     [B, 1, G*Q, L] bool, True where query row may attend; None when nothing is masked
+    ctx_lens: [B] context lengths, for a group of decodes (Q == 1); else None
     """
 
     tokens: slice
@@ -39,6 +45,7 @@ class AttnGroup:
     q_keep: torch.Tensor | None
     blocks: torch.Tensor
     mask: torch.Tensor | None
+    ctx_lens: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> AttnGroup:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -46,7 +53,12 @@ class AttnGroup:
 
         blocks = self.blocks.to(device, non_blocking=True)
         return AttnGroup(
-            self.tokens, move(self.q_index), move(self.q_keep), blocks, move(self.mask)
+            self.tokens,
+            move(self.q_index),
+            move(self.q_keep),
+            blocks,
+            move(self.mask),
+            move(self.ctx_lens),
         )
 
 
@@ -56,6 +68,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] cache slot where each new token's K/V is written
     groups: list[AttnGroup]
+    kernels: Kernels | None = None  # CPU decode attention without the gather
 
 
 def build_group(
@@ -107,7 +120,8 @@ def build_group(
         offsets = torch.tensor([0, *q_lens[:-1]]).cumsum(0)
         q_index = torch.where(valid_q, offsets[:, None] + q_ar[None, :], num_tokens).view(-1)
         q_keep = valid_q.view(-1).nonzero().squeeze(1)
-    group = AttnGroup(slice(start, start + num_tokens), q_index, q_keep, table, mask)
+    decode_lens = ctx_t if max_q == 1 else None
+    group = AttnGroup(slice(start, start + num_tokens), q_index, q_keep, table, mask, decode_lens)
     return group, new_slots
 
 
@@ -130,6 +144,12 @@ def paged_attention(
     outs = []
     for grp in meta.groups:
         qg = q[grp.tokens]
+        if meta.kernels is not None and grp.ctx_lens is not None:
+            out = meta.kernels.paged_decode_attention(
+                qg.float(), kv_cache, grp.blocks, grp.ctx_lens, scale
+            )
+            outs.append(out.view(-1, num_heads * head_dim).to(kv_cache.dtype))
+            continue
         if grp.q_index is not None:
             qg = torch.cat([qg, qg.new_zeros(1, num_heads, head_dim)])[grp.q_index]
         b, width = grp.blocks.shape

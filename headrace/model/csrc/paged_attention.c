@@ -1,0 +1,193 @@
+/* Decode attention read straight from the paged KV cache (CPU).
+ *
+ * One query token per request, one request per work item: its query heads are scored against
+ * its keys block by block through the block table, so K and V are read once, where they lie,
+ * with no gathered copy. Two passes per request: scores (kept in a per-thread buffer), then
+ * the softmax-weighted sum of V.
+ * Arithmetic is float32 whatever the cache's dtype (float32 or bfloat16).
+ *
+ * Built by headrace/model/kernels.py with the host's C compiler and OpenMP; the OpenMP
+ * runtime it links is the one torch already loaded, so both share one thread pool.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#elif defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* A row of D cache elements as float32, into `dst`. */
+static inline const float *row_f32(const void *base, int64_t index, int64_t D, int bf16,
+                                   float *dst) {
+    if (!bf16)
+        return (const float *)base + index;
+    const uint16_t *src = (const uint16_t *)base + index;
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++)
+        dst[d] = bf16_to_f32(src[d]);
+    return dst;
+}
+
+/* q . k over D elements. */
+static inline float dot(const float *restrict q, const float *restrict k, int64_t D) {
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
+        for (int64_t d = 16; d < D; d += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < D; d++)
+        s += q[d] * k[d];
+    return s;
+}
+
+/* acc += p * v over D elements. */
+static inline void axpy(float *restrict acc, float p, const float *restrict v, int64_t D) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++)
+        acc[d] += p * v[d];
+}
+
+/* exp(x) for x <= 0, vectorizable: 2^n * 2^f with a degree-6 polynomial for 2^f, f in
+ * [-0.5, 0.5] (relative error ~2e-7); below -87 it is 0, where expf would go denormal. */
+static inline float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float t = x * 1.44269504088896341f;
+    const float n = __builtin_roundf(t);
+    const float f = t - n;
+    float p = 1.53533017e-4f;
+    p = p * f + 1.33989665e-3f;
+    p = p * f + 9.61844519e-3f;
+    p = p * f + 5.55034867e-2f;
+    p = p * f + 2.40226522e-1f;
+    p = p * f + 6.93147182e-1f;
+    p = p * f + 1.0f;
+    int32_t bits;
+    memcpy(&bits, &p, sizeof bits);
+    bits += (int32_t)n << 23;
+    memcpy(&p, &bits, sizeof p);
+    return x <= -87.0f ? 0.0f : p;
+}
+
+/* Asks for the next token row (`bytes` long) of the block after this one, while this one is
+ * computed: spread over the block's tokens, so the prefetches never queue up at once. */
+static inline void prefetch_row(const char *row, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64)
+        __builtin_prefetch(row + off, 0, 1);
+}
+
+/* The block holding the tokens after the block at t0, or NULL at the context's end. */
+static inline const char *next_block(const void *cache, const int64_t *table, int64_t t0,
+                                     int64_t len, int64_t block_size, int64_t block_bytes) {
+    if (t0 + block_size >= len)
+        return NULL;
+    return (const char *)cache + table[t0 / block_size + 1] * block_bytes;
+}
+
+/* q, out: [B, H, D] float32. k_cache, v_cache: [num_blocks, block_size, KH, D].
+ * block_table: [B, W]. ctx_lens: [B], each >= 1 and <= W * block_size. */
+void paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
+                            const int64_t *block_table, const int64_t *ctx_lens, float *out,
+                            int64_t B, int64_t W, int64_t H, int64_t KH, int64_t D,
+                            int64_t block_size, float scale, int kv_bf16, int num_threads) {
+    const int64_t G = H / KH;
+    const int64_t row = KH * D; /* one token's K (or V) for every KV head */
+    const int64_t elem = kv_bf16 ? 2 : 4;
+    const int64_t block_bytes = elem * block_size * row;
+    int64_t max_len = 0;
+    for (int64_t b = 0; b < B; b++)
+        if (ctx_lens[b] > max_len)
+            max_len = ctx_lens[b];
+
+#pragma omp parallel num_threads(num_threads)
+    {
+#if defined(__SSE__)
+        /* Flush denormals to zero: softmax weights of far-off keys underflow into them, and
+         * every multiply with one would take the slow microcode path. */
+        const unsigned int csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040);
+#endif
+        float *scores = malloc(sizeof(float) * (size_t)(H * max_len));
+        float *acc = malloc(sizeof(float) * (size_t)(H * D));
+        float *buf = malloc(sizeof(float) * (size_t)row);
+        float *inv_sum = malloc(sizeof(float) * (size_t)H);
+
+        /* One request per work item: a block's K (and V) for all heads is one contiguous
+         * run of block_size * KH * D elements, read front to back. */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t len = ctx_lens[b];
+            const int64_t *table = block_table + b * W;
+            const float *qb = q + b * H * D;
+
+            /* pass 1: scores[h * len + t] = scale * q_h . k_t (q_h's KV head) */
+            for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+                const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+                const int64_t base = table[t0 / block_size] * block_size * row;
+                const char *next = next_block(k_cache, table, t0, len, block_size, block_bytes);
+                for (int64_t i = 0; i < n; i++) {
+                    const float *k = row_f32(k_cache, base + i * row, row, kv_bf16, buf);
+                    if (next != NULL)
+                        prefetch_row(next + i * elem * row, elem * row);
+                    for (int64_t h = 0; h < H; h++)
+                        scores[h * len + t0 + i] = scale * dot(qb + h * D, k + (h / G) * D, D);
+                }
+            }
+            /* softmax per query head */
+            for (int64_t h = 0; h < H; h++) {
+                float *sh = scores + h * len;
+                float m = sh[0];
+                for (int64_t t = 1; t < len; t++)
+                    m = sh[t] > m ? sh[t] : m;
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t t = 0; t < len; t++) {
+                    sh[t] = exp_nonpos(sh[t] - m);
+                    sum += sh[t];
+                }
+                inv_sum[h] = 1.0f / sum;
+            }
+            /* pass 2: acc_h = sum_t p_ht v_t */
+            memset(acc, 0, sizeof(float) * (size_t)(H * D));
+            for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+                const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+                const int64_t base = table[t0 / block_size] * block_size * row;
+                const char *next = next_block(v_cache, table, t0, len, block_size, block_bytes);
+                for (int64_t i = 0; i < n; i++) {
+                    const float *v = row_f32(v_cache, base + i * row, row, kv_bf16, buf);
+                    if (next != NULL)
+                        prefetch_row(next + i * elem * row, elem * row);
+                    for (int64_t h = 0; h < H; h++)
+                        axpy(acc + h * D, scores[h * len + t0 + i], v + (h / G) * D, D);
+                }
+            }
+            for (int64_t h = 0; h < H; h++) {
+                float *o = out + (b * H + h) * D;
+                const float *ah = acc + h * D;
+                for (int64_t d = 0; d < D; d++)
+                    o[d] = ah[d] * inv_sum[h];
+            }
+        }
+        free(scores);
+        free(acc);
+        free(buf);
+        free(inv_sum);
+#if defined(__SSE__)
+        _mm_setcsr(csr);
+#endif
+    }
+}

@@ -1,0 +1,123 @@
+"""CPU kernels in C (model/csrc), compiled on first use with the host's C compiler and loaded
+with ctypes.
+
+Why C and not a torch extension: the file needs no torch headers, so it builds in about a
+second instead of a minute, and the shared object is cached (HEADRACE_CACHE_DIR/kernels, keyed
+by source, compiler, flags and CPU), so later starts only load it. It is compiled for this CPU
+(`-march=native`) and links `libgomp.so.1`, which resolves to the OpenMP runtime torch has
+already loaded: the kernels run on torch's thread pool, not a second one.
+
+No compiler, or a failed build: a warning, and attention keeps its pure-torch path.
+HEADRACE_DISABLE_KERNELS=1 forces that path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from headrace import envs
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11")
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class Kernels:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.paged_decode_attention
+        fn.restype = None
+        fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
+                       ctypes.c_float, ctypes.c_int, ctypes.c_int]  # fmt: skip
+        self._decode = fn
+
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        ctx_lens: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [B, H, D] float32; kv_cache [2, blocks, block_size, KH, D] float32 or bfloat16;
+        block_table [B, W] and ctx_lens [B] int64 (1 <= ctx_lens <= W * block_size).
+        Returns [B, H, D] float32."""
+        b, h, d = q.shape
+        _, _, block_size, kh, _ = kv_cache.shape
+        q = q.contiguous()
+        assert q.dtype == torch.float32 and kv_cache.is_contiguous()
+        assert kv_cache.dtype in (torch.float32, torch.bfloat16)
+        assert block_table.dtype == ctx_lens.dtype == torch.int64
+        assert block_table.is_contiguous() and ctx_lens.is_contiguous()
+        out = torch.empty_like(q)
+        self._decode(
+            q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+            block_table.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
+            b, block_table.shape[1], h, kh, d, block_size, scale,
+            int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
+@functools.cache
+def cpu_kernels() -> Kernels | None:
+    """The compiled kernels, or None where they cannot be built (logged once)."""
+    if envs.disable_kernels():
+        return None
+    try:
+        return Kernels(ctypes.CDLL(str(_build())))
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
+        detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
+        logger.warning("CPU attention kernel unavailable, using the torch path: %s", detail)
+        return None
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
+    key = hashlib.sha256(
+        b"\0".join([source, version.stdout.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()])
+    ).hexdigest()[:16]
+    target = envs.cache_dir() / "kernels" / key / "paged_attention.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: engines starting together never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, check=True
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("built the CPU attention kernel: %s", target)
+    return target
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and its flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
