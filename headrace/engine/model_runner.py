@@ -36,11 +36,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if caps in ("AVX512", "AMX") and _cpu_has_bf16() else torch.float32
 
 
-def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The KV cache's dtype, and so attention's. On CPU attention runs in float32 whatever the
-    weights: torch's CPU attention kernel is several times slower in bfloat16, and attention
-    is bandwidth-bound work that gains nothing from bf16 matrix units."""
-    return torch.float32 if device.type == "cpu" else dtype
+def kv_cache_dtype(dtype: torch.dtype, device: torch.device, cpu_kernel: bool) -> torch.dtype:
+    """The KV cache's dtype: the weights' dtype, except on CPU without the C decode kernel
+    (model/kernels.py), where it is float32. Attention itself computes in float32 on CPU either
+    way (torch's CPU attention is several times slower in bf16); the cache's dtype decides how
+    many bytes each decode step reads, and a bf16 cache halves them."""
+    if device.type == "cpu" and not cpu_kernel:
+        return torch.float32
+    return dtype
 
 
 def _cpu_has_bf16() -> bool:
@@ -81,7 +84,8 @@ class ModelRunner:
         loaded = load_model(path, arch, source, self.dtype, self.device, max_len, progress)
         self.model, self.arch = loaded.model, loaded.arch
         self.block_size = cache_cfg.block_size
-        self.kv_dtype = kv_cache_dtype(self.dtype, self.device)
+        self.kernels = cpu_kernels() if self.device.type == "cpu" else None
+        self.kv_dtype = kv_cache_dtype(self.dtype, self.device, self.kernels is not None)
         per_block = (
             2
             * arch.num_layers
@@ -99,7 +103,6 @@ class ModelRunner:
             )
             max_len = num_blocks * self.block_size
         self.num_blocks = num_blocks
-        self.kernels = cpu_kernels() if self.device.type == "cpu" else None
         self.max_model_len = max_len
         shape = (2, num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [

@@ -136,6 +136,8 @@ def paged_attention(
     """Write this step's K/V to the cache, then attend. q [T, H, D], k/v [T, KH, D] -> [T, H*D]."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    # On CPU attention computes in float32 whatever the cache holds (bf16 SDPA is slow there).
+    compute = torch.float32 if kv_cache.device.type == "cpu" else kv_cache.dtype
     g = num_heads // num_kv_heads
     _, num_blocks, block_size = kv_cache.shape[:3]
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
@@ -148,7 +150,7 @@ def paged_attention(
             out = meta.kernels.paged_decode_attention(
                 qg.float(), kv_cache, grp.blocks, grp.ctx_lens, scale
             )
-            outs.append(out.view(-1, num_heads * head_dim).to(kv_cache.dtype))
+            outs.append(out.view(-1, num_heads * head_dim))
             continue
         if grp.q_index is not None:
             qg = torch.cat([qg, qg.new_zeros(1, num_heads, head_dim)])[grp.q_index]
@@ -156,10 +158,11 @@ def paged_attention(
         length = width * block_size
         nq = qg.shape[0] // b
         qg = qg.view(b, nq, num_kv_heads, g, head_dim).permute(0, 2, 3, 1, 4)
-        qg = qg.reshape(b, num_kv_heads, g * nq, head_dim).to(kv_cache.dtype)
+        qg = qg.reshape(b, num_kv_heads, g * nq, head_dim).to(compute)
         table = grp.blocks.view(-1)
         kg = kv_cache[0].index_select(0, table).view(b, length, num_kv_heads, head_dim)
         vg = kv_cache[1].index_select(0, table).view(b, length, num_kv_heads, head_dim)
+        kg, vg = kg.to(compute), vg.to(compute)
         out = F.scaled_dot_product_attention(
             qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=grp.mask, scale=scale
         )

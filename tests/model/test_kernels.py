@@ -63,11 +63,12 @@ def test_kernel_matches_torch(kernels, dtype):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-def test_paged_attention_same_with_and_without_kernel(kernels):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_same_with_and_without_kernel(kernels, dtype):
     """A step with decodes and a prefill chunk: the kernel takes the decode group only."""
     lens = [5, 40, 18, 77]
     q_lens = [1, 1, 1, 9]
-    q_all, cache, tables = _random_case(torch.float32, lens)
+    q_all, cache, tables = _random_case(dtype, lens)
     heads, d = q_all.shape[1], q_all.shape[2]
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(sum(q_lens), heads, d, generator=gen)
@@ -81,6 +82,7 @@ def test_paged_attention_same_with_and_without_kernel(kernels):
         meta = AttentionMetadata(slots, [dec, pre], kern)
         outs.append(paged_attention(q, k, v, cache.clone(), meta, 0.125))
     assert dec.ctx_lens is not None and pre.ctx_lens is None
+    assert outs[0].dtype == outs[1].dtype == torch.float32  # attention computes in float32
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
 
 
