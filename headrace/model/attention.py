@@ -68,7 +68,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] cache slot where each new token's K/V is written
     groups: list[AttnGroup]
-    kernels: Kernels | None = None  # CPU decode attention without the gather
+    kernels: Kernels | None = None  # the CPU C kernels (decode attention, add + RMSNorm)
 
 
 def build_group(

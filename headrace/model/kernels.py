@@ -30,10 +30,11 @@ from headrace import envs
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"  # decode attention, add + RMSNorm
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11")
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_KV_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class Kernels:
@@ -43,6 +44,36 @@ class Kernels:
         fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
                        ctypes.c_float, ctypes.c_int, ctypes.c_int]  # fmt: skip
         self._decode = fn
+        fn = lib.add_rms_norm
+        fn.restype = None
+        fn.argtypes = [_ptr, ctypes.c_int, _ptr, _ptr, ctypes.c_float, _ptr, _ptr, ctypes.c_int,
+                       _i64, _i64, ctypes.c_int]  # fmt: skip
+        self._add_rms_norm = fn
+
+    def add_rms_norm(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+        out_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual) * weight in out_dtype, x + residual in float32).
+        x [T, N] float32 or bfloat16, residual [T, N] float32 or None, weight [N] float32,
+        out_dtype float32 or bfloat16."""
+        x = x.contiguous()
+        t, n = x.shape
+        assert x.dtype in _KV_DTYPES and out_dtype in _KV_DTYPES and weight.dtype == torch.float32
+        assert residual is None or (residual.dtype == torch.float32 and residual.is_contiguous())
+        res_out = torch.empty(t, n, dtype=torch.float32)
+        out = torch.empty(t, n, dtype=out_dtype)
+        self._add_rms_norm(
+            x.data_ptr(), int(x.dtype == torch.bfloat16),
+            None if residual is None else residual.data_ptr(), weight.data_ptr(), eps,
+            res_out.data_ptr(), out.data_ptr(), int(out_dtype == torch.bfloat16), t, n,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out, res_out
 
     def paged_decode_attention(
         self,
@@ -59,7 +90,7 @@ class Kernels:
         _, _, block_size, kh, _ = kv_cache.shape
         q = q.contiguous()
         assert q.dtype == torch.float32 and kv_cache.is_contiguous()
-        assert kv_cache.dtype in (torch.float32, torch.bfloat16)
+        assert kv_cache.dtype in _KV_DTYPES
         assert block_table.dtype == ctx_lens.dtype == torch.int64
         assert block_table.is_contiguous() and ctx_lens.is_contiguous()
         out = torch.empty_like(q)
@@ -94,7 +125,7 @@ def _build() -> Path:
     key = hashlib.sha256(
         b"\0".join([source, version.stdout.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()])
     ).hexdigest()[:16]
-    target = envs.cache_dir() / "kernels" / key / "paged_attention.so"
+    target = envs.cache_dir() / "kernels" / key / "cpu_kernels.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headrace.model.kernels import Kernels
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, optionally fused with the residual add before it."""
@@ -19,14 +21,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        out_dtype: torch.dtype = torch.float32,
+        kernels: Kernels | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (normed, new residual). The residual stream stays float32 whatever the weights."""
+        """Return (normed in out_dtype, new residual). The residual stream stays float32
+        whatever the weights. With the CPU kernels, add, norm and cast are one call."""
+        if kernels is not None and x.dim() == 2:
+            return kernels.add_rms_norm(x, residual, self.weight, self.eps, out_dtype)
         x = x.float()
         if residual is not None:
             x = x + residual
         normed = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return normed, x
+        return normed.to(out_dtype), x
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:

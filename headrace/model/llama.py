@@ -72,11 +72,11 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = self.compute_dtype
-        h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h.to(dtype), positions, kv_cache, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h.to(dtype)), residual
+        dtype, kernels = self.compute_dtype, meta.kernels
+        h, residual = self.input_layernorm(x, residual, dtype, kernels)
+        h = self.self_attn(h, positions, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual, dtype, kernels)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -109,7 +109,7 @@ class LlamaForCausalLM(nn.Module):
         residual: torch.Tensor | None = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, positions, cache, meta)
-        x, _ = self.norm(x, residual)
+        x, _ = self.norm(x, residual, kernels=meta.kernels)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

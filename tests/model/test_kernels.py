@@ -10,6 +10,7 @@ import torch
 
 from headrace.model.attention import AttentionMetadata, build_group, paged_attention
 from headrace.model.kernels import cpu_kernels
+from headrace.model.layers import RMSNorm
 
 BLOCK = 16
 
@@ -95,3 +96,24 @@ def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog):
         assert "using the torch path" in caplog.text
     finally:
         cpu_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("rows", [3, 200])  # one thread, and enough work for the parallel path
+def test_add_rms_norm_matches_torch(kernels, x_dtype, out_dtype, with_residual, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 576, generator=gen) * 3).to(x_dtype)
+    residual = torch.randn(rows, 576, generator=gen) if with_residual else None
+    weight = torch.rand(576, generator=gen) + 0.5
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.copy_(weight)
+    want, want_res = norm(x, residual, out_dtype)
+    got, got_res = norm(x, residual, out_dtype, kernels)
+    assert got.dtype == out_dtype and got_res.dtype == torch.float32
+    torch.testing.assert_close(got_res, want_res, atol=0, rtol=0)
+    if out_dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # one bf16 rounding step apart at most
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=8e-3)

@@ -1,13 +1,14 @@
-/* Decode attention read straight from the paged KV cache (CPU).
+/* headrace's CPU kernels, built by headrace/model/kernels.py with the host's C compiler and
+ * OpenMP; the OpenMP runtime it links is the one torch already loaded, so both share one thread
+ * pool.
  *
- * One query token per request, one request per work item: its query heads are scored against
- * its keys block by block through the block table, so K and V are read once, where they lie,
- * with no gathered copy. Two passes per request: scores (kept in a per-thread buffer), then
- * the softmax-weighted sum of V.
- * Arithmetic is float32 whatever the cache's dtype (float32 or bfloat16).
+ * paged_decode_attention: decode attention read straight from the paged KV cache. One query
+ * token per request, one request per work item: its query heads are scored against its keys
+ * block by block through the block table, so K and V are read once, where they lie, with no
+ * gathered copy. Two passes per request: scores (kept in a per-thread buffer), then the
+ * softmax-weighted sum of V. Arithmetic is float32 whatever the cache's dtype (float32, bf16).
  *
- * Built by headrace/model/kernels.py with the host's C compiler and OpenMP; the OpenMP
- * runtime it links is the one torch already loaded, so both share one thread pool.
+ * add_rms_norm: a decoder layer's residual add and RMSNorm in one pass.
  */
 #include <math.h>
 #include <stdint.h>
@@ -189,5 +190,61 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
 #if defined(__SSE__)
         _mm_setcsr(csr);
 #endif
+    }
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) /* NaN stays NaN */
+        return (uint16_t)((bits >> 16) | 0x40u);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16); /* round to nearest even */
+}
+
+/* The pre-norm step of a decoder layer, one call instead of a cast, an add and RMSNorm's
+ * several ops (each a parallel region costing more than its arithmetic at decode sizes).
+ * x: [T, N] float32 or bf16 (x_bf16); residual: [T, N] float32 or NULL;
+ * res_out[t] = x[t] + residual[t] (float32);
+ * out[t] = res_out[t] / sqrt(mean(res_out[t]^2) + eps) * weight, float32 or bf16 (out_bf16). */
+void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *weight,
+                  float eps, float *res_out, void *out, int out_bf16, int64_t T, int64_t N,
+                  int num_threads) {
+    /* below ~64k elements waking a second thread costs more than it saves */
+#pragma omp parallel for num_threads(num_threads) if (T * N >= 65536) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float *r = res_out + t * N;
+        if (x_bf16) {
+            const uint16_t *xr = (const uint16_t *)x + t * N;
+#pragma omp simd
+            for (int64_t i = 0; i < N; i++)
+                r[i] = bf16_to_f32(xr[i]);
+        } else {
+            memmove(r, (const float *)x + t * N, sizeof(float) * (size_t)N);
+        }
+        float ss = 0.0f;
+        if (residual != NULL) {
+            const float *rr = residual + t * N;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t i = 0; i < N; i++) {
+                r[i] += rr[i];
+                ss += r[i] * r[i];
+            }
+        } else {
+#pragma omp simd reduction(+ : ss)
+            for (int64_t i = 0; i < N; i++)
+                ss += r[i] * r[i];
+        }
+        const float inv = 1.0f / sqrtf(ss / (float)N + eps);
+        if (out_bf16) {
+            uint16_t *o = (uint16_t *)out + t * N;
+#pragma omp simd
+            for (int64_t i = 0; i < N; i++)
+                o[i] = f32_to_bf16(r[i] * inv * weight[i]);
+        } else {
+            float *o = (float *)out + t * N;
+#pragma omp simd
+            for (int64_t i = 0; i < N; i++)
+                o[i] = r[i] * inv * weight[i];
+        }
     }
 }
