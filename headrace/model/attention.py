@@ -134,15 +134,23 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Write this step's K/V to the cache, then attend. q [T, H, D], k/v [T, KH, D] -> [T, H*D]."""
-    _, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    # On CPU attention computes in float32 whatever the cache holds (bf16 SDPA is slow there).
-    compute = torch.float32 if kv_cache.device.type == "cpu" else kv_cache.dtype
-    g = num_heads // num_kv_heads
-    _, num_blocks, block_size = kv_cache.shape[:3]
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
     flat[0].index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
+    return attend(q, kv_cache, meta, scale)
+
+
+def attend(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Attention of q [T, H, D] over the cache (this step's K/V already in it) -> [T, H*D]."""
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
+    # On CPU attention computes in float32 whatever the cache holds (bf16 SDPA is slow there).
+    compute = torch.float32 if kv_cache.device.type == "cpu" else kv_cache.dtype
+    g = num_heads // num_kv_heads
+    block_size = kv_cache.shape[2]
     outs = []
     for grp in meta.groups:
         qg = q[grp.tokens]

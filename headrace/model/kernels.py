@@ -30,7 +30,7 @@ from headrace import envs
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"  # decode attention, add + RMSNorm
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11")
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -49,6 +49,42 @@ class Kernels:
         fn.argtypes = [_ptr, ctypes.c_int, _ptr, _ptr, ctypes.c_float, _ptr, _ptr, ctypes.c_int,
                        _i64, _i64, ctypes.c_int]  # fmt: skip
         self._add_rms_norm = fn
+        fn = lib.rope_write_kv
+        fn.restype = None
+        fn.argtypes = [_ptr, ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int,
+                       _i64, _i64, _i64, _i64, ctypes.c_int]  # fmt: skip
+        self._rope_write_kv = fn
+
+    def rope_write_kv(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_cache: torch.Tensor,
+        num_heads: int,
+    ) -> torch.Tensor:
+        """Rotate-half RoPE on the q and k parts of `qkv` [T, (H + 2 KH) * D] (float32 or
+        bfloat16), rotated k and v written to `kv_cache` at `slot_mapping`; returns rotated q
+        [T, H, D] float32. cos/sin: [max_positions, D] float32; positions, slots: [T] int64."""
+        qkv = qkv.contiguous()
+        _, _, _, kh, d = kv_cache.shape
+        t = qkv.shape[0]
+        assert qkv.shape[1] == (num_heads + 2 * kh) * d and qkv.dtype in _KV_DTYPES
+        assert kv_cache.dtype in _KV_DTYPES and kv_cache.is_contiguous()
+        assert cos.dtype == sin.dtype == torch.float32
+        assert cos.is_contiguous() and sin.is_contiguous()
+        assert positions.dtype == slot_mapping.dtype == torch.int64
+        positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
+        q = torch.empty(t, num_heads, d, dtype=torch.float32)
+        self._rope_write_kv(
+            qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), positions.data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), q.data_ptr(),
+            kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), int(kv_cache.dtype == torch.bfloat16),
+            t, num_heads, kh, d, torch.get_num_threads(),
+        )  # fmt: skip
+        return q
 
     def add_rms_norm(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from headrace.model.attention import AttentionMetadata, paged_attention
+from headrace.model.attention import AttentionMetadata, attend, paged_attention
 from headrace.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from headrace.model.registry import ArchConfig
 
@@ -40,7 +40,14 @@ class LlamaAttention(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x).float()
+        qkv = self.qkv_proj(x)
+        if meta.kernels is not None:  # CPU: RoPE and the cache write in one C call
+            q = meta.kernels.rope_write_kv(
+                qkv, positions, self.rope.cos, self.rope.sin, meta.slot_mapping, kv_cache,
+                self.num_heads,
+            )  # fmt: skip
+            return self.o_proj(attend(q, kv_cache, meta, self.scale).to(x.dtype))
+        qkv = qkv.float()
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         n = x.shape[0]
         q, k = self.rope(

@@ -10,7 +10,7 @@ import torch
 
 from headrace.model.attention import AttentionMetadata, build_group, paged_attention
 from headrace.model.kernels import cpu_kernels
-from headrace.model.layers import RMSNorm
+from headrace.model.layers import RMSNorm, RotaryEmbedding
 
 BLOCK = 16
 
@@ -117,3 +117,30 @@ def test_add_rms_norm_matches_torch(kernels, x_dtype, out_dtype, with_residual, 
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     else:  # one bf16 rounding step apart at most
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=8e-3)
+
+
+@pytest.mark.parametrize("qkv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_kv_matches_torch(kernels, qkv_dtype, kv_dtype):
+    heads, kv_heads, d, tokens = 9, 3, 64, 40
+    gen = torch.Generator().manual_seed(3)
+    rope = RotaryEmbedding(d, 512, 10000.0, None)
+    rope.build(torch.device("cpu"))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=gen).to(qkv_dtype)
+    positions = torch.randint(0, 512, (tokens,), generator=gen)
+    slots = torch.randperm(8 * BLOCK, generator=gen)[:tokens]
+    want_cache = torch.zeros(2, 8, BLOCK, kv_heads, d, dtype=kv_dtype)
+    got_cache = want_cache.clone()
+
+    q, k, v = qkv.float().split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    want_q, k = rope(positions, q.view(tokens, heads, d), k.view(tokens, kv_heads, d))
+    flat = want_cache.view(2, -1, kv_heads, d)
+    flat[0].index_copy_(0, slots, k.to(kv_dtype))
+    flat[1].index_copy_(0, slots, v.reshape(tokens, kv_heads, d).to(kv_dtype))
+
+    got_q = kernels.rope_write_kv(qkv, positions, rope.cos, rope.sin, slots, got_cache, heads)
+    torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=1e-5)
+    if kv_dtype == torch.float32:
+        torch.testing.assert_close(got_cache, want_cache, atol=1e-5, rtol=1e-5)
+    else:  # the same float32 value rounded once; the product order may differ by an ulp
+        torch.testing.assert_close(got_cache.float(), want_cache.float(), atol=1e-2, rtol=8e-3)

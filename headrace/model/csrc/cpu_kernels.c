@@ -248,3 +248,52 @@ void add_rms_norm(const void *x, int x_bf16, const float *residual, const float 
         }
     }
 }
+
+/* Rotate-half RoPE on q and k, and the step's K/V written into the paged cache, in one call.
+ * qkv: [T, (H + 2 * KH) * D] float32 or bf16 (qkv_bf16), the fused projection's output.
+ * cos, sin: [max_pos, D] float32 tables; positions, slots: [T].
+ * q_out: [T, H, D] float32, rotated. The cache (k_cache/v_cache: [slots, KH, D], float32 or
+ * bf16) gets rotated k and plain v at each token's slot. */
+void rope_write_kv(const void *qkv, int qkv_bf16, const int64_t *positions, const float *cos,
+                   const float *sin, const int64_t *slots, float *q_out, void *k_cache,
+                   void *v_cache, int kv_bf16, int64_t T, int64_t H, int64_t KH, int64_t D,
+                   int num_threads) {
+    const int64_t width = (H + 2 * KH) * D, half = D / 2;
+#pragma omp parallel for num_threads(num_threads) if (T * width >= 65536) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float x[width]; /* this token's q, k, v in float32 */
+        if (qkv_bf16) {
+            const uint16_t *src = (const uint16_t *)qkv + t * width;
+#pragma omp simd
+            for (int64_t i = 0; i < width; i++)
+                x[i] = bf16_to_f32(src[i]);
+        } else {
+            memcpy(x, (const float *)qkv + t * width, sizeof(float) * (size_t)width);
+        }
+        const float *c = cos + positions[t] * D, *s = sin + positions[t] * D;
+        float rot[D];
+        for (int64_t h = 0; h < H + KH; h++) { /* q heads, then k heads */
+            const float *xh = x + h * D;
+            for (int64_t i = 0; i < half; i++) {
+                rot[i] = xh[i] * c[i] - xh[i + half] * s[i];
+                rot[i + half] = xh[i + half] * c[i + half] + xh[i] * s[i + half];
+            }
+            if (h < H) {
+                memcpy(q_out + (t * H + h) * D, rot, sizeof(float) * (size_t)D);
+                continue;
+            }
+            const int64_t at = (slots[t] * KH + (h - H)) * D;
+            const float *v = x + (H + KH + (h - H)) * D;
+            if (kv_bf16) {
+                uint16_t *kd = (uint16_t *)k_cache + at, *vd = (uint16_t *)v_cache + at;
+                for (int64_t i = 0; i < D; i++) {
+                    kd[i] = f32_to_bf16(rot[i]);
+                    vd[i] = f32_to_bf16(v[i]);
+                }
+            } else {
+                memcpy((float *)k_cache + at, rot, sizeof(float) * (size_t)D);
+                memcpy((float *)v_cache + at, v, sizeof(float) * (size_t)D);
+            }
+        }
+    }
+}
