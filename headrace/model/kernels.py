@@ -54,6 +54,22 @@ class Kernels:
         fn.argtypes = [_ptr, ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int,
                        _i64, _i64, _i64, _i64, ctypes.c_int]  # fmt: skip
         self._rope_write_kv = fn
+        fn = lib.silu_mul
+        fn.restype = None
+        fn.argtypes = [_ptr, _ptr, ctypes.c_int, _i64, _i64, ctypes.c_int]
+        self._silu_mul = fn
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for x = [gate | up] [T, 2I] float32 or bfloat16 -> [T, I], x's dtype."""
+        x = x.contiguous()
+        t, two_i = x.shape
+        assert x.dtype in _KV_DTYPES and two_i % 2 == 0
+        out = torch.empty(t, two_i // 2, dtype=x.dtype)
+        self._silu_mul(
+            x.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16), t, two_i // 2,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
     def rope_write_kv(
         self,

@@ -83,7 +83,7 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = self.input_layernorm(x, residual, dtype, kernels)
         h = self.self_attn(h, positions, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual, dtype, kernels)
-        return self.mlp(h), residual
+        return self.mlp(h, kernels), residual
 
 
 class LlamaForCausalLM(nn.Module):

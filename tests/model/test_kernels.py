@@ -144,3 +144,18 @@ def test_rope_write_kv_matches_torch(kernels, qkv_dtype, kv_dtype):
         torch.testing.assert_close(got_cache, want_cache, atol=1e-5, rtol=1e-5)
     else:  # the same float32 value rounded once; the product order may differ by an ulp
         torch.testing.assert_close(got_cache.float(), want_cache.float(), atol=1e-2, rtol=8e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [3, 64])
+def test_silu_mul_matches_torch(kernels, dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 2 * 1536, generator=gen) * 4).to(dtype)
+    gate, up = x.split(1536, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = kernels.silu_mul(x)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # torch's two bf16 roundings, reproduced; exp may differ in the last float32 bit
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=8e-3)

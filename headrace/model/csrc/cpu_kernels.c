@@ -68,7 +68,7 @@ static inline void axpy(float *restrict acc, float p, const float *restrict v, i
 static inline float exp_nonpos(float x) {
     x = x < -87.0f ? -87.0f : x;
     const float t = x * 1.44269504088896341f;
-    const float n = __builtin_roundf(t);
+    const float n = __builtin_rintf(t);
     const float f = t - n;
     float p = 1.53533017e-4f;
     p = p * f + 1.33989665e-3f;
@@ -294,6 +294,36 @@ void rope_write_kv(const void *qkv, int qkv_bf16, const int64_t *positions, cons
                 memcpy((float *)k_cache + at, rot, sizeof(float) * (size_t)D);
                 memcpy((float *)v_cache + at, v, sizeof(float) * (size_t)D);
             }
+        }
+    }
+}
+
+/* silu(a) = a * sigmoid(a), from exp of a non-positive argument only (no overflow). */
+static inline float silu(float a) {
+    const float e = exp_nonpos(-fabsf(a));
+    return a * (a >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
+
+/* SwiGLU's activation: out[t] = silu(gate[t]) * up[t], where x[t] = [gate | up] ([T, 2 * I])
+ * as the fused gate/up projection writes it. x and out are float32 or bf16 (io_bf16). */
+void silu_mul(const void *x, void *out, int io_bf16, int64_t T, int64_t I, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (T * I >= 65536) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        if (io_bf16) {
+            const uint16_t *g = (const uint16_t *)x + t * 2 * I, *u = g + I;
+            uint16_t *o = (uint16_t *)out + t * I;
+#pragma omp simd
+            for (int64_t i = 0; i < I; i++) {
+                /* silu rounded to bf16 before the multiply, as torch's two bf16 ops do */
+                const float s = bf16_to_f32(f32_to_bf16(silu(bf16_to_f32(g[i]))));
+                o[i] = f32_to_bf16(s * bf16_to_f32(u[i]));
+            }
+        } else {
+            const float *g = (const float *)x + t * 2 * I, *u = g + I;
+            float *o = (float *)out + t * I;
+#pragma omp simd
+            for (int64_t i = 0; i < I; i++)
+                o[i] = silu(g[i]) * u[i];
         }
     }
 }
