@@ -7,7 +7,10 @@ by source, compiler, flags and CPU), so later starts only load it. It is compile
 (`-march=native`) and links `libgomp.so.1`, which resolves to the OpenMP runtime torch has
 already loaded: the kernels run on torch's thread pool, not a second one.
 
-No compiler, or a failed build: a warning, and attention keeps its pure-torch path.
+What they replace: decode attention's gathered copy of the cache, and runs of tiny torch ops
+(residual add + RMSNorm, RoPE + the cache write, SwiGLU's activation) that at decode sizes cost
+their thread wake-ups more than their arithmetic. No compiler, or a failed build: a warning,
+and the model keeps its pure-torch ops (with a float32 KV cache on CPU).
 HEADRACE_DISABLE_KERNELS=1 forces that path.
 """
 
@@ -161,11 +164,32 @@ def cpu_kernels() -> Kernels | None:
     if envs.disable_kernels():
         return None
     try:
-        return Kernels(ctypes.CDLL(str(_build())))
+        kernels = Kernels(ctypes.CDLL(str(_build())))
     except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
         detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
-        logger.warning("CPU attention kernel unavailable, using the torch path: %s", detail)
+        logger.warning("CPU kernels unavailable, using the torch path: %s", detail)
         return None
+    runtimes = _openmp_runtimes()
+    if len(runtimes) > 1:  # a torch build whose OpenMP has another soname (libiomp, mangled)
+        logger.warning(
+            "the CPU kernels use a second OpenMP runtime next to torch's (%s): two thread pools "
+            "share the cores", ", ".join(sorted(runtimes)),
+        )  # fmt: skip
+    return kernels
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime files mapped into this process."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    names = ("libgomp", "libiomp", "libomp")
+    return {
+        line.split()[-1]
+        for line in maps.splitlines()
+        if any(n in line.rsplit("/", 1)[-1] for n in names)
+    }
 
 
 def _build() -> Path:

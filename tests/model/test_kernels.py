@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from headrace.model.attention import AttentionMetadata, build_group, paged_attention
-from headrace.model.kernels import cpu_kernels
+from headrace.model.kernels import _openmp_runtimes, cpu_kernels
 from headrace.model.layers import RMSNorm, RotaryEmbedding
 
 BLOCK = 16
@@ -159,3 +159,9 @@ def test_silu_mul_matches_torch(kernels, dtype, rows):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     else:  # torch's two bf16 roundings, reproduced; exp may differ in the last float32 bit
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=8e-3)
+
+
+def test_kernels_share_torchs_openmp_runtime(kernels):
+    """The kernels' libgomp.so.1 resolves to the runtime torch loaded: one thread pool."""
+    runtimes = _openmp_runtimes()
+    assert len(runtimes) == 1, runtimes
