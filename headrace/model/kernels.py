@@ -216,7 +216,7 @@ def _build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("built the CPU attention kernel: %s", target)
+    logger.info("built the CPU kernels: %s", target)
     return target
 
 
