@@ -27,6 +27,6 @@ def openai_api_key() -> str | None:
 
 
 def disable_kernels() -> bool:
-    """HEADRACE_DISABLE_KERNELS=1: attention on CPU uses torch ops only, not the compiled C
-    kernel (model/kernels.py)."""
+    """HEADRACE_DISABLE_KERNELS=1: the model on CPU uses torch ops only, not the compiled C
+    kernels (model/kernels.py), and its KV cache is float32."""
     return os.environ.get("HEADRACE_DISABLE_KERNELS", "") not in ("", "0")

@@ -68,7 +68,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] cache slot where each new token's K/V is written
     groups: list[AttnGroup]
-    kernels: Kernels | None = None  # the CPU C kernels (decode attention, add + RMSNorm)
+    kernels: Kernels | None = None  # the CPU C kernels (model/kernels.py), None elsewhere
 
 
 def build_group(

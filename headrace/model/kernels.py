@@ -25,7 +25,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,36 +39,35 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11")
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-_KV_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = (torch.float32, torch.bfloat16)  # what every kernel reads and writes
+
+
+def _bind(lib: ctypes.CDLL, name: str, argtypes: Sequence[type]) -> Any:
+    """The C function `name`, typed (every kernel returns void)."""
+    fn = lib[name]
+    fn.argtypes, fn.restype = list(argtypes), None
+    return fn
 
 
 class Kernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
-        fn = lib.paged_decode_attention
-        fn.restype = None
-        fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
-                       ctypes.c_float, ctypes.c_int, ctypes.c_int]  # fmt: skip
-        self._decode = fn
-        fn = lib.add_rms_norm
-        fn.restype = None
-        fn.argtypes = [_ptr, ctypes.c_int, _ptr, _ptr, ctypes.c_float, _ptr, _ptr, ctypes.c_int,
-                       _i64, _i64, ctypes.c_int]  # fmt: skip
-        self._add_rms_norm = fn
-        fn = lib.rope_write_kv
-        fn.restype = None
-        fn.argtypes = [_ptr, ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int,
-                       _i64, _i64, _i64, _i64, ctypes.c_int]  # fmt: skip
-        self._rope_write_kv = fn
-        fn = lib.silu_mul
-        fn.restype = None
-        fn.argtypes = [_ptr, _ptr, ctypes.c_int, _i64, _i64, ctypes.c_int]
-        self._silu_mul = fn
+        i32, f32 = ctypes.c_int, ctypes.c_float
+        self._decode = _bind(
+            lib, "paged_decode_attention", [_ptr] * 6 + [_i64] * 6 + [f32, i32, i32]
+        )
+        self._add_rms_norm = _bind(
+            lib, "add_rms_norm", [_ptr, i32, _ptr, _ptr, f32, _ptr, _ptr, i32, _i64, _i64, i32]
+        )
+        self._rope_write_kv = _bind(
+            lib, "rope_write_kv", [_ptr, i32] + [_ptr] * 7 + [i32] + [_i64] * 4 + [i32]
+        )
+        self._silu_mul = _bind(lib, "silu_mul", [_ptr, _ptr, i32, _i64, _i64, i32])
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for x = [gate | up] [T, 2I] float32 or bfloat16 -> [T, I], x's dtype."""
         x = x.contiguous()
         t, two_i = x.shape
-        assert x.dtype in _KV_DTYPES and two_i % 2 == 0
+        assert x.dtype in _DTYPES and two_i % 2 == 0
         out = torch.empty(t, two_i // 2, dtype=x.dtype)
         self._silu_mul(
             x.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16), t, two_i // 2,
@@ -90,8 +91,8 @@ class Kernels:
         qkv = qkv.contiguous()
         _, _, _, kh, d = kv_cache.shape
         t = qkv.shape[0]
-        assert qkv.shape[1] == (num_heads + 2 * kh) * d and qkv.dtype in _KV_DTYPES
-        assert kv_cache.dtype in _KV_DTYPES and kv_cache.is_contiguous()
+        assert qkv.shape[1] == (num_heads + 2 * kh) * d and qkv.dtype in _DTYPES
+        assert kv_cache.dtype in _DTYPES and kv_cache.is_contiguous()
         assert cos.dtype == sin.dtype == torch.float32
         assert cos.is_contiguous() and sin.is_contiguous()
         assert positions.dtype == slot_mapping.dtype == torch.int64
@@ -118,7 +119,7 @@ class Kernels:
         out_dtype float32 or bfloat16."""
         x = x.contiguous()
         t, n = x.shape
-        assert x.dtype in _KV_DTYPES and out_dtype in _KV_DTYPES and weight.dtype == torch.float32
+        assert x.dtype in _DTYPES and out_dtype in _DTYPES and weight.dtype == torch.float32
         assert residual is None or (residual.dtype == torch.float32 and residual.is_contiguous())
         res_out = torch.empty(t, n, dtype=torch.float32)
         out = torch.empty(t, n, dtype=out_dtype)
@@ -145,7 +146,7 @@ class Kernels:
         _, _, block_size, kh, _ = kv_cache.shape
         q = q.contiguous()
         assert q.dtype == torch.float32 and kv_cache.is_contiguous()
-        assert kv_cache.dtype in _KV_DTYPES
+        assert kv_cache.dtype in _DTYPES
         assert block_table.dtype == ctx_lens.dtype == torch.int64
         assert block_table.is_contiguous() and ctx_lens.is_contiguous()
         out = torch.empty_like(q)

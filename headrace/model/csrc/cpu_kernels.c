@@ -8,7 +8,9 @@
  * gathered copy. Two passes per request: scores (kept in a per-thread buffer), then the
  * softmax-weighted sum of V. Arithmetic is float32 whatever the cache's dtype (float32, bf16).
  *
- * add_rms_norm: a decoder layer's residual add and RMSNorm in one pass.
+ * add_rms_norm, rope_write_kv, silu_mul: the short runs of elementwise torch ops around the
+ * linears (residual add + RMSNorm; RoPE + the K/V cache write; SwiGLU's activation), each as
+ * one pass, because at decode sizes every torch op costs its thread wake-up.
  */
 #include <math.h>
 #include <stdint.h>
