@@ -165,32 +165,48 @@ def cpu_kernels() -> Kernels | None:
     if envs.disable_kernels():
         return None
     try:
-        kernels = Kernels(ctypes.CDLL(str(_build())))
+        lib = ctypes.CDLL(str(_build()))
+        kernels = Kernels(lib)
     except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
         detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
         logger.warning("CPU kernels unavailable, using the torch path: %s", detail)
         return None
-    runtimes = _openmp_runtimes()
-    if len(runtimes) > 1:  # a torch build whose OpenMP has another soname (libiomp, mangled)
+    ours, torchs = openmp_runtimes(lib)
+    if ours != torchs:  # a torch build whose OpenMP has another soname (libiomp, mangled)
         logger.warning(
-            "the CPU kernels use a second OpenMP runtime next to torch's (%s): two thread pools "
-            "share the cores", ", ".join(sorted(runtimes)),
+            "the CPU kernels run on OpenMP runtime %s, torch on %s: two thread pools share the "
+            "cores", ours, torchs,
         )  # fmt: skip
     return kernels
 
 
-def _openmp_runtimes() -> set[str]:
-    """The OpenMP runtime files mapped into this process."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return set()
-    names = ("libgomp", "libiomp", "libomp")
-    return {
-        line.split()[-1]
-        for line in maps.splitlines()
-        if any(n in line.rsplit("/", 1)[-1] for n in names)
-    }
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]  # fmt: skip
+
+
+def openmp_runtimes(lib: ctypes.CDLL) -> tuple[str | None, str | None]:
+    """The files of the OpenMP runtime `lib` calls into and of the one torch calls into (None
+    where it cannot be told): `omp_get_max_threads` as each library's own lookup resolves it.
+    Other libraries may bring runtimes of their own (sentencepiece does); only these two
+    matter."""
+    libtorch = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    torch_lib = ctypes.CDLL(str(libtorch)) if libtorch.exists() else None
+    libc = ctypes.CDLL(None)
+
+    def file_of(handle: ctypes.CDLL | None) -> str | None:
+        if handle is None:
+            return None
+        try:
+            fn = handle["omp_get_max_threads"]
+        except AttributeError:
+            return None
+        info = _DlInfo()
+        if not libc.dladdr(ctypes.cast(fn, ctypes.c_void_p), ctypes.byref(info)):
+            return None
+        return os.path.realpath(info.dli_fname.decode())
+
+    return file_of(lib), file_of(torch_lib)
 
 
 def _build() -> Path:
