@@ -4,6 +4,7 @@ and without it."""
 from __future__ import annotations
 
 import ctypes
+import glob
 import math
 
 import pytest
@@ -163,9 +164,11 @@ def test_silu_mul_matches_torch(kernels, dtype, rows):
 
 
 def test_kernels_share_torchs_openmp_runtime():
-    """The kernels' libgomp.so.1 resolves to the runtime torch loaded: one thread pool (even
-    when another library, such as sentencepiece, has mapped a runtime of its own)."""
-    import sentencepiece  # noqa: F401  # brings its own libgomp, which must not matter
-
+    """The kernels' libgomp.so.1 resolves to the runtime torch loaded: one thread pool, even
+    when another copy of an OpenMP runtime is mapped too (wheels such as sentencepiece bundle
+    their own); here the system's libgomp, loaded by path, plays that part."""
+    found = glob.glob("/usr/lib/*/libgomp.so.1") + glob.glob("/usr/lib64/libgomp.so.1")
+    others = [ctypes.CDLL(p) for p in found]
     ours, torchs = openmp_runtimes(ctypes.CDLL(str(_build())))
     assert ours is not None and ours == torchs
+    assert all(openmp_runtimes(o)[0] != torchs for o in others)  # the lookup tells them apart
