@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from headrace.api import chat, completions, health, models, tokenize
 from headrace.api.context import ServerContext
 from headrace.api.errors import error_body, install_error_handlers
+from headrace.api.fast_metrics import MetricsFastPathProtocol
 from headrace.api.lifecycle import DrainingServer
 from headrace.config import ServerConfig
 from headrace.frontend.client import EngineClient
@@ -237,6 +238,7 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
             timeout_graceful_shutdown=5,
             timeout_keep_alive=5,
             log_config=None,
+            http=MetricsFastPathProtocol.for_context(ctx),
         )
         await DrainingServer(config, ctx).serve(sockets=[sock])
 

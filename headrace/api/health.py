@@ -55,11 +55,19 @@ async def ready(request: Request) -> JSONResponse:
     return _answer(ctx, ctx.state is ServerState.READY)
 
 
+def metrics_body(ctx: ServerContext, fresh: bool) -> bytes:
+    """The /metrics exposition, 200 in every state. `fresh` (Cache-Control: no-cache) skips
+    the counter/histogram snapshot (at most 1 s old otherwise); the gauges routers read are
+    always current."""
+    ctx.metrics.set_lifecycle(ctx.state.value, ctx.load_fraction)
+    return ctx.metrics.exposition(fresh)
+
+
 class MetricsEndpoint:
     """GET /metrics, answered before FastAPI's routing and middleware: routers scrape it at
-    20 Hz, so it skips everything a scrape does not need. 200 in every state.
-    `Cache-Control: no-cache` skips the counter/histogram snapshot (at most 0.5 s old
-    otherwise); the gauges routers read are always current."""
+    20 Hz, so it skips everything a scrape does not need. The API server's HTTP protocol
+    (`fast_metrics`) answers most scrapes before they reach ASGI at all; this serves the
+    rest (`/metrics?...`, other HTTP implementations)."""
 
     def __init__(self, app: ASGIApp, ctx: ServerContext) -> None:
         self.app = app
@@ -70,10 +78,8 @@ class MetricsEndpoint:
         if scope["type"] != "http" or scope["path"] != "/metrics" or scope["method"] != "GET":
             await self.app(scope, receive, send)
             return
-        ctx = self.ctx
-        ctx.metrics.set_lifecycle(ctx.state.value, ctx.load_fraction)
         fresh = any(k == b"cache-control" and b"no-cache" in v for k, v in scope["headers"])
-        body = ctx.metrics.exposition(fresh)
+        body = metrics_body(self.ctx, fresh)
         headers = [*self.headers, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
