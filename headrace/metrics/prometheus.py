@@ -23,7 +23,7 @@ from headrace.metrics.multiproc import MultiProcessText, escape_label_value
 from headrace.wire.messages import EngineCoreOutputs, EngineReady, FinishReason, RequestTimes
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-CACHE_S = 0.5  # counters and histograms: at most this stale (Prometheus scrapes every 15 s)
+CACHE_S = 1.0  # counters and histograms: at most this stale (Prometheus scrapes every 15 s)
 MAX_AGE_S = 2.0  # ... and at most this, for what other API-server processes wrote
 LIFECYCLE_STATES = ("loading", "ready", "draining", "failed")
 GaugeMode = Literal["mostrecent", "livemostrecent"]
