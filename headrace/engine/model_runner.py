@@ -150,7 +150,8 @@ class ModelRunner:
         if not sample_reqs:
             return RunnerOutput(sampled={})
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        tokens, logprobs = sample(logits, sample_reqs, self.arch.eos_token_ids)
+        argmax = self.kernels.argmax if self.kernels is not None else None
+        tokens, logprobs = sample(logits, sample_reqs, self.arch.eos_token_ids, argmax)
         return RunnerOutput(
             sampled={r.request_id: t for r, t in zip(sample_reqs, tokens, strict=True)},
             logprobs=logprobs,

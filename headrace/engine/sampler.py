@@ -7,7 +7,7 @@ A seeded request draws from its own torch.Generator, so its text does not depend
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -121,15 +121,33 @@ def _logprobs(
 
 
 def sample(
-    logits: torch.Tensor, reqs: Sequence[Request], eos_token_ids: Sequence[int]
+    logits: torch.Tensor,
+    reqs: Sequence[Request],
+    eos_token_ids: Sequence[int],
+    argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[int], dict[str, TokenLogprobs]]:
-    """logits: [N, vocab] float32, row i for reqs[i]. Returns (token per row, logprobs by id)."""
-    raw = logits
-    logits = logits.clone()
+    """logits: [N, vocab] float32 or bfloat16, row i for reqs[i]. Returns (token per row,
+    logprobs by id). `argmax` replaces `Tensor.argmax(-1)` (the CPU kernel's, which reads bf16
+    logits without an upcast copy). A batch that is all plain greedy (no penalty, min_tokens
+    or logprobs) takes the argmax of the logits as they are: bf16 -> float32 is exact, so the
+    tokens are the same."""
+    random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    modified = any(
+        r.params.repetition_penalty != 1.0
+        or r.params.presence_penalty != 0.0
+        or r.params.frequency_penalty != 0.0
+        or len(r.output_token_ids) < r.params.min_tokens
+        for r in reqs
+    )
+    want_logprobs = any(r.params.logprobs is not None for r in reqs)
+    argmax = argmax or (lambda x: x.argmax(dim=-1))
+    if not (random_rows or modified or want_logprobs):
+        return argmax(logits).tolist(), {}
+    raw = logits.float()  # the model's output, for logprobs (a copy when it was bf16)
+    logits = raw.clone() if modified and (want_logprobs or raw is logits) else raw
     _apply_penalties(logits, reqs)
     _mask_min_tokens(logits, reqs, eos_token_ids)
-    tokens = logits.argmax(dim=-1)
-    random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    tokens = argmax(logits)
     if random_rows:
         sub = [reqs[i] for i in random_rows]
         idx = torch.tensor(random_rows, device=logits.device)

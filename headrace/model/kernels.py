@@ -62,6 +62,20 @@ class Kernels:
             lib, "rope_write_kv", [_ptr, i32] + [_ptr] * 7 + [i32] + [_i64] * 4 + [i32]
         )
         self._silu_mul = _bind(lib, "silu_mul", [_ptr, _ptr, i32, _i64, _i64, i32])
+        self._argmax_rows = _bind(lib, "argmax_rows", [_ptr, i32, _i64, _i64, _ptr, i32])
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """x.argmax(dim=-1) for [N, V] float32 or bfloat16 (first index of the maximum, a NaN
+        counting as the maximum, as torch): one read of the logits, no upcast copy."""
+        x = x.contiguous()
+        rows, n = x.shape
+        assert x.dtype in _DTYPES
+        out = torch.empty(rows, dtype=torch.int64)
+        self._argmax_rows(
+            x.data_ptr(), int(x.dtype == torch.bfloat16), rows, n, out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for x = [gate | up] [T, 2I] float32 or bfloat16 -> [T, I], x's dtype."""

@@ -120,5 +120,6 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head on the rows that sample; float32 logits [N, vocab]."""
-        return self.lm_head(hidden.to(self.dtype)).float()
+        """LM head on the rows that sample: logits [N, vocab] in the model's dtype (the
+        sampler upcasts only when it has to; a greedy argmax does not need it)."""
+        return self.lm_head(hidden.to(self.dtype))

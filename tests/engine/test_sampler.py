@@ -32,6 +32,44 @@ def test_greedy_picks_argmax() -> None:
     assert sample(_logits([0.1, 3.0, 2.0]), [req], EOS)[0] == [1]
 
 
+@pytest.mark.parametrize("argmax", [None, "kernel"])
+def test_bf16_logits_sample_as_their_float32_values(argmax: str | None) -> None:
+    """The engine hands over bf16 logits: plain greedy takes their argmax as they are, every
+    other path upcasts first; either way the tokens and logprobs are those of the float32
+    values (bf16 -> float32 is exact)."""
+    fn = None
+    if argmax == "kernel":
+        from headrace.model.kernels import cpu_kernels
+
+        kernels = cpu_kernels()
+        if kernels is None:
+            pytest.skip("no C compiler")
+        fn = kernels.argmax
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 300, generator=gen) * 3).to(torch.bfloat16)
+    logits[0, 10] = logits[0, 20] = 50.0  # a tie: the first index wins
+
+    def plain() -> list:
+        return [make_request([1, 2]) for _ in range(6)]
+
+    def mixed() -> list:  # fresh requests per call: the seeded one's generator advances
+        return [
+            make_request([1, 2]),
+            make_request([1, 2], logprobs=3),
+            make_request([1, 2], repetition_penalty=1.5),
+            make_request([1, 2], min_tokens=4, stop_token_ids=[7]),
+            make_request([1, 2], temperature=0.8, seed=3),
+            make_request([1, 2], presence_penalty=1.0),
+        ]
+
+    for batch in (plain, mixed):
+        want_tokens, want_lps = sample(logits.float(), batch(), EOS)
+        got_tokens, got_lps = sample(logits, batch(), EOS, fn)
+        assert got_tokens == want_tokens
+        assert list(got_lps.values()) == list(want_lps.values())  # ids differ per call
+    assert sample(logits, plain(), EOS, fn)[0][0] == 10
+
+
 def test_top_k_top_p_min_p_restrict_support() -> None:
     logits = [2.0, 1.9, 1.8, -1.0, -1.0, -1.0]
     assert _draws(logits, top_k=2) <= {0, 1}

@@ -163,6 +163,20 @@ def test_silu_mul_matches_torch(kernels, dtype, rows):
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=8e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [1, 7, 512, 513, 49152])  # block edges of the kernel's search
+def test_argmax_matches_torch(kernels, dtype, cols):
+    gen = torch.Generator().manual_seed(cols)
+    x = torch.randint(-4, 4, (64, cols), generator=gen).to(dtype)  # many ties: the first wins
+    x[1] = float("-inf")  # all -inf: index 0
+    x[2, cols // 2 :] = float("inf")
+    x[3, -1] = float("nan")  # a NaN wins over everything, the first NaN over later ones
+    x[4, cols // 3] = x[4, -1] = float("nan")
+    x[5, -1] = 100.0  # the maximum in the last (partial) block
+    assert torch.equal(kernels.argmax(x), x.argmax(dim=-1))
+    assert torch.equal(kernels.argmax(x[:1]), x[:1].argmax(dim=-1))
+
+
 def test_kernels_share_torchs_openmp_runtime():
     """The kernels' libgomp.so.1 resolves to the runtime torch loaded: one thread pool, even
     when another copy of an OpenMP runtime is mapped too (wheels such as sentencepiece bundle

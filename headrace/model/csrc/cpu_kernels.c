@@ -11,6 +11,9 @@
  * add_rms_norm, rope_write_kv, silu_mul: the short runs of elementwise torch ops around the
  * linears (residual add + RMSNorm; RoPE + the K/V cache write; SwiGLU's activation), each as
  * one pass, because at decode sizes every torch op costs its thread wake-up.
+ *
+ * argmax_rows: greedy sampling's argmax over bf16 or float32 logits, without the upcast copy
+ * (torch's argmax over [64, 49152] float32 took 3 ms, this 0.2-0.4 ms).
  */
 #include <math.h>
 #include <stdint.h>
@@ -328,4 +331,59 @@ void silu_mul(const void *x, void *out, int io_bf16, int64_t T, int64_t I, int n
                 o[i] = silu(g[i]) * u[i];
         }
     }
+}
+
+/* The first index of each row's largest value, as torch.argmax: a NaN counts as the largest
+ * (the first NaN wins). Rows are float32 or bf16. One vectorized pass of block maxima finds the
+ * first block holding the maximum (or a NaN); only that block is searched element by element. */
+#define ARGMAX_BLOCK 512
+static inline float elem(const void *row, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+static int64_t argmax_row(const void *row, int bf16, int64_t n) {
+    float best = -INFINITY;
+    int64_t best_block = 0;
+    for (int64_t b0 = 0; b0 < n; b0 += ARGMAX_BLOCK) {
+        const int64_t end = b0 + ARGMAX_BLOCK < n ? b0 + ARGMAX_BLOCK : n;
+        float m = -INFINITY;
+        int nan = 0;
+        if (bf16) {
+            const uint16_t *x = (const uint16_t *)row;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+            for (int64_t i = b0; i < end; i++) {
+                const float v = bf16_to_f32(x[i]);
+                nan |= v != v;
+                m = v > m ? v : m;
+            }
+        } else {
+            const float *x = (const float *)row;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+            for (int64_t i = b0; i < end; i++) {
+                nan |= x[i] != x[i];
+                m = x[i] > m ? x[i] : m;
+            }
+        }
+        if (nan) { /* no earlier block had one: the first NaN of this block is the answer */
+            for (int64_t i = b0; i < end; i++)
+                if (elem(row, bf16, i) != elem(row, bf16, i))
+                    return i;
+        }
+        if (m > best) {
+            best = m;
+            best_block = b0;
+        }
+    }
+    for (int64_t i = best_block; i < n; i++)
+        if (elem(row, bf16, i) == best)
+            return i;
+    return 0; /* every value is -inf: the scan above already answered 0 */
+}
+
+void argmax_rows(const void *x, int bf16, int64_t rows, int64_t n, int64_t *out,
+                 int num_threads) {
+    const int64_t esize = bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(num_threads) if (rows * n >= 65536) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        out[r] = argmax_row((const char *)x + r * n * esize, bf16, n);
 }
