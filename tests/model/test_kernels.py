@@ -24,9 +24,10 @@ def kernels():
     return k
 
 
-def _random_case(dtype: torch.dtype, lens: list[int], heads: int = 9, kv_heads: int = 3):
+def _random_case(
+    dtype: torch.dtype, lens: list[int], heads: int = 9, kv_heads: int = 3, d: int = 64
+):
     gen = torch.Generator().manual_seed(len(lens))
-    d = 64
     widths = [-(-n // BLOCK) for n in lens]
     num_blocks = sum(widths) + 5
     cache = torch.randn(2, num_blocks, BLOCK, kv_heads, d, generator=gen).to(dtype)
@@ -53,9 +54,15 @@ def _reference(q, cache, tables, lens, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_torch(kernels, dtype):
+@pytest.mark.parametrize(
+    "heads,kv_heads,d",
+    # head_dim 64 with 1-4 query heads per KV head takes the register-tiled path (GQA 3 is
+    # SmolLM2); 8 per KV head and head_dim 128 take the generic loop
+    [(9, 3, 64), (4, 4, 64), (8, 4, 64), (8, 2, 64), (8, 1, 64), (4, 2, 128)],
+)
+def test_kernel_matches_torch(kernels, dtype, heads, kv_heads, d):
     lens = [1, 15, 16, 17, 100, 333, 64, 2]  # partial and full blocks, a single token
-    q, cache, tables = _random_case(dtype, lens)
+    q, cache, tables = _random_case(dtype, lens, heads, kv_heads, d)
     width = max(len(t) for t in tables)
     table = torch.zeros(len(lens), width, dtype=torch.long)
     for b, t in enumerate(tables):

@@ -104,6 +104,93 @@ static inline const char *next_block(const void *cache, const int64_t *table, in
     return (const char *)cache + table[t0 / block_size + 1] * block_bytes;
 }
 
+#if defined(__AVX512F__)
+/* head_dim 64 with at most 4 query heads per KV head (SmolLM2, Llama 3.2 1B, Qwen2 0.5B):
+ * each KV head's walk keeps its G query heads (pass 1) or G accumulators (pass 2) in
+ * registers, 4 zmm each, and converts each 64-element K or V slice once, in registers. The
+ * generic loop instead round-trips every token row through a float32 buffer and reloads q and
+ * the accumulators from memory for each head. `G` is a constant in each inlined copy. */
+static inline void load64(const void *base, int64_t index, int bf16, __m512 x[4]) {
+    if (bf16) {
+        const uint16_t *p = (const uint16_t *)base + index;
+        for (int c = 0; c < 4; c++)
+            x[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 16 * c))), 16));
+    } else {
+        const float *p = (const float *)base + index;
+        for (int c = 0; c < 4; c++)
+            x[c] = _mm512_loadu_ps(p + 16 * c);
+    }
+}
+
+static inline __attribute__((always_inline)) void
+scores_d64(const float *qb, const void *k_cache, const int64_t *table, int64_t len,
+           int64_t block_size, int64_t KH, float scale, int bf16, int64_t elem,
+           int64_t block_bytes, float *scores, const int G) {
+    const int64_t row = KH * 64;
+    for (int64_t kh = 0; kh < KH; kh++) {
+        __m512 q[4][4];
+        for (int g = 0; g < G; g++)
+            for (int c = 0; c < 4; c++)
+                q[g][c] = _mm512_loadu_ps(qb + (kh * G + g) * 64 + 16 * c);
+        for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+            const int64_t base = table[t0 / block_size] * block_size * row + kh * 64;
+            const char *next =
+                kh == 0 ? next_block(k_cache, table, t0, len, block_size, block_bytes) : NULL;
+            for (int64_t i = 0; i < n; i++) {
+                __m512 k[4];
+                load64(k_cache, base + i * row, bf16, k);
+                if (next != NULL)
+                    prefetch_row(next + i * elem * row, elem * row);
+                for (int g = 0; g < G; g++) {
+                    __m512 acc = _mm512_mul_ps(q[g][0], k[0]);
+                    for (int c = 1; c < 4; c++)
+                        acc = _mm512_fmadd_ps(q[g][c], k[c], acc);
+                    scores[(kh * G + g) * len + t0 + i] = scale * _mm512_reduce_add_ps(acc);
+                }
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void
+values_d64(const void *v_cache, const int64_t *table, int64_t len, int64_t block_size,
+           int64_t KH, int bf16, int64_t elem, int64_t block_bytes, const float *scores,
+           const float *inv_sum, float *ob, const int G) {
+    const int64_t row = KH * 64;
+    for (int64_t kh = 0; kh < KH; kh++) {
+        __m512 acc[4][4];
+        for (int g = 0; g < G; g++)
+            for (int c = 0; c < 4; c++)
+                acc[g][c] = _mm512_setzero_ps();
+        for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+            const int64_t base = table[t0 / block_size] * block_size * row + kh * 64;
+            const char *next =
+                kh == 0 ? next_block(v_cache, table, t0, len, block_size, block_bytes) : NULL;
+            for (int64_t i = 0; i < n; i++) {
+                __m512 v[4];
+                load64(v_cache, base + i * row, bf16, v);
+                if (next != NULL)
+                    prefetch_row(next + i * elem * row, elem * row);
+                for (int g = 0; g < G; g++) {
+                    const __m512 p = _mm512_set1_ps(scores[(kh * G + g) * len + t0 + i]);
+                    for (int c = 0; c < 4; c++)
+                        acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
+                }
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            const int64_t h = kh * G + g;
+            const __m512 r = _mm512_set1_ps(inv_sum[h]);
+            for (int c = 0; c < 4; c++)
+                _mm512_storeu_ps(ob + h * 64 + 16 * c, _mm512_mul_ps(acc[g][c], r));
+        }
+    }
+}
+#endif
+
 /* q, out: [B, H, D] float32. k_cache, v_cache: [num_blocks, block_size, KH, D].
  * block_table: [B, W]. ctx_lens: [B], each >= 1 and <= W * block_size. */
 void paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
@@ -114,6 +201,9 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
     const int64_t row = KH * D; /* one token's K (or V) for every KV head */
     const int64_t elem = kv_bf16 ? 2 : 4;
     const int64_t block_bytes = elem * block_size * row;
+#if defined(__AVX512F__)
+    const int fast = D == 64 && G >= 1 && G <= 4;
+#endif
     int64_t max_len = 0;
     for (int64_t b = 0; b < B; b++)
         if (ctx_lens[b] > max_len)
@@ -141,6 +231,20 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
             const float *qb = q + b * H * D;
 
             /* pass 1: scores[h * len + t] = scale * q_h . k_t (q_h's KV head) */
+#if defined(__AVX512F__)
+            if (fast) {
+                switch (G) { /* a constant G per copy: q stays in registers */
+                case 1: scores_d64(qb, k_cache, table, len, block_size, KH, scale, kv_bf16,
+                                   elem, block_bytes, scores, 1); break;
+                case 2: scores_d64(qb, k_cache, table, len, block_size, KH, scale, kv_bf16,
+                                   elem, block_bytes, scores, 2); break;
+                case 3: scores_d64(qb, k_cache, table, len, block_size, KH, scale, kv_bf16,
+                                   elem, block_bytes, scores, 3); break;
+                default: scores_d64(qb, k_cache, table, len, block_size, KH, scale, kv_bf16,
+                                    elem, block_bytes, scores, 4); break;
+                }
+            } else
+#endif
             for (int64_t t0 = 0; t0 < len; t0 += block_size) {
                 const int64_t n = len - t0 < block_size ? len - t0 : block_size;
                 const int64_t base = table[t0 / block_size] * block_size * row;
@@ -168,6 +272,22 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
                 inv_sum[h] = 1.0f / sum;
             }
             /* pass 2: acc_h = sum_t p_ht v_t */
+#if defined(__AVX512F__)
+            if (fast) {
+                float *ob = out + b * H * D;
+                switch (G) {
+                case 1: values_d64(v_cache, table, len, block_size, KH, kv_bf16, elem,
+                                   block_bytes, scores, inv_sum, ob, 1); break;
+                case 2: values_d64(v_cache, table, len, block_size, KH, kv_bf16, elem,
+                                   block_bytes, scores, inv_sum, ob, 2); break;
+                case 3: values_d64(v_cache, table, len, block_size, KH, kv_bf16, elem,
+                                   block_bytes, scores, inv_sum, ob, 3); break;
+                default: values_d64(v_cache, table, len, block_size, KH, kv_bf16, elem,
+                                    block_bytes, scores, inv_sum, ob, 4); break;
+                }
+                continue;
+            }
+#endif
             memset(acc, 0, sizeof(float) * (size_t)(H * D));
             for (int64_t t0 = 0; t0 < len; t0 += block_size) {
                 const int64_t n = len - t0 < block_size ? len - t0 : block_size;
