@@ -2,12 +2,13 @@
 
 The Gateway API Inference Extension's endpoint picker scrapes every pod's /metrics at 20 Hz.
 Through ASGI each scrape builds a scope, a request cycle with its event, an asyncio task and
-the middleware chain: about 0.6 ms of CPU here, most of it uvicorn's per-request Python
-(perf). When the engine fills the machine's cores, that CPU is taken from the engine. This
-protocol answers a plain `GET /metrics` (exact path, no query string, no other request in
-flight on the connection) with the same bytes `MetricsEndpoint` would send, straight onto the
-transport, in the parser callback that completes the request. Anything else, `/metrics?...`
-and `HEAD /metrics` included, goes through uvicorn unchanged.
+the middleware chain. perf stat on an idle API server: 0.52-0.55 ms of CPU per scrape that
+way, 0.42-0.45 ms on this path, 0.17-0.19 ms for a bare uvloop protocol sending the same
+bytes. When the engine fills the machine's cores, that CPU is taken from the engine. This
+protocol answers a plain `GET /metrics` (exact path, no query string, no root path, no other
+request in flight on the connection) with the same bytes `MetricsEndpoint` would send,
+straight onto the transport, in the parser callback that completes the request. Anything
+else, `/metrics?...` and `HEAD /metrics` included, goes through uvicorn unchanged.
 """
 
 from __future__ import annotations
