@@ -21,6 +21,9 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# As `headrace serve` runs its engines (launch.py): idle OpenMP threads sleep instead of
+# spinning, which is faster on this shared 2-core machine. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
