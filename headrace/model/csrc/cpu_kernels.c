@@ -104,6 +104,24 @@ static inline const char *next_block(const void *cache, const int64_t *table, in
     return (const char *)cache + table[t0 / block_size + 1] * block_bytes;
 }
 
+/* In place, per query head h: scores[h * len + t] -> exp(score - max) over t; inv_sum[h] is
+ * one over their sum (the output's normalization, applied once at the end). */
+static inline void softmax_heads(float *scores, int64_t H, int64_t len, float *inv_sum) {
+    for (int64_t h = 0; h < H; h++) {
+        float *sh = scores + h * len;
+        float m = sh[0];
+        for (int64_t t = 1; t < len; t++)
+            m = sh[t] > m ? sh[t] : m;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; t++) {
+            sh[t] = exp_nonpos(sh[t] - m);
+            sum += sh[t];
+        }
+        inv_sum[h] = 1.0f / sum;
+    }
+}
+
 #if defined(__AVX512F__)
 /* head_dim 64 with at most 4 query heads per KV head (SmolLM2, Llama 3.2 1B, Qwen2 0.5B):
  * each KV head's walk keeps its G query heads (pass 1) or G accumulators (pass 2) in
@@ -189,6 +207,18 @@ values_d64(const void *v_cache, const int64_t *table, int64_t len, int64_t block
         }
     }
 }
+
+/* One request on the register path: scores, softmax, values into ob [H, 64]. */
+static inline __attribute__((always_inline)) void
+request_d64(const float *qb, const void *k_cache, const void *v_cache, const int64_t *table,
+            int64_t len, int64_t block_size, int64_t KH, float scale, int bf16, int64_t elem,
+            int64_t block_bytes, float *scores, float *inv_sum, float *ob, const int G) {
+    scores_d64(qb, k_cache, table, len, block_size, KH, scale, bf16, elem, block_bytes, scores,
+               G);
+    softmax_heads(scores, KH * G, len, inv_sum);
+    values_d64(v_cache, table, len, block_size, KH, bf16, elem, block_bytes, scores, inv_sum, ob,
+               G);
+}
 #endif
 
 /* q, out: [B, H, D] float32. k_cache, v_cache: [num_blocks, block_size, KH, D].
@@ -230,21 +260,22 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
             const int64_t *table = block_table + b * W;
             const float *qb = q + b * H * D;
 
-            /* pass 1: scores[h * len + t] = scale * q_h . k_t (q_h's KV head) */
 #if defined(__AVX512F__)
-            if (fast) {
-                switch (G) { /* a constant G per copy: q stays in registers */
-                case 1: scores_d64(qb, k_cache, table, len, block_size, KH, scale, kv_bf16,
-                                   elem, block_bytes, scores, 1); break;
-                case 2: scores_d64(qb, k_cache, table, len, block_size, KH, scale, kv_bf16,
-                                   elem, block_bytes, scores, 2); break;
-                case 3: scores_d64(qb, k_cache, table, len, block_size, KH, scale, kv_bf16,
-                                   elem, block_bytes, scores, 3); break;
-                default: scores_d64(qb, k_cache, table, len, block_size, KH, scale, kv_bf16,
-                                    elem, block_bytes, scores, 4); break;
+            if (fast) { /* a constant G per inlined copy: q or the accumulators stay in registers */
+#define REQUEST_D64(g)                                                                        \
+    request_d64(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_bf16, elem,      \
+                block_bytes, scores, inv_sum, out + b * H * D, g)
+                switch (G) {
+                case 1: REQUEST_D64(1); break;
+                case 2: REQUEST_D64(2); break;
+                case 3: REQUEST_D64(3); break;
+                default: REQUEST_D64(4); break;
                 }
-            } else
+#undef REQUEST_D64
+                continue;
+            }
 #endif
+            /* pass 1: scores[h * len + t] = scale * q_h . k_t (q_h's KV head) */
             for (int64_t t0 = 0; t0 < len; t0 += block_size) {
                 const int64_t n = len - t0 < block_size ? len - t0 : block_size;
                 const int64_t base = table[t0 / block_size] * block_size * row;
@@ -257,37 +288,8 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
                         scores[h * len + t0 + i] = scale * dot(qb + h * D, k + (h / G) * D, D);
                 }
             }
-            /* softmax per query head */
-            for (int64_t h = 0; h < H; h++) {
-                float *sh = scores + h * len;
-                float m = sh[0];
-                for (int64_t t = 1; t < len; t++)
-                    m = sh[t] > m ? sh[t] : m;
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t t = 0; t < len; t++) {
-                    sh[t] = exp_nonpos(sh[t] - m);
-                    sum += sh[t];
-                }
-                inv_sum[h] = 1.0f / sum;
-            }
+            softmax_heads(scores, H, len, inv_sum);
             /* pass 2: acc_h = sum_t p_ht v_t */
-#if defined(__AVX512F__)
-            if (fast) {
-                float *ob = out + b * H * D;
-                switch (G) {
-                case 1: values_d64(v_cache, table, len, block_size, KH, kv_bf16, elem,
-                                   block_bytes, scores, inv_sum, ob, 1); break;
-                case 2: values_d64(v_cache, table, len, block_size, KH, kv_bf16, elem,
-                                   block_bytes, scores, inv_sum, ob, 2); break;
-                case 3: values_d64(v_cache, table, len, block_size, KH, kv_bf16, elem,
-                                   block_bytes, scores, inv_sum, ob, 3); break;
-                default: values_d64(v_cache, table, len, block_size, KH, kv_bf16, elem,
-                                    block_bytes, scores, inv_sum, ob, 4); break;
-                }
-                continue;
-            }
-#endif
             memset(acc, 0, sizeof(float) * (size_t)(H * D));
             for (int64_t t0 = 0; t0 < len; t0 += block_size) {
                 const int64_t n = len - t0 < block_size ? len - t0 : block_size;
@@ -457,7 +459,7 @@ void silu_mul(const void *x, void *out, int io_bf16, int64_t T, int64_t I, int n
  * (the first NaN wins). Rows are float32 or bf16. One vectorized pass of block maxima finds the
  * first block holding the maximum (or a NaN); only that block is searched element by element. */
 #define ARGMAX_BLOCK 512
-static inline float elem(const void *row, int bf16, int64_t i) {
+static inline float logit_at(const void *row, int bf16, int64_t i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
@@ -486,7 +488,7 @@ static int64_t argmax_row(const void *row, int bf16, int64_t n) {
         }
         if (nan) { /* no earlier block had one: the first NaN of this block is the answer */
             for (int64_t i = b0; i < end; i++)
-                if (elem(row, bf16, i) != elem(row, bf16, i))
+                if (logit_at(row, bf16, i) != logit_at(row, bf16, i))
                     return i;
         }
         if (m > best) {
@@ -495,9 +497,9 @@ static int64_t argmax_row(const void *row, int bf16, int64_t n) {
         }
     }
     for (int64_t i = best_block; i < n; i++)
-        if (elem(row, bf16, i) == best)
+        if (logit_at(row, bf16, i) == best)
             return i;
-    return 0; /* every value is -inf: the scan above already answered 0 */
+    return 0; /* n == 0; all -inf rows were answered by the scan (index 0) */
 }
 
 void argmax_rows(const void *x, int bf16, int64_t rows, int64_t n, int64_t *out,
