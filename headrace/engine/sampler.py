@@ -17,14 +17,13 @@ from headrace.wire.messages import TokenLogprobs
 _NEG_INF = float("-inf")
 
 
+def _penalized(r: Request) -> bool:
+    p = r.params
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
 def _apply_penalties(logits: torch.Tensor, reqs: Sequence[Request]) -> None:
-    rows = [
-        i
-        for i, r in enumerate(reqs)
-        if r.params.repetition_penalty != 1.0
-        or r.params.presence_penalty != 0.0
-        or r.params.frequency_penalty != 0.0
-    ]
+    rows = [i for i, r in enumerate(reqs) if _penalized(r)]
     if not rows:
         return
     vocab = logits.shape[1]
@@ -132,13 +131,7 @@ def sample(
     or logprobs) takes the argmax of the logits as they are: bf16 -> float32 is exact, so the
     tokens are the same."""
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
-    modified = any(
-        r.params.repetition_penalty != 1.0
-        or r.params.presence_penalty != 0.0
-        or r.params.frequency_penalty != 0.0
-        or len(r.output_token_ids) < r.params.min_tokens
-        for r in reqs
-    )
+    modified = any(_penalized(r) or len(r.output_token_ids) < r.params.min_tokens for r in reqs)
     want_logprobs = any(r.params.logprobs is not None for r in reqs)
     argmax = argmax or (lambda x: x.argmax(dim=-1))
     if not (random_rows or modified or want_logprobs):
