@@ -57,8 +57,7 @@ class MetricsFastPathProtocol(HttpToolsProtocol):
             super().on_message_complete()
             return
         self._metrics = False
-        fresh = any(k == b"cache-control" and b"no-cache" in v for k, v in self.headers)
-        body = metrics_body(self.ctx, fresh)
+        body = metrics_body(self.ctx, self.headers)
         keep_alive = self.parser.should_keep_alive()  # False for HTTP/1.0, Connection: close
         out = [STATUS_LINE[200]]
         for name, value in self.server_state.default_headers:  # server, date

@@ -8,6 +8,7 @@ Every 503 carries Retry-After and a JSON body naming the state.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -55,10 +56,11 @@ async def ready(request: Request) -> JSONResponse:
     return _answer(ctx, ctx.state is ServerState.READY)
 
 
-def metrics_body(ctx: ServerContext, fresh: bool) -> bytes:
-    """The /metrics exposition, 200 in every state. `fresh` (Cache-Control: no-cache) skips
-    the counter/histogram snapshot (at most 1 s old otherwise); the gauges routers read are
-    always current."""
+def metrics_body(ctx: ServerContext, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """The /metrics exposition for a request with these (lower-cased) headers, 200 in every
+    state. `Cache-Control: no-cache` skips the counter/histogram snapshot (at most 1 s old
+    otherwise); the gauges routers read are always current."""
+    fresh = any(k == b"cache-control" and b"no-cache" in v for k, v in headers)
     ctx.metrics.set_lifecycle(ctx.state.value, ctx.load_fraction)
     return ctx.metrics.exposition(fresh)
 
@@ -78,8 +80,7 @@ class MetricsEndpoint:
         if scope["type"] != "http" or scope["path"] != "/metrics" or scope["method"] != "GET":
             await self.app(scope, receive, send)
             return
-        fresh = any(k == b"cache-control" and b"no-cache" in v for k, v in scope["headers"])
-        body = metrics_body(self.ctx, fresh)
+        body = metrics_body(self.ctx, scope["headers"])
         headers = [*self.headers, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
