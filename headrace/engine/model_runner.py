@@ -169,8 +169,9 @@ class ModelRunner:
             q_lens = [n for _, n in chunk]
             ctx_lens = [r.num_computed_tokens + n for r, n in chunk]
             group, new_slots = build_group(
-                start, q_lens, ctx_lens, [r.block_ids for r, _ in chunk], self.block_size, g
-            )
+                start, q_lens, ctx_lens, [r.block_ids for r, _ in chunk], self.block_size, g,
+                padded=self.kernels is None,
+            )  # fmt: skip
             groups.append(group.to(self.device))
             slots.append(new_slots)
             start += sum(q_lens)

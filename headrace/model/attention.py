@@ -13,8 +13,9 @@ attends. Requests are attended in groups (decodes together, prefill chunks toget
 padded to its longest query and context. Query heads that share a KV head are folded into the
 query axis, so GQA never copies K or V: a group computes `[B, KH, G*Q, D] x [B, KH, L, D]`.
 
-On CPU a group of decodes skips the copy: a C kernel (model/kernels.py) reads K and V through
-the block table where they lie.
+On CPU both kinds of group skip the copy, the padding and the mask: C kernels
+(model/kernels.py) read K and V through the block table where they lie, one for decodes and
+one for query chunks (causal, ragged).
 """
 
 from __future__ import annotations
@@ -29,36 +30,42 @@ from headrace.model.kernels import Kernels
 
 @dataclass(slots=True)
 class AttnGroup:
-    """Requests attended together, padded to one query length Q and one context length L.
+    """Requests attended together. The torch path pads them to one query length Q and one
+    context length L (`padded`); the C kernels read the lengths instead.
 
     tokens:   the group's rows in the flattened batch (its query tokens)
+    blocks:   [B, W] block table padded with block 0 (masked out); context L = W * block_size
+    ctx_lens: [B] context lengths (this step's tokens included)
+    q_lens:   [B] query tokens per request; None for a group of decodes (Q == 1)
+    padded:   whether the three fields below were built (the torch path needs them)
     q_index:  [B*Q] row in `tokens` for each padded query slot (len(tokens) = a zero row);
               None when every request has exactly Q query tokens
     q_keep:   rows of the padded [B*Q] layout that hold real tokens; None when no padding
-    blocks:   [B, W] block table padded with block 0 (masked out); context L = W * block_size
     mask:     [B, 1, G*Q, L] bool, True where query row may attend; None when nothing is masked
-    ctx_lens: [B] context lengths, for a group of decodes (Q == 1); else None
     """
 
     tokens: slice
-    q_index: torch.Tensor | None
-    q_keep: torch.Tensor | None
     blocks: torch.Tensor
-    mask: torch.Tensor | None
-    ctx_lens: torch.Tensor | None = None
+    ctx_lens: torch.Tensor
+    q_lens: torch.Tensor | None
+    padded: bool
+    q_index: torch.Tensor | None = None
+    q_keep: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> AttnGroup:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        blocks = self.blocks.to(device, non_blocking=True)
         return AttnGroup(
             self.tokens,
+            self.blocks.to(device, non_blocking=True),
+            self.ctx_lens.to(device, non_blocking=True),
+            move(self.q_lens),
+            self.padded,
             move(self.q_index),
             move(self.q_keep),
-            blocks,
             move(self.mask),
-            move(self.ctx_lens),
         )
 
 
@@ -78,8 +85,10 @@ def build_group(
     block_tables: list[list[int]],
     block_size: int,
     num_queries_per_kv: int,
+    padded: bool = True,
 ) -> tuple[AttnGroup, torch.Tensor]:
     """Lay out one group; request b's queries are the last q_lens[b] of its ctx_lens[b] positions.
+    `padded`: also build the torch path's padded layout and mask (the C kernels need neither).
 
     Returns the group and the cache slots of its new tokens, in token order (its slot mapping).
     """
@@ -90,9 +99,6 @@ def build_group(
     for b, blocks in enumerate(block_tables):
         row = blocks[:width]
         table[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-    length = width * block_size
-    pos = torch.arange(length)
-
     q_len_t = torch.tensor(q_lens)
     ctx_t = torch.tensor(ctx_lens)
     q_ar = torch.arange(max_q)
@@ -101,7 +107,14 @@ def build_group(
     new_pos = q_pos[valid_q]
     owner = torch.arange(num_reqs)[:, None].expand(num_reqs, max_q)[valid_q]
     new_slots = table[owner, new_pos // block_size] * block_size + new_pos % block_size
+    num_tokens = sum(q_lens)
+    tokens = slice(start, start + num_tokens)
+    group = AttnGroup(tokens, table, ctx_t, q_len_t if max_q > 1 else None, padded)
+    if not padded:
+        return group, new_slots
 
+    length = width * block_size
+    pos = torch.arange(length)
     mask: torch.Tensor | None = None
     if max_q == 1:
         if any(c != length for c in ctx_lens):
@@ -114,14 +127,11 @@ def build_group(
         g = num_queries_per_kv
         mask = mask.expand(num_reqs, g, mask.shape[2], length).reshape(num_reqs, 1, -1, length)
 
-    q_index = q_keep = None
-    num_tokens = sum(q_lens)
     if any(n != max_q for n in q_lens):
         offsets = torch.tensor([0, *q_lens[:-1]]).cumsum(0)
-        q_index = torch.where(valid_q, offsets[:, None] + q_ar[None, :], num_tokens).view(-1)
-        q_keep = valid_q.view(-1).nonzero().squeeze(1)
-    decode_lens = ctx_t if max_q == 1 else None
-    group = AttnGroup(slice(start, start + num_tokens), q_index, q_keep, table, mask, decode_lens)
+        group.q_index = torch.where(valid_q, offsets[:, None] + q_ar[None, :], num_tokens).view(-1)
+        group.q_keep = valid_q.view(-1).nonzero().squeeze(1)
+    group.mask = mask
     return group, new_slots
 
 
@@ -154,12 +164,18 @@ def attend(
     outs = []
     for grp in meta.groups:
         qg = q[grp.tokens]
-        if meta.kernels is not None and grp.ctx_lens is not None:
-            out = meta.kernels.paged_decode_attention(
-                qg.float(), kv_cache, grp.blocks, grp.ctx_lens, scale
-            )
+        if meta.kernels is not None:
+            if grp.q_lens is None:
+                out = meta.kernels.paged_decode_attention(
+                    qg.float(), kv_cache, grp.blocks, grp.ctx_lens, scale
+                )
+            else:
+                out = meta.kernels.paged_prefill_attention(
+                    qg.float(), kv_cache, grp.blocks, grp.q_lens, grp.ctx_lens, scale
+                )
             outs.append(out.view(-1, num_heads * head_dim))
             continue
+        assert grp.padded, "the torch path needs the padded layout (build_group(padded=True))"
         if grp.q_index is not None:
             qg = torch.cat([qg, qg.new_zeros(1, num_heads, head_dim)])[grp.q_index]
         b, width = grp.blocks.shape

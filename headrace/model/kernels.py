@@ -7,9 +7,9 @@ by source, compiler, flags and CPU), so later starts only load it. It is compile
 (`-march=native`) and links `libgomp.so.1`, which resolves to the OpenMP runtime torch has
 already loaded: the kernels run on torch's thread pool, not a second one.
 
-What they replace: decode attention's gathered copy of the cache, and runs of tiny torch ops
-(residual add + RMSNorm, RoPE + the cache write, SwiGLU's activation) that at decode sizes cost
-their thread wake-ups more than their arithmetic. No compiler, or a failed build: a warning,
+What they replace: attention's gathered, padded copy of the cache (decodes, and prompt chunks
+with their mask), and runs of tiny torch ops (residual add + RMSNorm, RoPE + the cache write,
+SwiGLU's activation) that at decode sizes cost their thread wake-ups more than their arithmetic. No compiler, or a failed build: a warning,
 and the model keeps its pure-torch ops (with a float32 KV cache on CPU).
 HEADRACE_DISABLE_KERNELS=1 forces that path.
 """
@@ -63,6 +63,9 @@ class Kernels:
         )
         self._silu_mul = _bind(lib, "silu_mul", [_ptr, _ptr, i32, _i64, _i64, i32])
         self._argmax_rows = _bind(lib, "argmax_rows", [_ptr, i32, _i64, _i64, _ptr, i32])
+        self._prefill = _bind(
+            lib, "paged_prefill_attention", [_ptr] * 7 + [_i64] * 6 + [f32, i32, i32]
+        )
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x.argmax(dim=-1) for [N, V] float32 or bfloat16 (first index of the maximum, a NaN
@@ -168,6 +171,36 @@ class Kernels:
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
             block_table.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
             b, block_table.shape[1], h, kh, d, block_size, scale,
+            int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def paged_prefill_attention(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        q_lens: torch.Tensor,
+        ctx_lens: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention of several query tokens per request over the cache (their own K/V
+        already in it). q [sum(q_lens), H, D] float32, request b's rows after request b-1's;
+        its query i sits at position ctx_lens[b] - q_lens[b] + i. kv_cache as for decode;
+        block_table [B, W], q_lens and ctx_lens [B] int64. Returns [sum(q_lens), H, D]
+        float32."""
+        _, h, d = q.shape
+        _, _, block_size, kh, _ = kv_cache.shape
+        q = q.contiguous()
+        assert q.dtype == torch.float32 and kv_cache.is_contiguous() and d % 8 == 0
+        assert kv_cache.dtype in _DTYPES
+        assert block_table.dtype == q_lens.dtype == ctx_lens.dtype == torch.int64
+        assert block_table.is_contiguous() and q_lens.is_contiguous() and ctx_lens.is_contiguous()
+        out = torch.empty_like(q)
+        self._prefill(
+            q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+            block_table.data_ptr(), q_lens.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
+            block_table.shape[0], block_table.shape[1], h, kh, d, block_size, scale,
             int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
         return out

@@ -73,9 +73,56 @@ def test_kernel_matches_torch(kernels, dtype, heads, kv_heads, d):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def _causal_reference(q, cache, tables, q_lens, ctx_lens, scale):
+    """Request by request: its queries are the last q_lens of its ctx_lens positions."""
+    kv_heads, d = cache.shape[3], cache.shape[4]
+    g = q.shape[1] // kv_heads
+    outs, start = [], 0
+    for table, q_len, ctx in zip(tables, q_lens, ctx_lens, strict=True):
+        k = cache[0, table].reshape(-1, kv_heads, d)[:ctx].float().repeat_interleave(g, 1)
+        v = cache[1, table].reshape(-1, kv_heads, d)[:ctx].float().repeat_interleave(g, 1)
+        s = torch.einsum("qhd,khd->hqk", q[start : start + q_len], k) * scale
+        q_pos = torch.arange(ctx - q_len, ctx)[:, None]
+        s = s.masked_fill(torch.arange(ctx)[None, :] > q_pos, float("-inf"))
+        outs.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), v))
+        start += q_len
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "heads,kv_heads,d,block",
+    # SmolLM2's shape; MHA with head_dim 128 and blocks smaller than a key chunk; GQA 8 with
+    # blocks of two chunks; head_dim 80 (not a multiple of 16)
+    [(9, 3, 64, 16), (4, 4, 128, 8), (8, 1, 64, 32), (6, 3, 80, 16)],
+)
+def test_prefill_kernel_matches_torch(kernels, dtype, heads, kv_heads, d, block):
+    # whole prompts, chunks after a cached prefix (ctx > q), one token, tile and block edges
+    q_lens = [1, 5, 16, 17, 40, 128, 3, 33]
+    ctx_lens = [1, 20, 16, 50, 40, 300, 3, 33]
+    gen = torch.Generator().manual_seed(d + block)
+    widths = [-(-n // block) for n in ctx_lens]
+    num_blocks = sum(widths) + 3
+    cache = torch.randn(2, num_blocks, block, kv_heads, d, generator=gen).to(dtype)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, at = [], 0
+    table = torch.zeros(len(q_lens), max(widths), dtype=torch.long)
+    for b, w in enumerate(widths):
+        tables.append(perm[at : at + w])
+        table[b, :w] = torch.tensor(tables[-1])
+        at += w
+    q = torch.randn(sum(q_lens), heads, d, generator=gen)
+    scale = 1 / math.sqrt(d)
+    got = kernels.paged_prefill_attention(
+        q, cache, table, torch.tensor(q_lens), torch.tensor(ctx_lens), scale
+    )
+    want = _causal_reference(q, cache, tables, q_lens, ctx_lens, scale)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_same_with_and_without_kernel(kernels, dtype):
-    """A step with decodes and a prefill chunk: the kernel takes the decode group only."""
+    """A step with decodes and a prefill chunk: the torch path, and the kernels (one per group)."""
     lens = [5, 40, 18, 77]
     q_lens = [1, 1, 1, 9]
     q_all, cache, tables = _random_case(dtype, lens)
@@ -91,7 +138,7 @@ def test_paged_attention_same_with_and_without_kernel(kernels, dtype):
     for kern in (None, kernels):
         meta = AttentionMetadata(slots, [dec, pre], kern)
         outs.append(paged_attention(q, k, v, cache.clone(), meta, 0.125))
-    assert dec.ctx_lens is not None and pre.ctx_lens is None
+    assert dec.q_lens is None and pre.q_lens is not None  # a decode kernel, a prefill kernel
     assert outs[0].dtype == outs[1].dtype == torch.float32  # attention computes in float32
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
 

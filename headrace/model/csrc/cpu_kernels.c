@@ -8,6 +8,10 @@
  * gathered copy. Two passes per request: scores (kept in a per-thread buffer), then the
  * softmax-weighted sum of V. Arithmetic is float32 whatever the cache's dtype (float32, bf16).
  *
+ * paged_prefill_attention: the same for requests with several query tokens (prompt chunks):
+ * causal, each request at its own query and context length, tiles of query tokens against
+ * chunks of keys with an online softmax.
+ *
  * add_rms_norm, rope_write_kv, silu_mul: the short runs of elementwise torch ops around the
  * linears (residual add + RMSNorm; RoPE + the K/V cache write; SwiGLU's activation), each as
  * one pass, because at decode sizes every torch op costs its thread wake-up.
@@ -42,6 +46,13 @@ static inline const float *row_f32(const void *base, int64_t index, int64_t D, i
     for (int64_t d = 0; d < D; d++)
         dst[d] = bf16_to_f32(src[d]);
     return dst;
+}
+
+/* The same row as float32, always copied into `dst`. */
+static inline void copy_row_f32(const void *base, int64_t index, int64_t D, int bf16, float *dst) {
+    const float *src = row_f32(base, index, D, bf16, dst);
+    if (src != dst)
+        memcpy(dst, src, sizeof(float) * (size_t)D);
 }
 
 /* q . k over D elements. */
@@ -318,6 +329,197 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
         _mm_setcsr(csr);
 #endif
     }
+}
+
+/* Attention for requests with several query tokens (prefill chunks), causal, read from the
+ * paged cache where K and V lie. Query token i of request b sits at position
+ * ctx_lens[b] - q_lens[b] + i and attends keys 0 .. its position. q, out: [sum(q_lens), H, D]
+ * float32, request b's rows after those of requests 0 .. b-1. block_table: [B, W]. D % 8 == 0.
+ *
+ * Work item: one request, one KV head, PF_TOK query tokens, i.e. R = PF_TOK * G rows (token,
+ * query head). The tile is held transposed, Q^T and O^T [D][R], so every inner loop runs
+ * along 16 rows with no horizontal sums: a score column over 16 rows is a sum over d of
+ * Q^T[d] * k[d], and O^T[d] gains sum over keys of v[d] * P[key]. Keys come in chunks of
+ * PF_KEYS (within one cache block), converted to float32 once per work item and reused by all
+ * R rows; the softmax is the online one (running max m, running sum l, O rescaled). */
+#define PF_TOK 16
+#define PF_KEYS 16
+
+/* st[j][r] = sum_d qt[d][r] * kf[j][d] for 16 rows from r0 and 8 keys from j0. */
+static inline void pf_scores8(const float *qt, const float *kf, float *st, int64_t R, int64_t D,
+                              int64_t r0, int64_t j0) {
+    float acc[8][16] = {{0}};
+    for (int64_t d = 0; d < D; d++) {
+        const float *qd = qt + d * R + r0;
+        for (int k = 0; k < 8; k++) {
+            const float kv = kf[(j0 + k) * D + d];
+#pragma omp simd
+            for (int l = 0; l < 16; l++)
+                acc[k][l] += qd[l] * kv;
+        }
+    }
+    for (int k = 0; k < 8; k++)
+        memcpy(st + (j0 + k) * R + r0, acc[k], sizeof acc[k]);
+}
+
+/* ot[d][r] = ot[d][r] * corr[r] + sum_j vf[j][d] * st[j][r], 16 rows from r0, 8 dims from d0. */
+static inline void pf_values8(float *ot, const float *vf, const float *st, const float *corr,
+                              int64_t R, int64_t D, int64_t nk, int64_t r0, int64_t d0) {
+    float acc[8][16];
+    for (int k = 0; k < 8; k++)
+#pragma omp simd
+        for (int l = 0; l < 16; l++)
+            acc[k][l] = ot[(d0 + k) * R + r0 + l] * corr[r0 + l];
+    for (int64_t j = 0; j < nk; j++) {
+        const float *p = st + j * R + r0;
+        for (int k = 0; k < 8; k++) {
+            const float vv = vf[j * D + d0 + k];
+#pragma omp simd
+            for (int l = 0; l < 16; l++)
+                acc[k][l] += p[l] * vv;
+        }
+    }
+    for (int k = 0; k < 8; k++)
+        memcpy(ot + (d0 + k) * R + r0, acc[k], sizeof acc[k]);
+}
+
+void paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache,
+                             const int64_t *block_table, const int64_t *q_lens,
+                             const int64_t *ctx_lens, float *out, int64_t B, int64_t W,
+                             int64_t H, int64_t KH, int64_t D, int64_t block_size, float scale,
+                             int kv_bf16, int num_threads) {
+    const int64_t G = H / KH, R = PF_TOK * G, row = KH * D;
+    const int64_t chunk = block_size < PF_KEYS ? block_size : PF_KEYS;
+    /* work items, request by request: KH heads x ceil(q_len / PF_TOK) tiles each */
+    int64_t *q_start = malloc(sizeof(int64_t) * (size_t)(B + 1));
+    int64_t *item_start = malloc(sizeof(int64_t) * (size_t)(B + 1));
+    q_start[0] = item_start[0] = 0;
+    for (int64_t b = 0; b < B; b++) {
+        q_start[b + 1] = q_start[b] + q_lens[b];
+        item_start[b + 1] = item_start[b] + KH * ((q_lens[b] + PF_TOK - 1) / PF_TOK);
+    }
+
+#pragma omp parallel num_threads(num_threads)
+    {
+#if defined(__SSE__)
+        const unsigned int csr = _mm_getcsr(); /* denormals to zero, as in decode */
+        _mm_setcsr(csr | 0x8040);
+#endif
+        float *qt = malloc(sizeof(float) * (size_t)(D * R));
+        float *ot = malloc(sizeof(float) * (size_t)(D * R));
+        float *st = malloc(sizeof(float) * (size_t)(PF_KEYS * R));
+        float *kf = malloc(sizeof(float) * (size_t)(PF_KEYS * D));
+        float *vf = malloc(sizeof(float) * (size_t)(PF_KEYS * D));
+        float *m = malloc(sizeof(float) * (size_t)R), *l = malloc(sizeof(float) * (size_t)R);
+        float *corr = malloc(sizeof(float) * (size_t)R);
+        int32_t *pos = malloc(sizeof(int32_t) * (size_t)R);
+
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < item_start[B]; it++) {
+            int64_t b = 0, hi = B; /* the request holding item `it`: binary search */
+            while (hi - b > 1) {
+                const int64_t mid = (b + hi) / 2;
+                if (item_start[mid] <= it)
+                    b = mid;
+                else
+                    hi = mid;
+            }
+            const int64_t q_len = q_lens[b], tiles = (q_len + PF_TOK - 1) / PF_TOK;
+            const int64_t kh = (it - item_start[b]) / tiles, t0 = (it - item_start[b]) % tiles * PF_TOK;
+            const int64_t nt = q_len - t0 < PF_TOK ? q_len - t0 : PF_TOK;
+            const int64_t first = ctx_lens[b] - q_len + t0; /* position of the tile's first token */
+            const int64_t *table = block_table + b * W;
+
+            for (int64_t t = 0; t < PF_TOK; t++)
+                for (int64_t g = 0; g < G; g++) {
+                    const int64_t r = t * G + g;
+                    const float *qr = q + ((q_start[b] + t0 + t) * H + kh * G + g) * D;
+                    for (int64_t d = 0; d < D; d++)
+                        qt[d * R + r] = t < nt ? scale * qr[d] : 0.0f;
+                    pos[r] = t < nt ? (int32_t)(first + t) : INT32_MAX; /* pad rows: unmasked */
+                    m[r] = -INFINITY;
+                    l[r] = 0.0f;
+                }
+            memset(ot, 0, sizeof(float) * (size_t)(D * R));
+
+            const int64_t end = first + nt; /* keys 0 .. end - 1 */
+            for (int64_t j0 = 0; j0 < end; j0 += chunk) {
+                const int64_t nk = end - j0 < chunk ? end - j0 : chunk;
+                const int64_t base = (table[j0 / block_size] * block_size + j0 % block_size) * row;
+                for (int64_t j = 0; j < PF_KEYS; j++) {
+                    if (j < nk) {
+                        copy_row_f32(k_cache, base + j * row + kh * D, D, kv_bf16, kf + j * D);
+                        copy_row_f32(v_cache, base + j * row + kh * D, D, kv_bf16, vf + j * D);
+                    } else {
+                        memset(kf + j * D, 0, sizeof(float) * (size_t)D);
+                    }
+                }
+                for (int64_t r0 = 0; r0 < R; r0 += 16)
+                    for (int64_t j = 0; j < PF_KEYS; j += 8)
+                        pf_scores8(qt, kf, st, R, D, r0, j);
+                /* causal mask and the chunk's padding; then the online softmax, per row */
+                const int masked = j0 + nk - 1 > first || nk < PF_KEYS;
+                for (int64_t r0 = 0; r0 < R; r0 += 16) {
+                    if (masked)
+                        for (int64_t j = 0; j < PF_KEYS; j++) {
+                            float *sj = st + j * R + r0;
+                            for (int k = 0; k < 16; k++)
+                                if (j >= nk || j0 + j > pos[r0 + k])
+                                    sj[k] = -INFINITY;
+                        }
+                    float mx[16], sum[16];
+#pragma omp simd
+                    for (int k = 0; k < 16; k++)
+                        mx[k] = m[r0 + k];
+                    for (int64_t j = 0; j < PF_KEYS; j++)
+#pragma omp simd
+                        for (int k = 0; k < 16; k++)
+                            mx[k] = st[j * R + r0 + k] > mx[k] ? st[j * R + r0 + k] : mx[k];
+#pragma omp simd
+                    for (int k = 0; k < 16; k++) {
+                        corr[r0 + k] = exp_nonpos(m[r0 + k] - mx[k]);
+                        m[r0 + k] = mx[k];
+                        sum[k] = 0.0f;
+                    }
+                    for (int64_t j = 0; j < PF_KEYS; j++)
+#pragma omp simd
+                        for (int k = 0; k < 16; k++) {
+                            float *s = st + j * R + r0 + k;
+                            *s = exp_nonpos(*s - mx[k]);
+                            sum[k] += *s;
+                        }
+#pragma omp simd
+                    for (int k = 0; k < 16; k++)
+                        l[r0 + k] = l[r0 + k] * corr[r0 + k] + sum[k];
+                }
+                for (int64_t r0 = 0; r0 < R; r0 += 16)
+                    for (int64_t d0 = 0; d0 < D; d0 += 8)
+                        pf_values8(ot, vf, st, corr, R, D, nk, r0, d0);
+            }
+            for (int64_t t = 0; t < nt; t++)
+                for (int64_t g = 0; g < G; g++) {
+                    const int64_t r = t * G + g;
+                    float *o = out + ((q_start[b] + t0 + t) * H + kh * G + g) * D;
+                    const float inv = 1.0f / l[r];
+                    for (int64_t d = 0; d < D; d++)
+                        o[d] = ot[d * R + r] * inv;
+                }
+        }
+        free(qt);
+        free(ot);
+        free(st);
+        free(kf);
+        free(vf);
+        free(m);
+        free(l);
+        free(corr);
+        free(pos);
+#if defined(__SSE__)
+        _mm_setcsr(csr);
+#endif
+    }
+    free(q_start);
+    free(item_start);
 }
 
 static inline uint16_t f32_to_bf16(float f) {
