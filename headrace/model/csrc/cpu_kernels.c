@@ -121,6 +121,9 @@ static inline void softmax_heads(float *scores, int64_t H, int64_t len, float *i
     for (int64_t h = 0; h < H; h++) {
         float *sh = scores + h * len;
         float m = sh[0];
+        /* vectorized: as a scalar loop each compare waits on the one before (perf put it at a
+         * fifth of the kernel's time) */
+#pragma omp simd reduction(max : m)
         for (int64_t t = 1; t < len; t++)
             m = sh[t] > m ? sh[t] : m;
         float sum = 0.0f;
@@ -777,3 +780,4 @@ void argmax_rows(const void *x, int bf16, int64_t rows, int64_t n, int64_t *out,
     for (int64_t r = 0; r < rows; r++)
         out[r] = argmax_row((const char *)x + r * n * esize, bf16, n);
 }
+
