@@ -386,6 +386,46 @@ static inline void pf_values8(float *ot, const float *vf, const float *st, const
         memcpy(ot + (d0 + k) * R + r0, acc[k], sizeof acc[k]);
 }
 
+/* dst[c][dst_off + i] = src[i][src_off + c] * scale[i] for i, c < 16: a 16 x 16 block
+ * transposed, its rows given by pointers (the tile's rows lie in q and out by token and head).
+ * In registers, 64 shuffles; element by element it was a quarter of the kernel's time. */
+static inline void transpose16(const float *const src[16], int64_t src_off, const float *scale,
+                               float *const dst[16], int64_t dst_off) {
+#if defined(__AVX512F__)
+    __m512 r[16], t[16], u[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_loadu_ps(src[i] + src_off);
+    for (int k = 0; k < 8; k++) { /* per 128-bit lane: [a0 b0 a1 b1], [a2 b2 a3 b3] */
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; k++) { /* u[4k + e], lane L: rows 4k .. 4k+3 of column 4L + e */
+        u[4 * k] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+        u[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0xee);
+        u[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+        u[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xee);
+    }
+    const __m512 sc = _mm512_loadu_ps(scale);
+    for (int e = 0; e < 4; e++) { /* gather lane L of u[e], u[4+e], u[8+e], u[12+e] */
+        const __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88);
+        const __m512 w0 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
+        const __m512 v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xdd);
+        const __m512 w1 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xdd);
+        _mm512_storeu_ps(dst[e] + dst_off, _mm512_mul_ps(_mm512_shuffle_f32x4(v0, w0, 0x88), sc));
+        _mm512_storeu_ps(dst[4 + e] + dst_off,
+                         _mm512_mul_ps(_mm512_shuffle_f32x4(v1, w1, 0x88), sc));
+        _mm512_storeu_ps(dst[8 + e] + dst_off,
+                         _mm512_mul_ps(_mm512_shuffle_f32x4(v0, w0, 0xdd), sc));
+        _mm512_storeu_ps(dst[12 + e] + dst_off,
+                         _mm512_mul_ps(_mm512_shuffle_f32x4(v1, w1, 0xdd), sc));
+    }
+#else
+    for (int i = 0; i < 16; i++)
+        for (int c = 0; c < 16; c++)
+            dst[c][dst_off + i] = src[i][src_off + c] * scale[i];
+#endif
+}
+
 void paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache,
                              const int64_t *block_table, const int64_t *q_lens,
                              const int64_t *ctx_lens, float *out, int64_t B, int64_t W,
@@ -416,6 +456,13 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
         float *m = malloc(sizeof(float) * (size_t)R), *l = malloc(sizeof(float) * (size_t)R);
         float *corr = malloc(sizeof(float) * (size_t)R);
         int32_t *pos = malloc(sizeof(int32_t) * (size_t)R);
+        float *zero_row = calloc((size_t)D, sizeof(float)); /* the query of a pad row */
+        float *scratch = malloc(sizeof(float) * (size_t)D);  /* the output of a pad row */
+        float scales[16], ones[16];
+        for (int i = 0; i < 16; i++) {
+            scales[i] = scale;
+            ones[i] = 1.0f;
+        }
 
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < item_start[B]; it++) {
@@ -433,16 +480,27 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
             const int64_t first = ctx_lens[b] - q_len + t0; /* position of the tile's first token */
             const int64_t *table = block_table + b * W;
 
-            for (int64_t t = 0; t < PF_TOK; t++)
-                for (int64_t g = 0; g < G; g++) {
-                    const int64_t r = t * G + g;
-                    const float *qr = q + ((q_start[b] + t0 + t) * H + kh * G + g) * D;
-                    for (int64_t d = 0; d < D; d++)
-                        qt[d * R + r] = t < nt ? scale * qr[d] : 0.0f;
-                    pos[r] = t < nt ? (int32_t)(first + t) : INT32_MAX; /* pad rows: unmasked */
-                    m[r] = -INFINITY;
-                    l[r] = 0.0f;
+            for (int64_t r = 0; r < R; r++) {
+                const int64_t t = r / G;
+                pos[r] = t < nt ? (int32_t)(first + t) : INT32_MAX; /* pad rows: unmasked */
+                m[r] = -INFINITY;
+                l[r] = 0.0f;
+            }
+            for (int64_t r0 = 0; r0 < R; r0 += 16) { /* Q^T, scaled; pad rows are zero */
+                const float *src[16];
+                float *dst[16];
+                for (int i = 0; i < 16; i++) {
+                    const int64_t t = (r0 + i) / G, g = (r0 + i) % G;
+                    src[i] = t < nt ? q + ((q_start[b] + t0 + t) * H + kh * G + g) * D : zero_row;
+                    dst[i] = qt + i * R + r0;
                 }
+                int64_t d0 = 0;
+                for (; d0 + 16 <= D; d0 += 16)
+                    transpose16(src, d0, scales, dst, d0 * R);
+                for (; d0 < D; d0++)
+                    for (int i = 0; i < 16; i++)
+                        qt[d0 * R + r0 + i] = scale * src[i][d0];
+            }
             memset(ot, 0, sizeof(float) * (size_t)(D * R));
 
             const int64_t end = first + nt; /* keys 0 .. end - 1 */
@@ -499,14 +557,27 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
                     for (int64_t d0 = 0; d0 < D; d0 += 8)
                         pf_values8(ot, vf, st, corr, R, D, nk, r0, d0);
             }
-            for (int64_t t = 0; t < nt; t++)
-                for (int64_t g = 0; g < G; g++) {
-                    const int64_t r = t * G + g;
-                    float *o = out + ((q_start[b] + t0 + t) * H + kh * G + g) * D;
-                    const float inv = 1.0f / l[r];
-                    for (int64_t d = 0; d < D; d++)
-                        o[d] = ot[d * R + r] * inv;
+            for (int64_t r = 0; r < R; r++)
+                corr[r] = 1.0f / l[r];
+            for (int64_t d = 0; d < D; d++) /* normalize, along the rows */
+#pragma omp simd
+                for (int64_t r = 0; r < R; r++)
+                    ot[d * R + r] *= corr[r];
+            for (int64_t r0 = 0; r0 < R; r0 += 16) { /* O^T back into out's rows */
+                const float *src[16];
+                float *dst[16];
+                for (int i = 0; i < 16; i++) {
+                    const int64_t t = (r0 + i) / G, g = (r0 + i) % G;
+                    src[i] = ot + i * R + r0; /* with d0 * R: row d0 + i of O^T */
+                    dst[i] = t < nt ? out + ((q_start[b] + t0 + t) * H + kh * G + g) * D : scratch;
                 }
+                int64_t d0 = 0;
+                for (; d0 + 16 <= D; d0 += 16)
+                    transpose16(src, d0 * R, ones, dst, d0);
+                for (; d0 < D; d0++)
+                    for (int i = 0; i < 16; i++)
+                        dst[i][d0] = ot[d0 * R + r0 + i];
+            }
         }
         free(qt);
         free(ot);
@@ -517,6 +588,8 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
         free(l);
         free(corr);
         free(pos);
+        free(zero_row);
+        free(scratch);
 #if defined(__SSE__)
         _mm_setcsr(csr);
 #endif
