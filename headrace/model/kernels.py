@@ -9,9 +9,9 @@ already loaded: the kernels run on torch's thread pool, not a second one.
 
 What they replace: attention's gathered, padded copy of the cache (decodes, and prompt chunks
 with their mask), and runs of tiny torch ops (residual add + RMSNorm, RoPE + the cache write,
-SwiGLU's activation) that at decode sizes cost their thread wake-ups more than their arithmetic. No compiler, or a failed build: a warning,
-and the model keeps its pure-torch ops (with a float32 KV cache on CPU).
-HEADRACE_DISABLE_KERNELS=1 forces that path.
+SwiGLU's activation) that at decode sizes cost their thread wake-ups more than their arithmetic.
+No compiler, or a failed build: a warning, and the model keeps its pure-torch ops (with a float32
+KV cache on CPU). HEADRACE_DISABLE_KERNELS=1 forces that path.
 """
 
 from __future__ import annotations
