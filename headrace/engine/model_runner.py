@@ -85,6 +85,10 @@ class ModelRunner:
         self.model, self.arch = loaded.model, loaded.arch
         self.block_size = cache_cfg.block_size
         self.kernels = cpu_kernels() if self.device.type == "cpu" else None
+        # prompt chunks: the C kernel reads lengths; the torch path needs them padded and masked
+        self.padded_attention = self.kernels is None or not self.kernels.handles_prefill(
+            self.arch.head_dim
+        )
         self.kv_dtype = kv_cache_dtype(self.dtype, self.device, self.kernels is not None)
         per_block = (
             2
@@ -170,7 +174,7 @@ class ModelRunner:
             ctx_lens = [r.num_computed_tokens + n for r, n in chunk]
             group, new_slots = build_group(
                 start, q_lens, ctx_lens, [r.block_ids for r, _ in chunk], self.block_size, g,
-                padded=self.kernels is None,
+                padded=self.padded_attention,
             )  # fmt: skip
             groups.append(group.to(self.device))
             slots.append(new_slots)

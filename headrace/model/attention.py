@@ -164,7 +164,8 @@ def attend(
     outs = []
     for grp in meta.groups:
         qg = q[grp.tokens]
-        if meta.kernels is not None:
+        # decodes always take the kernel; prompt chunks when built for it (not padded)
+        if meta.kernels is not None and (grp.q_lens is None or not grp.padded):
             if grp.q_lens is None:
                 out = meta.kernels.paged_decode_attention(
                     qg.float(), kv_cache, grp.blocks, grp.ctx_lens, scale

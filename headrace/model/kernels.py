@@ -175,6 +175,12 @@ class Kernels:
         )  # fmt: skip
         return out
 
+    @staticmethod
+    def handles_prefill(head_dim: int) -> bool:
+        """Whether paged_prefill_attention takes this head size (its loops go 8 dims at a
+        time); elsewhere prompt chunks keep the torch path."""
+        return head_dim % 8 == 0
+
     def paged_prefill_attention(
         self,
         q: torch.Tensor,

@@ -131,14 +131,13 @@ def test_paged_attention_same_with_and_without_kernel(kernels, dtype):
     q = torch.randn(sum(q_lens), heads, d, generator=gen)
     k = torch.randn(sum(q_lens), cache.shape[3], d, generator=gen)
     v = torch.randn_like(k)
-    dec, dec_slots = build_group(0, q_lens[:3], lens[:3], tables[:3], BLOCK, 3)
-    pre, pre_slots = build_group(3, q_lens[3:], lens[3:], tables[3:], BLOCK, 3)
-    slots = torch.cat([dec_slots, pre_slots])
     outs = []
-    for kern in (None, kernels):
-        meta = AttentionMetadata(slots, [dec, pre], kern)
+    for kern in (None, kernels):  # the kernels need no padded layout
+        dec, dec_slots = build_group(0, q_lens[:3], lens[:3], tables[:3], BLOCK, 3, kern is None)
+        pre, pre_slots = build_group(3, q_lens[3:], lens[3:], tables[3:], BLOCK, 3, kern is None)
+        assert dec.q_lens is None and pre.q_lens is not None  # a decode kernel, a prefill kernel
+        meta = AttentionMetadata(torch.cat([dec_slots, pre_slots]), [dec, pre], kern)
         outs.append(paged_attention(q, k, v, cache.clone(), meta, 0.125))
-    assert dec.q_lens is None and pre.q_lens is not None  # a decode kernel, a prefill kernel
     assert outs[0].dtype == outs[1].dtype == torch.float32  # attention computes in float32
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
 
