@@ -198,7 +198,7 @@ class Kernels:
         _, h, d = q.shape
         _, _, block_size, kh, _ = kv_cache.shape
         q = q.contiguous()
-        assert q.dtype == torch.float32 and kv_cache.is_contiguous() and d % 8 == 0
+        assert q.dtype == torch.float32 and kv_cache.is_contiguous() and self.handles_prefill(d)
         assert kv_cache.dtype in _DTYPES
         assert block_table.dtype == q_lens.dtype == ctx_lens.dtype == torch.int64
         assert block_table.is_contiguous() and q_lens.is_contiguous() and ctx_lens.is_contiguous()

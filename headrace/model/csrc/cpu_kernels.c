@@ -386,10 +386,10 @@ static inline void pf_values8(float *ot, const float *vf, const float *st, const
         memcpy(ot + (d0 + k) * R + r0, acc[k], sizeof acc[k]);
 }
 
-/* dst[c][dst_off + i] = src[i][src_off + c] * scale[i] for i, c < 16: a 16 x 16 block
+/* dst[c][dst_off + i] = src[i][src_off + c] * scale for i, c < 16: a 16 x 16 block
  * transposed, its rows given by pointers (the tile's rows lie in q and out by token and head).
  * In registers, 64 shuffles; element by element it was a quarter of the kernel's time. */
-static inline void transpose16(const float *const src[16], int64_t src_off, const float *scale,
+static inline void transpose16(const float *const src[16], int64_t src_off, float scale,
                                float *const dst[16], int64_t dst_off) {
 #if defined(__AVX512F__)
     __m512 r[16], t[16], u[16];
@@ -405,7 +405,7 @@ static inline void transpose16(const float *const src[16], int64_t src_off, cons
         u[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
         u[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xee);
     }
-    const __m512 sc = _mm512_loadu_ps(scale);
+    const __m512 sc = _mm512_set1_ps(scale);
     for (int e = 0; e < 4; e++) { /* gather lane L of u[e], u[4+e], u[8+e], u[12+e] */
         const __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88);
         const __m512 w0 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
@@ -422,7 +422,7 @@ static inline void transpose16(const float *const src[16], int64_t src_off, cons
 #else
     for (int i = 0; i < 16; i++)
         for (int c = 0; c < 16; c++)
-            dst[c][dst_off + i] = src[i][src_off + c] * scale[i];
+            dst[c][dst_off + i] = src[i][src_off + c] * scale;
 #endif
 }
 
@@ -456,13 +456,9 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
         float *m = malloc(sizeof(float) * (size_t)R), *l = malloc(sizeof(float) * (size_t)R);
         float *corr = malloc(sizeof(float) * (size_t)R);
         int32_t *pos = malloc(sizeof(int32_t) * (size_t)R);
+        int64_t *at = malloc(sizeof(int64_t) * (size_t)R); /* row r in q and out; -1: pad row */
         float *zero_row = calloc((size_t)D, sizeof(float)); /* the query of a pad row */
         float *scratch = malloc(sizeof(float) * (size_t)D);  /* the output of a pad row */
-        float scales[16], ones[16];
-        for (int i = 0; i < 16; i++) {
-            scales[i] = scale;
-            ones[i] = 1.0f;
-        }
 
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < item_start[B]; it++) {
@@ -475,13 +471,15 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
                     hi = mid;
             }
             const int64_t q_len = q_lens[b], tiles = (q_len + PF_TOK - 1) / PF_TOK;
-            const int64_t kh = (it - item_start[b]) / tiles, t0 = (it - item_start[b]) % tiles * PF_TOK;
+            const int64_t kh = (it - item_start[b]) / tiles;
+            const int64_t t0 = (it - item_start[b]) % tiles * PF_TOK;
             const int64_t nt = q_len - t0 < PF_TOK ? q_len - t0 : PF_TOK;
             const int64_t first = ctx_lens[b] - q_len + t0; /* position of the tile's first token */
             const int64_t *table = block_table + b * W;
 
-            for (int64_t r = 0; r < R; r++) {
+            for (int64_t r = 0; r < R; r++) { /* row r: token r / G, query head kh * G + r % G */
                 const int64_t t = r / G;
+                at[r] = t < nt ? ((q_start[b] + t0 + t) * H + kh * G + r % G) * D : -1;
                 pos[r] = t < nt ? (int32_t)(first + t) : INT32_MAX; /* pad rows: unmasked */
                 m[r] = -INFINITY;
                 l[r] = 0.0f;
@@ -490,13 +488,12 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
                 const float *src[16];
                 float *dst[16];
                 for (int i = 0; i < 16; i++) {
-                    const int64_t t = (r0 + i) / G, g = (r0 + i) % G;
-                    src[i] = t < nt ? q + ((q_start[b] + t0 + t) * H + kh * G + g) * D : zero_row;
+                    src[i] = at[r0 + i] >= 0 ? q + at[r0 + i] : zero_row;
                     dst[i] = qt + i * R + r0;
                 }
                 int64_t d0 = 0;
                 for (; d0 + 16 <= D; d0 += 16)
-                    transpose16(src, d0, scales, dst, d0 * R);
+                    transpose16(src, d0, scale, dst, d0 * R);
                 for (; d0 < D; d0++)
                     for (int i = 0; i < 16; i++)
                         qt[d0 * R + r0 + i] = scale * src[i][d0];
@@ -567,13 +564,12 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
                 const float *src[16];
                 float *dst[16];
                 for (int i = 0; i < 16; i++) {
-                    const int64_t t = (r0 + i) / G, g = (r0 + i) % G;
                     src[i] = ot + i * R + r0; /* with d0 * R: row d0 + i of O^T */
-                    dst[i] = t < nt ? out + ((q_start[b] + t0 + t) * H + kh * G + g) * D : scratch;
+                    dst[i] = at[r0 + i] >= 0 ? out + at[r0 + i] : scratch;
                 }
                 int64_t d0 = 0;
                 for (; d0 + 16 <= D; d0 += 16)
-                    transpose16(src, d0 * R, ones, dst, d0);
+                    transpose16(src, d0 * R, 1.0f, dst, d0);
                 for (; d0 < D; d0++)
                     for (int i = 0; i < 16; i++)
                         dst[i][d0] = ot[d0 * R + r0 + i];
@@ -588,6 +584,7 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
         free(l);
         free(corr);
         free(pos);
+        free(at);
         free(zero_row);
         free(scratch);
 #if defined(__SSE__)
