@@ -10,6 +10,8 @@ already loaded: the kernels run on torch's thread pool, not a second one.
 What they replace: attention's gathered, padded copy of the cache (decodes, and prompt chunks
 with their mask), and runs of tiny torch ops (residual add + RMSNorm, RoPE + the cache write,
 SwiGLU's activation) that at decode sizes cost their thread wake-ups more than their arithmetic.
+And, on CPUs with AMX-BF16, the bf16 linear layers for batches of up to 32 rows
+(layers.AmxLinear), where oneDNN reads the weights at half the rate.
 No compiler, or a failed build: a warning, and the model keeps its pure-torch ops (with a float32
 KV cache on CPU). HEADRACE_DISABLE_KERNELS=1 forces that path.
 """
@@ -66,6 +68,9 @@ class Kernels:
         self._prefill = _bind(
             lib, "paged_prefill_attention", [_ptr] * 7 + [_i64] * 6 + [f32, i32, i32]
         )
+        self._amx_linear = _bind(lib, "amx_linear", [_ptr] * 4 + [_i64] * 3 + [i32])
+        lib.amx_available.restype = ctypes.c_int
+        self.amx = bool(lib.amx_available())
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x.argmax(dim=-1) for [N, V] float32 or bfloat16 (first index of the maximum, a NaN
@@ -174,6 +179,34 @@ class Kernels:
             int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+    def amx_fits(self, out_features: int, in_features: int) -> bool:
+        """Whether amx_linear runs here (AMX-BF16, tile registers granted) for this shape."""
+        return self.amx and in_features % 32 == 0 and out_features % 16 == 0
+
+    @staticmethod
+    def amx_pack(weight: torch.Tensor) -> torch.Tensor:
+        """A bf16 [N, K] weight in amx_linear's order: [N/16, K/32, 16, 16, 2], one 1 KB B tile
+        per 16 output columns and 32-element K chunk (row r: each column's K elements 2r, 2r+1)."""
+        n, k = weight.shape
+        tiles = weight.detach().to(torch.bfloat16).reshape(n // 16, 16, k // 32, 16, 2)
+        return tiles.permute(0, 2, 3, 1, 4).contiguous()
+
+    def amx_linear(
+        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [..., K] bf16 @ W^T (+ bias, float32) -> [..., N] bf16, W as amx_pack left it."""
+        nb, kc = packed.shape[:2]
+        n, k = nb * 16, kc * 32
+        assert x.dtype == torch.bfloat16 and x.shape[-1] == k
+        assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+        rows = x.reshape(-1, k).contiguous()
+        out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+        self._amx_linear(
+            rows.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+            out.data_ptr(), rows.shape[0], n, k, torch.get_num_threads(),
+        )  # fmt: skip
+        return out.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def handles_prefill(head_dim: int) -> bool:

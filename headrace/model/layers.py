@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import torch
@@ -129,6 +130,34 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class AmxLinear(nn.Module):
+    """A bf16 CPU linear that runs headrace's AMX kernel (csrc: amx_linear) for up to
+    `max_rows` rows and oneDNN's packed matmul for more, holding the weight in both orders.
+
+    Why both: the AMX kernel streams the weight once, front to back, for a single 32-row slice
+    of x, and reads it at about twice oneDNN's rate there (30 layers of SmolLM2 at 1-32 rows:
+    0.58-0.68 of oneDNN's time; the LM head 0.65-0.78). From two slices on, oneDNN's blocking
+    is as fast or faster (48-96 rows: 0.99-1.05; prompt chunks slower by 1.2-1.4x), so it keeps
+    those. The second copy costs the weight's size again in memory. Same math either way: bf16
+    inputs, float32 accumulation, bf16 out.
+    """
+
+    max_rows = 32
+
+    def __init__(self, linear: nn.Linear, kernels: Kernels) -> None:
+        super().__init__()
+        self.kernels = kernels
+        self.in_features = linear.in_features
+        self.packed = kernels.amx_pack(linear.weight)
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        self.onednn = PackedLinear(linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= self.max_rows * self.in_features:
+            return self.kernels.amx_linear(x, self.packed, self.bias)
+        return self.onednn(x)
+
+
 def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
     """oneDNN weight packing exists for bf16 on CPU builds with mkldnn; check it agrees with
     `F.linear` before trusting it."""
@@ -143,13 +172,18 @@ def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
-def pack_linears(module: nn.Module) -> int:
-    """Swap every nn.Linear below `module` for a PackedLinear; returns how many were swapped."""
-    count = 0
+def pack_linears(module: nn.Module, kernels: Kernels | None) -> Counter[str]:
+    """Swap every nn.Linear below `module` for an AmxLinear where headrace's AMX kernel takes its
+    shape, else a PackedLinear; returns how many of each."""
+    count: Counter[str] = Counter()
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child))
-            count += 1
+            if kernels is not None and kernels.amx_fits(child.out_features, child.in_features):
+                packed: nn.Module = AmxLinear(child, kernels)
+            else:
+                packed = PackedLinear(child)
+            setattr(module, name, packed)
+            count[type(packed).__name__] += 1
         else:
-            count += pack_linears(child)
+            count += pack_linears(child, kernels)
     return count

@@ -18,6 +18,7 @@ from torch import nn
 
 from headrace import envs
 from headrace.model.gguf import GGUFWeights
+from headrace.model.kernels import cpu_kernels
 from headrace.model.layers import can_pack_linears, pack_linears
 from headrace.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from headrace.model.registry import ArchConfig, UnsupportedModelError, arch_from_hf_config
@@ -199,7 +200,8 @@ def load_model(
     if leftover:
         raise UnsupportedModelError(f"{path}: no weights found for {', '.join(leftover[:5])}")
     if can_pack_linears(dtype, device):
-        logger.info("packed %d linear layers for oneDNN", pack_linears(model))
+        packed = pack_linears(model, cpu_kernels())
+        logger.info("packed linear layers: %s", ", ".join(f"{n} {k}" for k, n in packed.items()))
     model.eval()
     return LoadedModel(model, arch, path, dtype)
 

@@ -239,3 +239,30 @@ def test_kernels_share_torchs_openmp_runtime():
     ours, torchs = openmp_runtimes(ctypes.CDLL(str(_build())))
     assert ours is not None and ours == torchs
     assert all(openmp_runtimes(o)[0] != torchs for o in others)  # the lookup tells them apart
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 48, 70])  # every tile edge of M
+@pytest.mark.parametrize(("n", "k", "bias"), [(48, 64, True), (160, 96, False), (960, 576, True)])
+def test_amx_linear_matches_float32_math(kernels, rows, n, k, bias):
+    """Against the same bf16 operands multiplied in float32: only the output's bf16 rounding
+    (and float32 summation order) may differ. n = 48 leaves a column block without a pair."""
+    if not kernels.amx_fits(n, k):
+        pytest.skip("this CPU or kernel has no AMX-BF16")
+    gen = torch.Generator().manual_seed(rows * n)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen) if bias else None
+    want = x.float() @ w.float().T + (b if b is not None else 0.0)
+    got = kernels.amx_linear(x, kernels.amx_pack(w), b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=8e-3)
+
+
+def test_amx_pack_order(kernels):
+    """Tile (j, c) row r holds, for each of the 16 columns 16j + i, the K elements 32c + 2r and
+    32c + 2r + 1."""
+    w = torch.arange(32 * 64, dtype=torch.float32).reshape(32, 64).to(torch.bfloat16)
+    p = kernels.amx_pack(w)
+    assert p.shape == (2, 2, 16, 16, 2)
+    for j, c, r, i, e in [(0, 0, 0, 0, 0), (1, 1, 15, 15, 1), (1, 0, 3, 7, 1), (0, 1, 9, 2, 0)]:
+        assert p[j, c, r, i, e] == w[16 * j + i, 32 * c + 2 * r + e]
