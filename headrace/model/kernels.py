@@ -10,8 +10,8 @@ already loaded: the kernels run on torch's thread pool, not a second one.
 What they replace: attention's gathered, padded copy of the cache (decodes, and prompt chunks
 with their mask), and runs of tiny torch ops (residual add + RMSNorm, RoPE + the cache write,
 SwiGLU's activation) that at decode sizes cost their thread wake-ups more than their arithmetic.
-And, on CPUs with AMX-BF16, the bf16 linear layers for batches of up to 32 rows
-(layers.AmxLinear), where oneDNN reads the weights at half the rate.
+And, on CPUs with AMX-BF16, the bf16 linear layers for batches of up to 128 rows
+(layers.AmxLinear), where oneDNN reads the weights at about half the rate.
 No compiler, or a failed build: a warning, and the model keeps its pure-torch ops (with a float32
 KV cache on CPU). HEADRACE_DISABLE_KERNELS=1 forces that path.
 """

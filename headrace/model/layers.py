@@ -134,15 +134,16 @@ class AmxLinear(nn.Module):
     """A bf16 CPU linear that runs headrace's AMX kernel (csrc: amx_linear) for up to
     `max_rows` rows and oneDNN's packed matmul for more, holding the weight in both orders.
 
-    Why both: the AMX kernel streams the weight once, front to back, for a single 32-row slice
-    of x, and reads it at about twice oneDNN's rate there (30 layers of SmolLM2 at 1-32 rows:
-    0.58-0.68 of oneDNN's time; the LM head 0.65-0.78). From two slices on, oneDNN's blocking
-    is as fast or faster (48-96 rows: 0.99-1.05; prompt chunks slower by 1.2-1.4x), so it keeps
-    those. The second copy costs the weight's size again in memory. Same math either way: bf16
-    inputs, float32 accumulation, bf16 out.
+    Why both: the AMX kernel reads each weight once, front to back, for up to 64 rows (beyond,
+    64 at a time), at up to twice oneDNN's rate. Timed over SmolLM2's 30 layers of linears,
+    alternated with oneDNN in one process: 0.45-0.62 of oneDNN's time at 1-32 rows, 0.67-0.73
+    at 33-64, 0.72-0.78 at 80-128; the LM head 0.52-0.89 up to 96 rows and 0.92-1.02 at 128.
+    From 192 rows on oneDNN's blocking catches up (0.89-1.00 at 192-256) and wins on prompt
+    chunks (1.7x at 2048), so it keeps those. The second copy costs the weight's size again in
+    memory. Same math either way: bf16 inputs, float32 accumulation, bf16 out.
     """
 
-    max_rows = 32
+    max_rows = 128
 
     def __init__(self, linear: nn.Linear, kernels: Kernels) -> None:
         super().__init__()

@@ -241,11 +241,12 @@ def test_kernels_share_torchs_openmp_runtime():
     assert all(openmp_runtimes(o)[0] != torchs for o in others)  # the lookup tells them apart
 
 
-@pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 48, 70])  # every tile edge of M
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 48, 49, 64, 65, 150])  # tile edges
 @pytest.mark.parametrize(("n", "k", "bias"), [(48, 64, True), (160, 96, False), (960, 576, True)])
 def test_amx_linear_matches_float32_math(kernels, rows, n, k, bias):
     """Against the same bf16 operands multiplied in float32: only the output's bf16 rounding
-    (and float32 summation order) may differ. n = 48 leaves a column block without a pair."""
+    (and float32 summation order) may differ. Rows cover 1-4 A tiles, partial tiles and more
+    than one 64-row slice; n = 48 gives the threads unequal shares of column blocks."""
     if not kernels.amx_fits(n, k):
         pytest.skip("this CPU or kernel has no AMX-BF16")
     gen = torch.Generator().manual_seed(rows * n)

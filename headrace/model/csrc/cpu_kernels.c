@@ -857,15 +857,17 @@ void argmax_rows(const void *x, int bf16, int64_t rows, int64_t n, int64_t *out,
 /* ---- bf16 linear layers on AMX ----
  *
  * amx_linear: y = x W^T (+ bias) for bf16 x [M, K] and W [N, K], float32 accumulation, bf16 out,
- * with W packed once at load (amx_pack order below) so that every tile the kernel loads is 1 KB
- * of consecutive memory and each thread reads its share of W front to back. oneDNN's matmul
- * reads the same weights at about half the rate for the few rows of a decode step (measured:
- * 30 layers of SmolLM2's linears at 1 row, 25.7 -> 13.4 ms).
+ * with W packed once at load (order below) so that every B tile the kernel loads is 1 KB of
+ * consecutive memory, and each thread reads its share of W once, front to back, asking for the
+ * next tile's weights while it computes. oneDNN's matmul reads the same weights at about half
+ * that rate for the few rows of a decode step.
  *
- * Blocking: a step computes a 32 x 32 block of y in four accumulator tiles (two 16-row A tiles
- * of x times two 16-column B tiles of W) over K in 32-element chunks. Each thread owns a range
- * of column pairs, walked in chunks small enough to stay in L2 while every 32-row slice of x
- * (in L1) passes over them, and asks for the next column pair's weights while it computes. */
+ * Blocking: 16 output columns at a time, against up to 64 rows of x: four accumulator tiles
+ * (one per 16 rows), each K chunk's B tile loaded once and multiplied by up to four A tiles.
+ * Two 32 x 32 passes (2 x 2 tiles, the textbook AMX blocking) measured slower here for every
+ * row count up to 64: the second pass reads W again from L2, and tile loads from L2 are slow.
+ * Beyond 64 rows, x is taken 64 rows at a time (each column block's W stays in L1/L2 across
+ * them); the engine gives those sizes to oneDNN, which is faster there. */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <omp.h>
 #include <sys/syscall.h>
@@ -878,92 +880,50 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* Tiles 0-3: accumulators; 4-5: A (x rows); 6-7: B (W columns). All 16 rows x 64 bytes. */
+/* Tiles 0-3: accumulators; 4-5: A (x rows, alternating); 6: B (W columns). 16 rows x 64 B. */
 static void configure_tiles(void) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
+    for (int t = 0; t < 7; t++) {
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
     }
     _tile_loadconfig(&cfg);
 }
 
-/* The next column pair's weights (2 KB per K chunk), into L2 while this pair computes. */
-static inline void prefetch_pair(const char *next, int64_t kc) {
-    if (next != NULL)
-        for (int l = 0; l < 32; l++)
-            _mm_prefetch(next + kc * 2048 + l * 64, _MM_HINT_T1);
-}
-
-/* c [32 x 32] float32 = rows of a (lda apart) x tiles of b0 | b1 over KC chunks; the 1-row and
- * 1-column variants serve the edges. Tile numbers must be constants, hence four copies. */
-static inline void tiles_2x2(const uint16_t *a, int64_t lda, const uint16_t *b0,
-                             const uint16_t *b1, int64_t KC, float *c, const char *next) {
+/* c [64 x 16] float32 = `blocks` (1-4) 16-row tiles of a (lda apart) x the B tiles of one
+ * column block, over KC chunks of 32. `next`: the next block's weights, asked for into L2. */
+static inline void column_block(const uint16_t *a, int64_t lda, const uint16_t *b, int64_t KC,
+                                int blocks, float *c, const char *next) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t kc = 0; kc < KC; kc++) {
-        prefetch_pair(next, kc);
+        if (next != NULL)
+            for (int l = 0; l < 16; l++)
+                _mm_prefetch(next + kc * 1024 + l * 64, _MM_HINT_T1);
+        _tile_loadd(6, b + kc * 512, 64);
         _tile_loadd(4, a + kc * 32, lda * 2);
-        _tile_loadd(5, a + 16 * lda + kc * 32, lda * 2);
-        _tile_loadd(6, b0 + kc * 512, 64);
-        _tile_loadd(7, b1 + kc * 512, 64);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        if (blocks > 1) {
+            _tile_loadd(5, a + 16 * lda + kc * 32, lda * 2);
+            _tile_dpbf16ps(1, 5, 6);
+        }
+        if (blocks > 2) {
+            _tile_loadd(4, a + 32 * lda + kc * 32, lda * 2);
+            _tile_dpbf16ps(2, 4, 6);
+        }
+        if (blocks > 3) {
+            _tile_loadd(5, a + 48 * lda + kc * 32, lda * 2);
+            _tile_dpbf16ps(3, 5, 6);
+        }
     }
-    _tile_stored(0, c, 128);
-    _tile_stored(1, c + 16, 128);
-    _tile_stored(2, c + 512, 128);
-    _tile_stored(3, c + 528, 128);
-}
-
-static inline void tiles_1x2(const uint16_t *a, int64_t lda, const uint16_t *b0,
-                             const uint16_t *b1, int64_t KC, float *c, const char *next) {
-    _tile_zero(0);
-    _tile_zero(1);
-    for (int64_t kc = 0; kc < KC; kc++) {
-        prefetch_pair(next, kc);
-        _tile_loadd(4, a + kc * 32, lda * 2);
-        _tile_loadd(6, b0 + kc * 512, 64);
-        _tile_loadd(7, b1 + kc * 512, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-    }
-    _tile_stored(0, c, 128);
-    _tile_stored(1, c + 16, 128);
-}
-
-static inline void tiles_2x1(const uint16_t *a, int64_t lda, const uint16_t *b0, int64_t KC,
-                             float *c, const char *next) {
-    _tile_zero(0);
-    _tile_zero(2);
-    for (int64_t kc = 0; kc < KC; kc++) {
-        prefetch_pair(next, kc);
-        _tile_loadd(4, a + kc * 32, lda * 2);
-        _tile_loadd(5, a + 16 * lda + kc * 32, lda * 2);
-        _tile_loadd(6, b0 + kc * 512, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(2, 5, 6);
-    }
-    _tile_stored(0, c, 128);
-    _tile_stored(2, c + 512, 128);
-}
-
-static inline void tiles_1x1(const uint16_t *a, int64_t lda, const uint16_t *b0, int64_t KC,
-                             float *c, const char *next) {
-    _tile_zero(0);
-    for (int64_t kc = 0; kc < KC; kc++) {
-        prefetch_pair(next, kc);
-        _tile_loadd(4, a + kc * 32, lda * 2);
-        _tile_loadd(6, b0 + kc * 512, 64);
-        _tile_dpbf16ps(0, 4, 6);
-    }
-    _tile_stored(0, c, 128);
+    _tile_stored(0, c, 64);
+    _tile_stored(1, c + 256, 64);
+    _tile_stored(2, c + 512, 64);
+    _tile_stored(3, c + 768, 64);
 }
 #endif
 
@@ -986,7 +946,7 @@ void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, uint16
 #ifdef HAVE_AMX
     if (M <= 0)
         return;
-    const int64_t KC = K / 32, NB = N / 16, pairs = (NB + 1) / 2, MB = (M + 15) / 16;
+    const int64_t KC = K / 32, NB = N / 16, MB = (M + 15) / 16;
     const uint16_t *a = x;
     uint16_t *padded = NULL;
     if (M % 16 != 0) { /* A tiles read 16 rows: zeros after the last */
@@ -997,45 +957,24 @@ void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, uint16
         memset(padded + M * K, 0, sizeof(uint16_t) * (size_t)((MB * 16 - M) * K));
         a = padded;
     }
-    /* column pairs per chunk: about 512 KB of weights */
-    const int64_t chunk = KC >= 256 ? 1 : 256 / KC;
 #pragma omp parallel num_threads(num_threads)
     {
         configure_tiles();
-        float c[32 * 32] __attribute__((aligned(64)));
+        float c[64 * 16] __attribute__((aligned(64)));
         const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
-        const int64_t begin = pairs * tid / nth, end = pairs * (tid + 1) / nth;
-        for (int64_t c0 = begin; c0 < end; c0 += chunk) {
-            const int64_t c1 = c0 + chunk < end ? c0 + chunk : end;
-            for (int64_t mb = 0; mb < MB; mb += 2) {
-                const int two_m = mb + 1 < MB;
-                const uint16_t *am = a + mb * 16 * K;
-                const int64_t rows = M - mb * 16 < 32 ? M - mb * 16 : 32;
-                for (int64_t p = c0; p < c1; p++) {
-                    const int64_t nb = 2 * p, n0 = nb * 16;
-                    const int two_n = nb + 1 < NB;
-                    const uint16_t *b0 = wp + nb * KC * 512, *b1 = b0 + KC * 512;
-                    /* the first slice of x is the one that reads the weights from memory */
-                    const char *next = mb == 0 && p + 1 < end ? (const char *)(b1 + KC * 512)
-                                                              : NULL;
-                    if (two_m && two_n)
-                        tiles_2x2(am, K, b0, b1, KC, c, next);
-                    else if (two_n)
-                        tiles_1x2(am, K, b0, b1, KC, c, next);
-                    else if (two_m)
-                        tiles_2x1(am, K, b0, KC, c, next);
-                    else
-                        tiles_1x1(am, K, b0, KC, c, next);
-                    for (int64_t r = 0; r < rows; r++) {
-                        uint16_t *yr = y + (mb * 16 + r) * N + n0;
-                        for (int h = 0; h <= two_n; h++) {
-                            __m512 v = _mm512_load_ps(c + r * 32 + 16 * h);
-                            if (bias != NULL)
-                                v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n0 + 16 * h));
-                            _mm256_storeu_si256((__m256i *)(yr + 16 * h),
-                                                (__m256i)_mm512_cvtneps_pbh(v));
-                        }
-                    }
+        const int64_t begin = NB * tid / nth, end = NB * (tid + 1) / nth;
+        for (int64_t nb = begin; nb < end; nb++) {
+            const uint16_t *b = wp + nb * KC * 512;
+            const __m512 bv =
+                bias != NULL ? _mm512_loadu_ps(bias + nb * 16) : _mm512_setzero_ps();
+            for (int64_t m0 = 0; m0 < M; m0 += 64) {
+                const int64_t rows = M - m0 < 64 ? M - m0 : 64;
+                const char *next = m0 == 0 && nb + 1 < end ? (const char *)(b + KC * 512) : NULL;
+                column_block(a + m0 * K, K, b, KC, (int)((rows + 15) / 16), c, next);
+                for (int64_t r = 0; r < rows; r++) {
+                    const __m512 v = _mm512_add_ps(_mm512_load_ps(c + r * 16), bv);
+                    _mm256_storeu_si256((__m256i *)(y + (m0 + r) * N + nb * 16),
+                                        (__m256i)_mm512_cvtneps_pbh(v));
                 }
             }
         }
