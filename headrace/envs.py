@@ -30,3 +30,9 @@ def disable_kernels() -> bool:
     """HEADRACE_DISABLE_KERNELS=1: the model on CPU uses torch ops only, not the compiled C
     kernels (model/kernels.py), and its KV cache is float32."""
     return os.environ.get("HEADRACE_DISABLE_KERNELS", "") not in ("", "0")
+
+
+def disable_amx_linear() -> bool:
+    """HEADRACE_DISABLE_AMX_LINEAR=1: bf16 linears stay on oneDNN alone, holding one copy of the
+    weights instead of two (slower decode steps; see README, Models)."""
+    return os.environ.get("HEADRACE_DISABLE_AMX_LINEAR", "") not in ("", "0")

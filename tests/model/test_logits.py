@@ -12,6 +12,7 @@ from transformers import MistralForCausalLM as HFMistral
 from transformers import Qwen2ForCausalLM as HFQwen2
 
 from headrace.model.attention import AttentionMetadata, build_group
+from headrace.model.kernels import cpu_kernels
 from headrace.model.loader import load_model, read_arch
 
 BLOCK = 4
@@ -100,3 +101,33 @@ def test_logits_match_transformers(tmp_path: Path, name: str) -> None:
             offset += lens[i]
             torch.testing.assert_close(got, ref[:-1], atol=1e-4, rtol=0)
             torch.testing.assert_close(decode[i], ref[-1], atol=1e-4, rtol=0)
+
+
+def test_bf16_linears_on_amx_or_onednn_alone(tmp_path: Path, monkeypatch) -> None:
+    """Where the AMX kernel runs, bf16 linears are AmxLinear, and HEADRACE_DISABLE_AMX_LINEAR
+    keeps them on oneDNN alone; both give transformers' float32 logits to bf16 accuracy."""
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.amx:
+        pytest.skip("no AMX-BF16 kernel here")
+    path, hf = _save(tmp_path, "qwen2")  # q/k/v biases: the kernel's bias path too
+    arch, source = read_arch(path)
+    cpu = torch.device("cpu")
+    amx = load_model(path, arch, source, torch.bfloat16, cpu, 256).model
+    monkeypatch.setenv("HEADRACE_DISABLE_AMX_LINEAR", "1")
+    onednn = load_model(path, arch, source, torch.bfloat16, cpu, 256).model
+    kinds = [
+        {type(m).__name__ for n, m in model.named_modules() if not n.endswith(".onednn")}
+        for model in (amx, onednn)
+    ]  # an AmxLinear's own oneDNN copy left out
+    assert "AmxLinear" in kinds[0] and "PackedLinear" not in kinds[0]
+    assert "AmxLinear" not in kinds[1] and "PackedLinear" in kinds[1]
+    seq = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    shape = (2, 64, BLOCK, arch.num_kv_heads, arch.head_dim)
+    with torch.inference_mode():
+        ref = hf(torch.tensor([seq])).logits[0]
+        for model in (amx, onednn):
+            caches = [torch.zeros(shape) for _ in range(arch.num_layers)]
+            meta = _meta([len(seq)], [0], [[0, 1, 2]], arch.num_heads // arch.num_kv_heads)
+            hidden = model(torch.tensor(seq), torch.arange(len(seq)), caches, meta)
+            got = model.compute_logits(hidden).float()
+            torch.testing.assert_close(got, ref, atol=1e-2, rtol=0)  # logits ~0.4 at most
