@@ -68,7 +68,7 @@ class Kernels:
         self._prefill = _bind(
             lib, "paged_prefill_attention", [_ptr] * 7 + [_i64] * 6 + [f32, i32, i32]
         )
-        self._amx_linear = _bind(lib, "amx_linear", [_ptr] * 4 + [_i64] * 3 + [i32])
+        self._amx_linear = _bind(lib, "amx_linear", [_ptr] * 4 + [i32] + [_i64] * 3 + [i32])
         lib.amx_available.restype = ctypes.c_int
         self.amx = bool(lib.amx_available())
 
@@ -193,18 +193,24 @@ class Kernels:
         return tiles.permute(0, 2, 3, 1, 4).contiguous()
 
     def amx_linear(
-        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype = torch.bfloat16,
     ) -> torch.Tensor:
-        """x [..., K] bf16 @ W^T (+ bias, float32) -> [..., N] bf16, W as amx_pack left it."""
+        """x [..., K] bf16 @ W^T (+ bias, float32) -> [..., N] in out_dtype (bf16 or float32:
+        the float32 accumulator unrounded), W as amx_pack left it."""
         nb, kc = packed.shape[:2]
         n, k = nb * 16, kc * 32
-        assert x.dtype == torch.bfloat16 and x.shape[-1] == k
+        assert x.dtype == torch.bfloat16 and x.shape[-1] == k and out_dtype in _DTYPES
         assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
         rows = x.reshape(-1, k).contiguous()
-        out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+        out = torch.empty(rows.shape[0], n, dtype=out_dtype)
         self._amx_linear(
             rows.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
-            out.data_ptr(), rows.shape[0], n, k, torch.get_num_threads(),
+            out.data_ptr(), int(out_dtype == torch.float32), rows.shape[0], n, k,
+            torch.get_num_threads(),
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], n)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -145,18 +146,21 @@ class AmxLinear(nn.Module):
 
     max_rows = 128
 
-    def __init__(self, linear: nn.Linear, kernels: Kernels) -> None:
+    def __init__(
+        self, linear: nn.Linear, kernels: Kernels, out_dtype: torch.dtype = torch.bfloat16
+    ) -> None:
         super().__init__()
         self.kernels = kernels
         self.in_features = linear.in_features
+        self.out_dtype = out_dtype
         self.packed = kernels.amx_pack(linear.weight)
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.onednn = PackedLinear(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= self.max_rows * self.in_features:
-            return self.kernels.amx_linear(x, self.packed, self.bias)
-        return self.onednn(x)
+            return self.kernels.amx_linear(x, self.packed, self.bias, self.out_dtype)
+        return self.onednn(x).to(self.out_dtype)
 
 
 def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
@@ -173,18 +177,22 @@ def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
-def pack_linears(module: nn.Module, kernels: Kernels | None) -> Counter[str]:
+def pack_linears(
+    module: nn.Module, kernels: Kernels | None, float_out: Collection[str] = ()
+) -> Counter[str]:
     """Swap every nn.Linear below `module` for an AmxLinear where headrace's AMX kernel takes its
-    shape, else a PackedLinear; returns how many of each."""
+    shape, else a PackedLinear; returns how many of each. AmxLinears named in `float_out` (the
+    LM head) give float32 outputs."""
     count: Counter[str] = Counter()
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             if kernels is not None and kernels.amx_fits(child.out_features, child.in_features):
-                packed: nn.Module = AmxLinear(child, kernels)
+                dtype = torch.float32 if name in float_out else torch.bfloat16
+                packed: nn.Module = AmxLinear(child, kernels, dtype)
             else:
                 packed = PackedLinear(child)
             setattr(module, name, packed)
             count[type(packed).__name__] += 1
         else:
-            count += pack_linears(child, kernels)
+            count += pack_linears(child, kernels, float_out)
     return count

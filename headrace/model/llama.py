@@ -120,6 +120,7 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head on the rows that sample: logits [N, vocab] in the model's dtype (the
-        sampler upcasts only when it has to; a greedy argmax does not need it)."""
+        """LM head on the rows that sample: logits [N, vocab] in the model's dtype, or float32
+        where the LM head is an AmxLinear (layers.py). The sampler upcasts only when it has to;
+        a greedy argmax does not need it."""
         return self.lm_head(hidden.to(self.dtype))

@@ -200,7 +200,9 @@ def load_model(
     if leftover:
         raise UnsupportedModelError(f"{path}: no weights found for {', '.join(leftover[:5])}")
     if can_pack_linears(dtype, device):
-        packed = pack_linears(model, None if envs.disable_amx_linear() else cpu_kernels())
+        kernels = None if envs.disable_amx_linear() else cpu_kernels()
+        # logits unrounded where the AMX kernel computes them: bf16 logits tie near-equal tokens
+        packed = pack_linears(model, kernels, float_out=("lm_head",))
         logger.info("packed linear layers: %s", ", ".join(f"{n} {k}" for k, n in packed.items()))
     model.eval()
     return LoadedModel(model, arch, path, dtype)

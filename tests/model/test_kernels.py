@@ -257,6 +257,9 @@ def test_amx_linear_matches_float32_math(kernels, rows, n, k, bias):
     got = kernels.amx_linear(x, kernels.amx_pack(w), b)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=8e-3)
+    exact = kernels.amx_linear(x, kernels.amx_pack(w), b, torch.float32)  # no bf16 rounding
+    assert exact.dtype == torch.float32
+    torch.testing.assert_close(exact, want, atol=1e-4, rtol=1e-5)
 
 
 def test_amx_pack_order(kernels):

@@ -54,6 +54,12 @@ def test_amx_linear_switches_to_onednn_past_one_slice() -> None:
         torch.testing.assert_close(amx(x).float(), ref[0](x).float(), atol=3e-2, rtol=2e-2)
     x3 = torch.randn(2, 5, 64, dtype=torch.bfloat16)  # leading dims kept
     assert amx(x3).shape == (2, 5, 96)
+    logits = AmxLinear(ref[0], kernels, torch.float32)  # as the LM head: float32 either side
+    for rows in (1, logits.max_rows + 1):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        got = logits(x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref[0](x).float(), atol=3e-2, rtol=2e-2)
 
 
 def test_no_packing_for_float32() -> None:

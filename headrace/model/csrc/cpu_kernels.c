@@ -937,12 +937,13 @@ int amx_available(void) {
 #endif
 }
 
-/* y [M, N] bf16 = x [M, K] bf16 . W^T (+ bias [N] float32, may be NULL). wp is W packed as
- * [N / 16][K / 32][16][16][2]: for each 16 output columns and 32-element K chunk, one B tile
- * whose row r holds, per column, the K elements 2r and 2r + 1. Needs K % 32 == 0, N % 16 == 0
- * and amx_available(). */
-void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, uint16_t *y, int64_t M,
-                int64_t N, int64_t K, int num_threads) {
+/* y [M, N] = x [M, K] bf16 . W^T (+ bias [N] float32, may be NULL); y is bf16, or float32
+ * with y_f32 (the LM head: logits not rounded to bf16, where near-equal candidates would tie).
+ * wp is W packed as [N / 16][K / 32][16][16][2]: for each 16 output columns and 32-element K
+ * chunk, one B tile whose row r holds, per column, the K elements 2r and 2r + 1. Needs
+ * K % 32 == 0, N % 16 == 0 and amx_available(). */
+void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, void *y, int y_f32,
+                int64_t M, int64_t N, int64_t K, int num_threads) {
 #ifdef HAVE_AMX
     if (M <= 0)
         return;
@@ -973,8 +974,12 @@ void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, uint16
                 column_block(a + m0 * K, K, b, KC, (int)((rows + 15) / 16), c, next);
                 for (int64_t r = 0; r < rows; r++) {
                     const __m512 v = _mm512_add_ps(_mm512_load_ps(c + r * 16), bv);
-                    _mm256_storeu_si256((__m256i *)(y + (m0 + r) * N + nb * 16),
-                                        (__m256i)_mm512_cvtneps_pbh(v));
+                    const int64_t at = (m0 + r) * N + nb * 16;
+                    if (y_f32)
+                        _mm512_storeu_ps((float *)y + at, v);
+                    else
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at),
+                                            (__m256i)_mm512_cvtneps_pbh(v));
                 }
             }
         }
@@ -982,7 +987,8 @@ void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, uint16
     }
     free(padded);
 #else
-    (void)x, (void)wp, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)num_threads;
+    (void)x, (void)wp, (void)bias, (void)y, (void)y_f32, (void)M, (void)N, (void)K;
+    (void)num_threads;
     abort(); /* callers check amx_available() */
 #endif
 }
