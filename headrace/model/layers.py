@@ -141,7 +141,8 @@ class AmxLinear(nn.Module):
     at 33-64, 0.72-0.78 at 80-128; the LM head 0.52-0.89 up to 96 rows and 0.92-1.02 at 128.
     From 192 rows on oneDNN's blocking catches up (0.89-1.00 at 192-256) and wins on prompt
     chunks (1.7x at 2048), so it keeps those. The second copy costs the weight's size again in
-    memory. Same math either way: bf16 inputs, float32 accumulation, bf16 out.
+    memory. Same math either way: bf16 inputs, float32 accumulation, bf16 out (float32 with
+    `out_dtype`, as the LM head has: logits unrounded).
     """
 
     max_rows = 128
