@@ -853,7 +853,6 @@ void argmax_rows(const void *x, int bf16, int64_t rows, int64_t n, int64_t *out,
         out[r] = argmax_row((const char *)x + r * n * esize, bf16, n);
 }
 
-
 /* ---- bf16 linear layers on AMX ----
  *
  * amx_linear: y = x W^T (+ bias) for bf16 x [M, K] and W [N, K], float32 accumulation, bf16 out,
@@ -978,8 +977,7 @@ void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, void *
                     if (y_f32)
                         _mm512_storeu_ps((float *)y + at, v);
                     else
-                        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at),
-                                            (__m256i)_mm512_cvtneps_pbh(v));
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), to_bf16x16(v));
                 }
             }
         }
