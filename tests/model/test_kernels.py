@@ -25,12 +25,17 @@ def kernels():
 
 
 def _random_case(
-    dtype: torch.dtype, lens: list[int], heads: int = 9, kv_heads: int = 3, d: int = 64
+    dtype: torch.dtype,
+    lens: list[int],
+    heads: int = 9,
+    kv_heads: int = 3,
+    d: int = 64,
+    block: int = BLOCK,
 ):
     gen = torch.Generator().manual_seed(len(lens))
-    widths = [-(-n // BLOCK) for n in lens]
+    widths = [-(-n // block) for n in lens]
     num_blocks = sum(widths) + 5
-    cache = torch.randn(2, num_blocks, BLOCK, kv_heads, d, generator=gen).to(dtype)
+    cache = torch.randn(2, num_blocks, block, kv_heads, d, generator=gen).to(dtype)
     perm = torch.randperm(num_blocks, generator=gen).tolist()  # blocks scattered in the cache
     tables, at = [], 0
     for w in widths:
@@ -70,6 +75,21 @@ def test_kernel_matches_torch(kernels, dtype, heads, kv_heads, d):
     scale = 1 / math.sqrt(q.shape[2])
     got = kernels.paged_decode_attention(q, cache, table, torch.tensor(lens), scale)
     want = _reference(q, cache, tables, lens, scale)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [8, 32])
+def test_kernel_matches_torch_at_other_block_sizes(kernels, dtype, block):
+    """The one-pass path walks chunks of at most 16 positions inside a block: smaller blocks end
+    chunks early, larger ones hold several."""
+    lens = [1, 7, 8, 9, 31, 32, 33, 100, 333]
+    q, cache, tables = _random_case(dtype, lens, block=block)
+    table = torch.zeros(len(lens), max(len(t) for t in tables), dtype=torch.long)
+    for b, t in enumerate(tables):
+        table[b, : len(t)] = torch.tensor(t)
+    got = kernels.paged_decode_attention(q, cache, table, torch.tensor(lens), 0.125)
+    want = _reference(q, cache, tables, lens, 0.125)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 

@@ -5,7 +5,8 @@
  * paged_decode_attention: decode attention read straight from the paged KV cache. One query
  * token per request, one request per work item: its query heads are scored against its keys
  * block by block through the block table, so K and V are read once, where they lie, with no
- * gathered copy. Two passes per request: scores (kept in a per-thread buffer), then the
+ * gathered copy. Head dim 64 (up to 4 query heads per KV head) takes one pass per request with
+ * the online softmax; other shapes take two: scores (kept in a per-thread buffer), then the
  * softmax-weighted sum of V. Arithmetic is float32 whatever the cache's dtype (float32, bf16).
  *
  * paged_prefill_attention: the same for requests with several query tokens (prompt chunks):
@@ -102,6 +103,28 @@ static inline float exp_nonpos(float x) {
     return x <= -87.0f ? 0.0f : p;
 }
 
+#if defined(__AVX512F__)
+/* exp_nonpos, 16 lanes at a time. */
+static inline __m512 exp_nonpos16(__m512 x) {
+    const __m512 floor = _mm512_set1_ps(-87.0f);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, floor, _CMP_LE_OQ);
+    x = _mm512_max_ps(x, floor);
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.53533017e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.33989665e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.61844519e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55034867e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226522e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147182e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p),
+                                          _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
+    return _mm512_maskz_mov_ps(~under, _mm512_castsi512_ps(bits));
+}
+#endif
+
 /* Asks for the next token row (`bytes` long) of the block after this one, while this one is
  * computed: spread over the block's tokens, so the prefetches never queue up at once. */
 static inline void prefetch_row(const char *row, int64_t bytes) {
@@ -140,10 +163,10 @@ static inline void softmax_heads(float *scores, int64_t H, int64_t len, float *i
 
 #if defined(__AVX512F__)
 /* head_dim 64 with at most 4 query heads per KV head (SmolLM2, Llama 3.2 1B, Qwen2 0.5B):
- * each KV head's walk keeps its G query heads (pass 1) or G accumulators (pass 2) in
- * registers, 4 zmm each, and converts each 64-element K or V slice once, in registers. The
- * generic loop instead round-trips every token row through a float32 buffer and reloads q and
- * the accumulators from memory for each head. `G` is a constant in each inlined copy. */
+ * each KV head keeps its G query heads, then its G accumulators, in registers, 4 zmm each, and
+ * converts each 64-element K or V slice once, in registers. The generic loop instead
+ * round-trips every token row through a float32 buffer and reloads q and the accumulators from
+ * memory for each head. `G` is a constant in each inlined copy. */
 static inline void load64(const void *base, int64_t index, int bf16, __m512 x[4]) {
     if (bf16) {
         const uint16_t *p = (const uint16_t *)base + index;
@@ -157,83 +180,103 @@ static inline void load64(const void *base, int64_t index, int bf16, __m512 x[4]
     }
 }
 
-static inline __attribute__((always_inline)) void
-scores_d64(const float *qb, const void *k_cache, const int64_t *table, int64_t len,
-           int64_t block_size, int64_t KH, float scale, int bf16, int64_t elem,
-           int64_t block_bytes, float *scores, const int G) {
-    const int64_t row = KH * 64;
-    for (int64_t kh = 0; kh < KH; kh++) {
-        __m512 q[4][4];
-        for (int g = 0; g < G; g++)
-            for (int c = 0; c < 4; c++)
-                q[g][c] = _mm512_loadu_ps(qb + (kh * G + g) * 64 + 16 * c);
-        for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-            const int64_t base = table[t0 / block_size] * block_size * row + kh * 64;
-            const char *next =
-                kh == 0 ? next_block(k_cache, table, t0, len, block_size, block_bytes) : NULL;
-            for (int64_t i = 0; i < n; i++) {
-                __m512 k[4];
-                load64(k_cache, base + i * row, bf16, k);
-                if (next != NULL)
-                    prefetch_row(next + i * elem * row, elem * row);
-                for (int g = 0; g < G; g++) {
-                    __m512 acc = _mm512_mul_ps(q[g][0], k[0]);
-                    for (int c = 1; c < 4; c++)
-                        acc = _mm512_fmadd_ps(q[g][c], k[c], acc);
-                    scores[(kh * G + g) * len + t0 + i] = scale * _mm512_reduce_add_ps(acc);
-                }
-            }
-        }
-    }
+/* How many positions from t on, at most 16, lie in t's cache block and before len. */
+static inline int64_t chunk_len(int64_t t, int64_t len, int64_t block_size) {
+    int64_t n = block_size - t % block_size;
+    n = n < 16 ? n : 16;
+    return n < len - t ? n : len - t;
 }
 
-static inline __attribute__((always_inline)) void
-values_d64(const void *v_cache, const int64_t *table, int64_t len, int64_t block_size,
-           int64_t KH, int bf16, int64_t elem, int64_t block_bytes, const float *scores,
-           const float *inv_sum, float *ob, const int G) {
-    const int64_t row = KH * 64;
-    for (int64_t kh = 0; kh < KH; kh++) {
-        __m512 acc[4][4];
-        for (int g = 0; g < G; g++)
-            for (int c = 0; c < 4; c++)
-                acc[g][c] = _mm512_setzero_ps();
-        for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-            const int64_t base = table[t0 / block_size] * block_size * row + kh * 64;
-            const char *next =
-                kh == 0 ? next_block(v_cache, table, t0, len, block_size, block_bytes) : NULL;
-            for (int64_t i = 0; i < n; i++) {
-                __m512 v[4];
-                load64(v_cache, base + i * row, bf16, v);
-                if (next != NULL)
-                    prefetch_row(next + i * elem * row, elem * row);
-                for (int g = 0; g < G; g++) {
-                    const __m512 p = _mm512_set1_ps(scores[(kh * G + g) * len + t0 + i]);
-                    for (int c = 0; c < 4; c++)
-                        acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
-                }
-            }
-        }
-        for (int g = 0; g < G; g++) {
-            const int64_t h = kh * G + g;
-            const __m512 r = _mm512_set1_ps(inv_sum[h]);
-            for (int c = 0; c < 4; c++)
-                _mm512_storeu_ps(ob + h * 64 + 16 * c, _mm512_mul_ps(acc[g][c], r));
-        }
-    }
-}
-
-/* One request on the register path: scores, softmax, values into ob [H, 64]. */
+/* One request, in one pass over its cache with the online softmax: chunk by chunk of up to 16
+ * positions, each KV head's G scores, their exp against the running max (earlier sums and
+ * outputs rescaled when it grows), and the values they weigh. K and V are read together,
+ * chunk after chunk, and while a chunk is computed the next one's rows are asked for into L2,
+ * one head's slice at a time, so the reads stay spread over the work: two passes (all scores,
+ * then all values) left the reads bunched and took ~1.2x as long. acc: the per-thread buffer,
+ * G * KH * 66 floats (outputs, running max, running sum); ob: the request's output [H, 64]. */
 static inline __attribute__((always_inline)) void
 request_d64(const float *qb, const void *k_cache, const void *v_cache, const int64_t *table,
             int64_t len, int64_t block_size, int64_t KH, float scale, int bf16, int64_t elem,
-            int64_t block_bytes, float *scores, float *inv_sum, float *ob, const int G) {
-    scores_d64(qb, k_cache, table, len, block_size, KH, scale, bf16, elem, block_bytes, scores,
-               G);
-    softmax_heads(scores, KH * G, len, inv_sum);
-    values_d64(v_cache, table, len, block_size, KH, bf16, elem, block_bytes, scores, inv_sum, ob,
-               G);
+            float *acc, float *ob, const int G) {
+    const int64_t row = KH * 64, H = KH * G;
+    float *run_max = acc + H * 64, *run_sum = run_max + H;
+    for (int64_t h = 0; h < H; h++) {
+        run_max[h] = -INFINITY;
+        run_sum[h] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)(H * 64));
+    for (int64_t t0 = 0, n; t0 < len; t0 += n) {
+        n = chunk_len(t0, len, block_size);
+        const int64_t base = (table[t0 / block_size] * block_size + t0 % block_size) * row;
+        const char *next_k = NULL, *next_v = NULL;
+        int64_t next_n = 0;
+        if (t0 + n < len) {
+            const int64_t t1 = t0 + n;
+            const int64_t at = (table[t1 / block_size] * block_size + t1 % block_size) * row;
+            next_k = (const char *)k_cache + at * elem;
+            next_v = (const char *)v_cache + at * elem;
+            next_n = chunk_len(t1, len, block_size);
+        }
+        const __mmask16 live = (__mmask16)((1u << n) - 1);
+        for (int64_t kh = 0; kh < KH; kh++) {
+            float p[4][16] __attribute__((aligned(64)));
+            __m512 q[4][4];
+            for (int g = 0; g < G; g++)
+                for (int c = 0; c < 4; c++)
+                    q[g][c] = _mm512_loadu_ps(qb + (kh * G + g) * 64 + 16 * c);
+            for (int64_t i = 0; i < n; i++) {
+                __m512 k[4];
+                load64(k_cache, base + i * row + kh * 64, bf16, k);
+                if (i < next_n) /* this head's slice of the next chunk's row i, K and V */
+                    for (int64_t off = (i * row + kh * 64) * elem, o = 0; o < 64 * elem; o += 64) {
+                        _mm_prefetch(next_k + off + o, _MM_HINT_T1);
+                        _mm_prefetch(next_v + off + o, _MM_HINT_T1);
+                    }
+                for (int g = 0; g < G; g++) {
+                    __m512 a = _mm512_mul_ps(q[g][0], k[0]);
+                    for (int c = 1; c < 4; c++)
+                        a = _mm512_fmadd_ps(q[g][c], k[c], a);
+                    p[g][i] = _mm512_reduce_add_ps(a);
+                }
+            }
+            __m512 o[4][4];
+            for (int g = 0; g < G; g++) {
+                const int64_t h = kh * G + g;
+                const __m512 s = _mm512_mul_ps(_mm512_maskz_load_ps(live, p[g]),
+                                               _mm512_set1_ps(scale));
+                const float chunk_max = _mm512_mask_reduce_max_ps(live, s);
+                const float m = chunk_max > run_max[h] ? chunk_max : run_max[h];
+                /* exp(old max - new max): the earlier sum and outputs in the new max's scale */
+                const float r = run_max[h] == -INFINITY ? 0.0f : exp_nonpos(run_max[h] - m);
+                const __m512 e =
+                    _mm512_maskz_mov_ps(live, exp_nonpos16(_mm512_sub_ps(s, _mm512_set1_ps(m))));
+                run_sum[h] = run_sum[h] * r + _mm512_reduce_add_ps(e);
+                run_max[h] = m;
+                _mm512_store_ps(p[g], e);
+                for (int c = 0; c < 4; c++)
+                    o[g][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + h * 64 + 16 * c),
+                                            _mm512_set1_ps(r));
+            }
+            for (int64_t i = 0; i < n; i++) {
+                __m512 v[4];
+                load64(v_cache, base + i * row + kh * 64, bf16, v);
+                for (int g = 0; g < G; g++) {
+                    const __m512 w = _mm512_set1_ps(p[g][i]);
+                    for (int c = 0; c < 4; c++)
+                        o[g][c] = _mm512_fmadd_ps(w, v[c], o[g][c]);
+                }
+            }
+            for (int g = 0; g < G; g++)
+                for (int c = 0; c < 4; c++)
+                    _mm512_storeu_ps(acc + (kh * G + g) * 64 + 16 * c, o[g][c]);
+        }
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const __m512 r = _mm512_set1_ps(1.0f / run_sum[h]);
+        for (int c = 0; c < 4; c++)
+            _mm512_storeu_ps(ob + h * 64 + 16 * c,
+                             _mm512_mul_ps(_mm512_loadu_ps(acc + h * 64 + 16 * c), r));
+    }
 }
 #endif
 
@@ -264,7 +307,7 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
         _mm_setcsr(csr | 0x8040);
 #endif
         float *scores = malloc(sizeof(float) * (size_t)(H * max_len));
-        float *acc = malloc(sizeof(float) * (size_t)(H * D));
+        float *acc = malloc(sizeof(float) * (size_t)(H * D + 2 * H)); /* + request_d64's */
         float *buf = malloc(sizeof(float) * (size_t)row);
         float *inv_sum = malloc(sizeof(float) * (size_t)H);
 
@@ -279,8 +322,8 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
 #if defined(__AVX512F__)
             if (fast) { /* a constant G per inlined copy: q or the accumulators stay in registers */
 #define REQUEST_D64(g)                                                                        \
-    request_d64(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_bf16, elem,      \
-                block_bytes, scores, inv_sum, out + b * H * D, g)
+    request_d64(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_bf16, elem, acc,  \
+                out + b * H * D, g)
                 switch (G) {
                 case 1: REQUEST_D64(1); break;
                 case 2: REQUEST_D64(2); break;
@@ -709,28 +752,9 @@ static inline float silu(float a) {
 }
 
 #if defined(__AVX512F__)
-/* exp_nonpos and silu, 16 lanes at a time. silu's division is a reciprocal estimate refined by
- * one Newton step (relative error ~1e-7, as the division's): vdivps alone made the scalar
- * loop, vectorized by the compiler, cost ~2 cycles per element. */
-static inline __m512 exp_nonpos16(__m512 x) {
-    const __m512 floor = _mm512_set1_ps(-87.0f);
-    const __mmask16 under = _mm512_cmp_ps_mask(x, floor, _CMP_LE_OQ);
-    x = _mm512_max_ps(x, floor);
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.53533017e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.33989665e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.61844519e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55034867e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226522e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147182e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p),
-                                          _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
-    return _mm512_maskz_mov_ps(~under, _mm512_castsi512_ps(bits));
-}
-
+/* silu, 16 lanes at a time. Its division is a reciprocal estimate refined by one Newton step
+ * (relative error ~1e-7, as the division's): vdivps alone made the scalar loop, vectorized by
+ * the compiler, cost ~2 cycles per element. */
 static inline __m512 silu16(__m512 a) {
     const __m512 neg_abs = _mm512_or_ps(a, _mm512_set1_ps(-0.0f));
     const __m512 e = exp_nonpos16(neg_abs);
