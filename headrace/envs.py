@@ -36,3 +36,9 @@ def disable_amx_linear() -> bool:
     """HEADRACE_DISABLE_AMX_LINEAR=1: bf16 linears stay on oneDNN alone, holding one copy of the
     weights instead of two (slower decode steps; see README, Models)."""
     return os.environ.get("HEADRACE_DISABLE_AMX_LINEAR", "") not in ("", "0")
+
+
+def disable_fused_decode() -> bool:
+    """HEADRACE_DISABLE_FUSED_DECODE=1: decode steps call the kernels layer by layer from Python
+    instead of as one call (model/fused.py); the same outputs, slower."""
+    return os.environ.get("HEADRACE_DISABLE_FUSED_DECODE", "") not in ("", "0")

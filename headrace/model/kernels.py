@@ -51,6 +51,19 @@ def _bind(lib: ctypes.CDLL, name: str, argtypes: Sequence[type]) -> Any:
     return fn
 
 
+class DecodeLayer(ctypes.Structure):
+    """csrc's decode_layer: one decoder layer's norm weights, AMX-packed linears (biases or
+    NULL) and K/V caches, as addresses."""
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in (
+            "input_norm", "post_norm", "qkv", "o", "gate_up", "down",
+            "qkv_bias", "o_bias", "gate_up_bias", "down_bias", "k_cache", "v_cache",
+        )
+    ]  # fmt: skip
+
+
 class Kernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         i32, f32 = ctypes.c_int, ctypes.c_float
@@ -69,6 +82,13 @@ class Kernels:
             lib, "paged_prefill_attention", [_ptr] * 7 + [_i64] * 6 + [f32, i32, i32]
         )
         self._amx_linear = _bind(lib, "amx_linear", [_ptr] * 4 + [i32] + [_i64] * 3 + [i32])
+        self._decode_layers = _bind(
+            lib, "decode_layers",
+            [_ptr, _i64, _ptr, _ptr, f32] + [_ptr] * 6 + [_i64, _ptr] + [_i64] * 7 + [f32, i32]
+            + [_ptr, i32],
+        )  # fmt: skip
+        self._decode_layers_scratch = lib.decode_layers_scratch
+        self._decode_layers_scratch.argtypes, self._decode_layers_scratch.restype = [_i64] * 6, _i64
         lib.amx_available.restype = ctypes.c_int
         self.amx = bool(lib.amx_available())
 
@@ -213,6 +233,55 @@ class Kernels:
             torch.get_num_threads(),
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], n)
+
+    def decode_layers_scratch(
+        self, tokens: int, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int
+    ) -> int:
+        """Bytes of scratch decode_layers needs for `tokens` tokens."""
+        return int(self._decode_layers_scratch(tokens, hidden, heads, kv_heads, head_dim, inter))
+
+    def decode_layers(
+        self,
+        layers: ctypes.Array[DecodeLayer],
+        embeds: torch.Tensor,
+        final_norm: torch.Tensor,
+        eps: float,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        block_table: torch.Tensor,
+        ctx_lens: torch.Tensor,
+        dims: tuple[int, int, int, int, int, int],
+        scale: float,
+        kv_bf16: bool,
+        scratch: torch.Tensor,
+    ) -> torch.Tensor:
+        """Every decoder layer of a decode step and the final norm in one call (csrc:
+        decode_layers): embeds [T, hidden] bf16, token t being request t's new token at
+        positions[t], written to slots[t]; block_table [T, W], ctx_lens [T] int64. dims:
+        (hidden, heads, kv_heads, head_dim, intermediate, block_size). Returns [T, hidden]
+        float32. The caller keeps `layers`' weights and caches, and `scratch` (at least
+        decode_layers_scratch bytes), alive."""
+        t = embeds.shape[0]
+        hidden, heads, kv_heads, head_dim, inter, block_size = dims
+        assert embeds.dtype == torch.bfloat16 and embeds.is_contiguous()
+        assert positions.dtype == slots.dtype == block_table.dtype == ctx_lens.dtype == torch.int64
+        assert block_table.is_contiguous() and ctx_lens.shape == (t,) and head_dim % 16 == 0
+        assert scratch.numel() >= self.decode_layers_scratch(
+            t, hidden, heads, kv_heads, head_dim, inter
+        )
+        positions, slots = positions.contiguous(), slots.contiguous()
+        out = torch.empty(t, hidden, dtype=torch.float32)
+        self._decode_layers(
+            ctypes.addressof(layers), len(layers), embeds.data_ptr(), final_norm.data_ptr(), eps,
+            out.data_ptr(),
+            positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+            block_table.data_ptr(), block_table.shape[1], ctx_lens.data_ptr(), t, hidden, heads,
+            kv_heads, head_dim, inter, block_size, scale, int(kv_bf16), scratch.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
     @staticmethod
     def handles_prefill(head_dim: int) -> bool:

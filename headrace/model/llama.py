@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from headrace.model.attention import AttentionMetadata, attend, paged_attention
+from headrace.model.fused import FusedDecode
 from headrace.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from headrace.model.registry import ArchConfig
 
@@ -103,6 +104,9 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = rope
+        # decode steps in one C call, where every linear runs on the AMX kernel (the loader
+        # sets it after packing the linears; fused.py)
+        self.fused_decode: FusedDecode | None = None
 
     def forward(
         self,
@@ -112,6 +116,9 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Return the final hidden states [T, hidden] (float32)."""
+        fused = self.fused_decode
+        if fused is not None and fused.takes(meta, input_ids.shape[0]):
+            return fused(input_ids, positions, kv_caches, meta)
         x = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):

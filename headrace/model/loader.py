@@ -17,9 +17,10 @@ from safetensors import safe_open
 from torch import nn
 
 from headrace import envs
+from headrace.model.fused import FusedDecode
 from headrace.model.gguf import GGUFWeights
 from headrace.model.kernels import cpu_kernels
-from headrace.model.layers import can_pack_linears, pack_linears
+from headrace.model.layers import AmxLinear, can_pack_linears, pack_linears
 from headrace.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from headrace.model.registry import ArchConfig, UnsupportedModelError, arch_from_hf_config
 
@@ -204,6 +205,9 @@ def load_model(
         # logits unrounded where the AMX kernel computes them: bf16 logits tie near-equal tokens
         packed = pack_linears(model, kernels, float_out=("lm_head",))
         logger.info("packed linear layers: %s", ", ".join(f"{n} {k}" for k, n in packed.items()))
+        model.fused_decode = FusedDecode.build(model, kernels)
+        if model.fused_decode is not None:
+            logger.info("decode steps of up to %d requests run as one call", AmxLinear.max_rows)
     model.eval()
     return LoadedModel(model, arch, path, dtype)
 

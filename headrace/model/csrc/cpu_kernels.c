@@ -280,102 +280,135 @@ request_d64(const float *qb, const void *k_cache, const void *v_cache, const int
 }
 #endif
 
+/* One thread's scratch for decode attention: the generic path's scores [H, max_len], row
+ * buffer and softmax sums; the outputs being summed (+ request_d64's running max and sum). */
+typedef struct {
+    float *scores, *acc, *buf, *inv_sum;
+} decode_scratch;
+
+static void decode_scratch_init(decode_scratch *s, int64_t H, int64_t KH, int64_t D,
+                                int64_t max_len) {
+    s->scores = malloc(sizeof(float) * (size_t)(H * max_len));
+    s->acc = malloc(sizeof(float) * (size_t)(H * D + 2 * H));
+    s->buf = malloc(sizeof(float) * (size_t)(KH * D));
+    s->inv_sum = malloc(sizeof(float) * (size_t)H);
+    if (s->scores == NULL || s->acc == NULL || s->buf == NULL || s->inv_sum == NULL)
+        abort();
+}
+
+static void decode_scratch_free(decode_scratch *s) {
+    free(s->scores);
+    free(s->acc);
+    free(s->buf);
+    free(s->inv_sum);
+}
+
+/* Flush denormals to zero: softmax weights of far-off keys underflow into them, and every
+ * multiply with one would take the slow microcode path. Returns the old control word. */
+static inline unsigned int flush_denormals(void) {
+#if defined(__SSE__)
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040);
+    return csr;
+#else
+    return 0;
+#endif
+}
+
+static inline void restore_denormals(unsigned int csr) {
+#if defined(__SSE__)
+    _mm_setcsr(csr);
+#else
+    (void)csr;
+#endif
+}
+
+/* One request's decode attention: q_b [H, D] over its `len` cached positions -> o_b [H, D]. */
+static void decode_request(const float *qb, const void *k_cache, const void *v_cache,
+                           const int64_t *table, int64_t len, float *ob, int64_t H, int64_t KH,
+                           int64_t D, int64_t block_size, float scale, int kv_bf16,
+                           decode_scratch *s) {
+    const int64_t G = H / KH;
+    const int64_t row = KH * D; /* one token's K (or V) for every KV head */
+    const int64_t elem = kv_bf16 ? 2 : 4;
+    const int64_t block_bytes = elem * block_size * row;
+#if defined(__AVX512F__)
+    if (D == 64 && G >= 1 && G <= 4) { /* a constant G per inlined copy: registers */
+#define REQUEST_D64(g)                                                                        \
+    request_d64(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_bf16, elem,      \
+                s->acc, ob, g)
+        switch (G) {
+        case 1: REQUEST_D64(1); break;
+        case 2: REQUEST_D64(2); break;
+        case 3: REQUEST_D64(3); break;
+        default: REQUEST_D64(4); break;
+        }
+#undef REQUEST_D64
+        return;
+    }
+#endif
+    float *scores = s->scores, *acc = s->acc, *buf = s->buf, *inv_sum = s->inv_sum;
+    /* pass 1: scores[h * len + t] = scale * q_h . k_t (q_h's KV head); a block's K (and V)
+     * for all heads is one contiguous run of block_size * KH * D elements, read front to
+     * back */
+    for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        const int64_t base = table[t0 / block_size] * block_size * row;
+        const char *next = next_block(k_cache, table, t0, len, block_size, block_bytes);
+        for (int64_t i = 0; i < n; i++) {
+            const float *k = row_f32(k_cache, base + i * row, row, kv_bf16, buf);
+            if (next != NULL)
+                prefetch_row(next + i * elem * row, elem * row);
+            for (int64_t h = 0; h < H; h++)
+                scores[h * len + t0 + i] = scale * dot(qb + h * D, k + (h / G) * D, D);
+        }
+    }
+    softmax_heads(scores, H, len, inv_sum);
+    /* pass 2: acc_h = sum_t p_ht v_t */
+    memset(acc, 0, sizeof(float) * (size_t)(H * D));
+    for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        const int64_t base = table[t0 / block_size] * block_size * row;
+        const char *next = next_block(v_cache, table, t0, len, block_size, block_bytes);
+        for (int64_t i = 0; i < n; i++) {
+            const float *v = row_f32(v_cache, base + i * row, row, kv_bf16, buf);
+            if (next != NULL)
+                prefetch_row(next + i * elem * row, elem * row);
+            for (int64_t h = 0; h < H; h++)
+                axpy(acc + h * D, scores[h * len + t0 + i], v + (h / G) * D, D);
+        }
+    }
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t d = 0; d < D; d++)
+            ob[h * D + d] = acc[h * D + d] * inv_sum[h];
+}
+
+static int64_t max_of(const int64_t *v, int64_t n) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++)
+        m = v[i] > m ? v[i] : m;
+    return m;
+}
+
 /* q, out: [B, H, D] float32. k_cache, v_cache: [num_blocks, block_size, KH, D].
  * block_table: [B, W]. ctx_lens: [B], each >= 1 and <= W * block_size. */
 void paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                             const int64_t *block_table, const int64_t *ctx_lens, float *out,
                             int64_t B, int64_t W, int64_t H, int64_t KH, int64_t D,
                             int64_t block_size, float scale, int kv_bf16, int num_threads) {
-    const int64_t G = H / KH;
-    const int64_t row = KH * D; /* one token's K (or V) for every KV head */
-    const int64_t elem = kv_bf16 ? 2 : 4;
-    const int64_t block_bytes = elem * block_size * row;
-#if defined(__AVX512F__)
-    const int fast = D == 64 && G >= 1 && G <= 4;
-#endif
-    int64_t max_len = 0;
-    for (int64_t b = 0; b < B; b++)
-        if (ctx_lens[b] > max_len)
-            max_len = ctx_lens[b];
-
+    const int64_t max_len = max_of(ctx_lens, B);
 #pragma omp parallel num_threads(num_threads)
     {
-#if defined(__SSE__)
-        /* Flush denormals to zero: softmax weights of far-off keys underflow into them, and
-         * every multiply with one would take the slow microcode path. */
-        const unsigned int csr = _mm_getcsr();
-        _mm_setcsr(csr | 0x8040);
-#endif
-        float *scores = malloc(sizeof(float) * (size_t)(H * max_len));
-        float *acc = malloc(sizeof(float) * (size_t)(H * D + 2 * H)); /* + request_d64's */
-        float *buf = malloc(sizeof(float) * (size_t)row);
-        float *inv_sum = malloc(sizeof(float) * (size_t)H);
-
-        /* One request per work item: a block's K (and V) for all heads is one contiguous
-         * run of block_size * KH * D elements, read front to back. */
+        const unsigned int csr = flush_denormals();
+        decode_scratch s;
+        decode_scratch_init(&s, H, KH, D, max_len);
+        /* one request per work item */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < B; b++) {
-            const int64_t len = ctx_lens[b];
-            const int64_t *table = block_table + b * W;
-            const float *qb = q + b * H * D;
-
-#if defined(__AVX512F__)
-            if (fast) { /* a constant G per inlined copy: q or the accumulators stay in registers */
-#define REQUEST_D64(g)                                                                        \
-    request_d64(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_bf16, elem, acc,  \
-                out + b * H * D, g)
-                switch (G) {
-                case 1: REQUEST_D64(1); break;
-                case 2: REQUEST_D64(2); break;
-                case 3: REQUEST_D64(3); break;
-                default: REQUEST_D64(4); break;
-                }
-#undef REQUEST_D64
-                continue;
-            }
-#endif
-            /* pass 1: scores[h * len + t] = scale * q_h . k_t (q_h's KV head) */
-            for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-                const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-                const int64_t base = table[t0 / block_size] * block_size * row;
-                const char *next = next_block(k_cache, table, t0, len, block_size, block_bytes);
-                for (int64_t i = 0; i < n; i++) {
-                    const float *k = row_f32(k_cache, base + i * row, row, kv_bf16, buf);
-                    if (next != NULL)
-                        prefetch_row(next + i * elem * row, elem * row);
-                    for (int64_t h = 0; h < H; h++)
-                        scores[h * len + t0 + i] = scale * dot(qb + h * D, k + (h / G) * D, D);
-                }
-            }
-            softmax_heads(scores, H, len, inv_sum);
-            /* pass 2: acc_h = sum_t p_ht v_t */
-            memset(acc, 0, sizeof(float) * (size_t)(H * D));
-            for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-                const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-                const int64_t base = table[t0 / block_size] * block_size * row;
-                const char *next = next_block(v_cache, table, t0, len, block_size, block_bytes);
-                for (int64_t i = 0; i < n; i++) {
-                    const float *v = row_f32(v_cache, base + i * row, row, kv_bf16, buf);
-                    if (next != NULL)
-                        prefetch_row(next + i * elem * row, elem * row);
-                    for (int64_t h = 0; h < H; h++)
-                        axpy(acc + h * D, scores[h * len + t0 + i], v + (h / G) * D, D);
-                }
-            }
-            for (int64_t h = 0; h < H; h++) {
-                float *o = out + (b * H + h) * D;
-                const float *ah = acc + h * D;
-                for (int64_t d = 0; d < D; d++)
-                    o[d] = ah[d] * inv_sum[h];
-            }
-        }
-        free(scores);
-        free(acc);
-        free(buf);
-        free(inv_sum);
-#if defined(__SSE__)
-        _mm_setcsr(csr);
-#endif
+        for (int64_t b = 0; b < B; b++)
+            decode_request(q + b * H * D, k_cache, v_cache, block_table + b * W, ctx_lens[b],
+                           out + b * H * D, H, KH, D, block_size, scale, kv_bf16, &s);
+        decode_scratch_free(&s);
+        restore_denormals(csr);
     }
 }
 
@@ -489,10 +522,7 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
 
 #pragma omp parallel num_threads(num_threads)
     {
-#if defined(__SSE__)
-        const unsigned int csr = _mm_getcsr(); /* denormals to zero, as in decode */
-        _mm_setcsr(csr | 0x8040);
-#endif
+        const unsigned int csr = flush_denormals(); /* as in decode */
         float *qt = malloc(sizeof(float) * (size_t)(D * R));
         float *ot = malloc(sizeof(float) * (size_t)(D * R));
         float *st = malloc(sizeof(float) * (size_t)(PF_KEYS * R));
@@ -632,9 +662,7 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
         free(at);
         free(zero_row);
         free(scratch);
-#if defined(__SSE__)
-        _mm_setcsr(csr);
-#endif
+        restore_denormals(csr);
     }
     free(q_start);
     free(item_start);
@@ -652,13 +680,12 @@ static inline uint16_t f32_to_bf16(float f) {
  * several ops (each a parallel region costing more than its arithmetic at decode sizes).
  * x: [T, N] float32 or bf16 (x_bf16); residual: [T, N] float32 or NULL;
  * res_out[t] = x[t] + residual[t] (float32);
- * out[t] = res_out[t] / sqrt(mean(res_out[t]^2) + eps) * weight, float32 or bf16 (out_bf16). */
-void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *weight,
-                  float eps, float *res_out, void *out, int out_bf16, int64_t T, int64_t N,
-                  int num_threads) {
-    /* below ~64k elements waking a second thread costs more than it saves */
-#pragma omp parallel for num_threads(num_threads) if (T * N >= 65536) schedule(static)
-    for (int64_t t = 0; t < T; t++) {
+ * out[t] = res_out[t] / sqrt(mean(res_out[t]^2) + eps) * weight, float32 or bf16 (out_bf16).
+ * rms_rows: rows t0 .. t1 only, for a caller that shares them out itself. */
+static void rms_rows(const void *x, int x_bf16, const float *residual, const float *weight,
+                     float eps, float *res_out, void *out, int out_bf16, int64_t t0, int64_t t1,
+                     int64_t N) {
+    for (int64_t t = t0; t < t1; t++) {
         float *r = res_out + t * N;
         if (x_bf16) {
             const uint16_t *xr = (const uint16_t *)x + t * N;
@@ -696,18 +723,27 @@ void add_rms_norm(const void *x, int x_bf16, const float *residual, const float 
     }
 }
 
+/* Below ~64k elements waking a second thread costs more than it saves (these three). */
+void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *weight,
+                  float eps, float *res_out, void *out, int out_bf16, int64_t T, int64_t N,
+                  int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (T * N >= 65536) schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        rms_rows(x, x_bf16, residual, weight, eps, res_out, out, out_bf16, t, t + 1, N);
+}
+
 /* Rotate-half RoPE on q and k, and the step's K/V written into the paged cache, in one call.
  * qkv: [T, (H + 2 * KH) * D] float32 or bf16 (qkv_bf16), the fused projection's output.
  * cos, sin: [max_pos, D] float32 tables; positions, slots: [T].
  * q_out: [T, H, D] float32, rotated. The cache (k_cache/v_cache: [slots, KH, D], float32 or
- * bf16) gets rotated k and plain v at each token's slot. */
-void rope_write_kv(const void *qkv, int qkv_bf16, const int64_t *positions, const float *cos,
-                   const float *sin, const int64_t *slots, float *q_out, void *k_cache,
-                   void *v_cache, int kv_bf16, int64_t T, int64_t H, int64_t KH, int64_t D,
-                   int num_threads) {
+ * bf16) gets rotated k and plain v at each token's slot.
+ * rope_rows: tokens t0 .. t1 only, for a caller that shares them out itself. */
+static void rope_rows(const void *qkv, int qkv_bf16, const int64_t *positions, const float *cos,
+                      const float *sin, const int64_t *slots, float *q_out, void *k_cache,
+                      void *v_cache, int kv_bf16, int64_t t0, int64_t t1, int64_t H, int64_t KH,
+                      int64_t D) {
     const int64_t width = (H + 2 * KH) * D, half = D / 2;
-#pragma omp parallel for num_threads(num_threads) if (T * width >= 65536) schedule(static)
-    for (int64_t t = 0; t < T; t++) {
+    for (int64_t t = t0; t < t1; t++) {
         float x[width]; /* this token's q, k, v in float32 */
         if (qkv_bf16) {
             const uint16_t *src = (const uint16_t *)qkv + t * width;
@@ -743,6 +779,17 @@ void rope_write_kv(const void *qkv, int qkv_bf16, const int64_t *positions, cons
             }
         }
     }
+}
+
+void rope_write_kv(const void *qkv, int qkv_bf16, const int64_t *positions, const float *cos,
+                   const float *sin, const int64_t *slots, float *q_out, void *k_cache,
+                   void *v_cache, int kv_bf16, int64_t T, int64_t H, int64_t KH, int64_t D,
+                   int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (T * (H + 2 * KH) * D >= 65536) \
+    schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        rope_rows(qkv, qkv_bf16, positions, cos, sin, slots, q_out, k_cache, v_cache, kv_bf16, t,
+                  t + 1, H, KH, D);
 }
 
 /* silu(a) = a * sigmoid(a), from exp of a non-positive argument only (no overflow). */
@@ -786,10 +833,10 @@ static inline __m256i to_bf16x16(__m512 x) {
 #endif
 
 /* SwiGLU's activation: out[t] = silu(gate[t]) * up[t], where x[t] = [gate | up] ([T, 2 * I])
- * as the fused gate/up projection writes it. x and out are float32 or bf16 (io_bf16). */
-void silu_mul(const void *x, void *out, int io_bf16, int64_t T, int64_t I, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) if (T * I >= 65536) schedule(static)
-    for (int64_t t = 0; t < T; t++) {
+ * as the fused gate/up projection writes it. x and out are float32 or bf16 (io_bf16).
+ * silu_rows: rows t0 .. t1 only, for a caller that shares them out itself. */
+static void silu_rows(const void *x, void *out, int io_bf16, int64_t t0, int64_t t1, int64_t I) {
+    for (int64_t t = t0; t < t1; t++) {
         int64_t i = 0;
         if (io_bf16) {
             const uint16_t *g = (const uint16_t *)x + t * 2 * I, *u = g + I;
@@ -820,6 +867,12 @@ void silu_mul(const void *x, void *out, int io_bf16, int64_t T, int64_t I, int n
                 o[i] = silu(g[i]) * u[i];
         }
     }
+}
+
+void silu_mul(const void *x, void *out, int io_bf16, int64_t T, int64_t I, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (T * I >= 65536) schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        silu_rows(x, out, io_bf16, t, t + 1, I);
 }
 
 /* The first index of each row's largest value, as torch.argmax: a NaN counts as the largest
@@ -948,6 +1001,33 @@ static inline void column_block(const uint16_t *a, int64_t lda, const uint16_t *
     _tile_stored(2, c + 512, 64);
     _tile_stored(3, c + 768, 64);
 }
+/* Thread tid of nth's share of amx_linear: its range of 16-column blocks, with the tiles
+ * configured in this thread. a: x with ceil(M / 16) * 16 readable rows (past row M any values:
+ * they reach only output rows that are not stored). */
+static void amx_linear_part(const uint16_t *a, const uint16_t *wp, const float *bias, void *y,
+                            int y_f32, int64_t M, int64_t N, int64_t K, int64_t tid,
+                            int64_t nth) {
+    const int64_t KC = K / 32, NB = N / 16;
+    float c[64 * 16] __attribute__((aligned(64)));
+    const int64_t begin = NB * tid / nth, end = NB * (tid + 1) / nth;
+    for (int64_t nb = begin; nb < end; nb++) {
+        const uint16_t *b = wp + nb * KC * 512;
+        const __m512 bv = bias != NULL ? _mm512_loadu_ps(bias + nb * 16) : _mm512_setzero_ps();
+        for (int64_t m0 = 0; m0 < M; m0 += 64) {
+            const int64_t rows = M - m0 < 64 ? M - m0 : 64;
+            const char *next = m0 == 0 && nb + 1 < end ? (const char *)(b + KC * 512) : NULL;
+            column_block(a + m0 * K, K, b, KC, (int)((rows + 15) / 16), c, next);
+            for (int64_t r = 0; r < rows; r++) {
+                const __m512 v = _mm512_add_ps(_mm512_load_ps(c + r * 16), bv);
+                const int64_t at = (m0 + r) * N + nb * 16;
+                if (y_f32)
+                    _mm512_storeu_ps((float *)y + at, v);
+                else
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), to_bf16x16(v));
+            }
+        }
+    }
+}
 #endif
 
 /* 1 where amx_linear runs: compiled for AMX-BF16 and the kernel lets this process use the tile
@@ -970,7 +1050,7 @@ void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, void *
 #ifdef HAVE_AMX
     if (M <= 0)
         return;
-    const int64_t KC = K / 32, NB = N / 16, MB = (M + 15) / 16;
+    const int64_t MB = (M + 15) / 16;
     const uint16_t *a = x;
     uint16_t *padded = NULL;
     if (M % 16 != 0) { /* A tiles read 16 rows: zeros after the last */
@@ -984,33 +1064,174 @@ void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, void *
 #pragma omp parallel num_threads(num_threads)
     {
         configure_tiles();
-        float c[64 * 16] __attribute__((aligned(64)));
-        const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
-        const int64_t begin = NB * tid / nth, end = NB * (tid + 1) / nth;
-        for (int64_t nb = begin; nb < end; nb++) {
-            const uint16_t *b = wp + nb * KC * 512;
-            const __m512 bv =
-                bias != NULL ? _mm512_loadu_ps(bias + nb * 16) : _mm512_setzero_ps();
-            for (int64_t m0 = 0; m0 < M; m0 += 64) {
-                const int64_t rows = M - m0 < 64 ? M - m0 : 64;
-                const char *next = m0 == 0 && nb + 1 < end ? (const char *)(b + KC * 512) : NULL;
-                column_block(a + m0 * K, K, b, KC, (int)((rows + 15) / 16), c, next);
-                for (int64_t r = 0; r < rows; r++) {
-                    const __m512 v = _mm512_add_ps(_mm512_load_ps(c + r * 16), bv);
-                    const int64_t at = (m0 + r) * N + nb * 16;
-                    if (y_f32)
-                        _mm512_storeu_ps((float *)y + at, v);
-                    else
-                        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), to_bf16x16(v));
-                }
-            }
-        }
+        amx_linear_part(a, wp, bias, y, y_f32, M, N, K, omp_get_thread_num(),
+                        omp_get_num_threads());
         _tile_release();
     }
     free(padded);
 #else
     (void)x, (void)wp, (void)bias, (void)y, (void)y_f32, (void)M, (void)N, (void)K;
     (void)num_threads;
+    abort(); /* callers check amx_available() */
+#endif
+}
+
+/* decode_layers: every decoder layer of a decode step (one new token per request, at most 128
+ * requests, every linear on amx_linear) in one call and one parallel region. Called layer by
+ * layer from Python, a step is ~9 kernel calls per layer, each its own parallel region: with
+ * OMP_WAIT_POLICY=PASSIVE (the engine's default, so that idle threads leave the cores to the
+ * API server) every region wakes the sleeping second thread, and at one request that and the
+ * Python between the calls took about as long as the arithmetic. Here the phases of a layer
+ * are separated by step_barrier, which spins briefly (phases end close together) and only
+ * then sleeps. The arithmetic is that of the separate kernels, in the same order, so the
+ * results are the same bits. */
+#ifdef HAVE_AMX
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdatomic.h>
+#include <x86intrin.h>
+
+typedef struct {
+    atomic_int arrived, generation, sleepers, next_request;
+    int threads;
+} step_barrier;
+
+/* ~25 us at this machine's 2.1 GHz TSC: long enough to cover a phase's imbalance, short enough
+ * that a thread whose partner was descheduled soon gives up its core. */
+#define BARRIER_SPIN_TICKS 50000
+
+static void step_barrier_wait(step_barrier *b) {
+    const int generation = atomic_load(&b->generation);
+    if (atomic_fetch_add(&b->arrived, 1) == b->threads - 1) { /* the last one releases */
+        atomic_store(&b->arrived, 0);
+        atomic_fetch_add(&b->generation, 1);
+        if (atomic_load(&b->sleepers) > 0)
+            syscall(SYS_futex, &b->generation, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+        return;
+    }
+    const uint64_t start = __rdtsc();
+    while (atomic_load(&b->generation) == generation) {
+        if (__rdtsc() - start < BARRIER_SPIN_TICKS) {
+            _mm_pause();
+            continue;
+        }
+        atomic_fetch_add(&b->sleepers, 1); /* before the check below: the releaser sees it */
+        while (atomic_load(&b->generation) == generation)
+            syscall(SYS_futex, &b->generation, FUTEX_WAIT_PRIVATE, generation, NULL, NULL, 0);
+        atomic_fetch_sub(&b->sleepers, 1);
+    }
+}
+#endif
+
+/* One decoder layer's weights, as decode_layers reads them: RMSNorm weights float32 [hidden];
+ * linears in amx_pack's order with float32 biases or NULL; the layer's K and V caches. */
+typedef struct {
+    const float *input_norm, *post_norm;
+    const uint16_t *qkv, *o, *gate_up, *down;
+    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;
+    void *k_cache, *v_cache;
+} decode_layer;
+
+static int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+
+/* The scratch decode_layers needs for T tokens, in bytes (its buffers, 64-byte aligned; those
+ * an amx_linear reads have room for T rounded up to 16 rows). */
+int64_t decode_layers_scratch(int64_t T, int64_t hidden, int64_t H, int64_t KH, int64_t D,
+                              int64_t I) {
+    const int64_t Tp = (T + 15) / 16 * 16;
+    return 2 * align64(4 * T * hidden) + align64(2 * Tp * hidden) +
+           align64(2 * T * (H + 2 * KH) * D) + align64(4 * T * H * D) + align64(2 * Tp * H * D) +
+           align64(2 * T * 2 * I) + align64(2 * Tp * I) + align64(2 * T * hidden);
+}
+
+/* embeds: [T, hidden] bf16, the tokens' embeddings; out: [T, hidden] float32, the final
+ * RMSNorm (final_norm) of the last layer's output plus the residual stream. positions, slots:
+ * [T]; block_table [T, W] and ctx_lens [T] as for paged_decode_attention (token t is request
+ * t's new token). Biases, caches and dims as the separate kernels take them; bf16 linears. */
+void decode_layers(const decode_layer *layers, int64_t L, const uint16_t *embeds,
+                   const float *final_norm, float eps, float *out, const int64_t *positions,
+                   const float *cos, const float *sin, const int64_t *slots,
+                   const int64_t *block_table, int64_t W, const int64_t *ctx_lens, int64_t T,
+                   int64_t hidden, int64_t H, int64_t KH, int64_t D, int64_t I,
+                   int64_t block_size, float scale, int kv_bf16, void *scratch,
+                   int num_threads) {
+#ifdef HAVE_AMX
+    const int64_t Tp = (T + 15) / 16 * 16, QKV = (H + 2 * KH) * D;
+    char *at = scratch;
+    float *res[2];
+    res[0] = (float *)at, at += align64(4 * T * hidden);
+    res[1] = (float *)at, at += align64(4 * T * hidden);
+    uint16_t *h = (uint16_t *)at;
+    at += align64(2 * Tp * hidden);
+    uint16_t *qkv = (uint16_t *)at;
+    at += align64(2 * T * QKV);
+    float *q = (float *)at;
+    at += align64(4 * T * H * D);
+    uint16_t *attn = (uint16_t *)at;
+    at += align64(2 * Tp * H * D);
+    uint16_t *gate_up = (uint16_t *)at;
+    at += align64(2 * T * 2 * I);
+    uint16_t *act = (uint16_t *)at;
+    at += align64(2 * Tp * I);
+    uint16_t *mlp = (uint16_t *)at; /* each layer's o_proj output, then its MLP's */
+    const int64_t max_len = max_of(ctx_lens, T);
+    step_barrier barrier = {.threads = 0};
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int64_t r0 = T * tid / nth, r1 = T * (tid + 1) / nth; /* this thread's rows */
+#pragma omp single
+        barrier.threads = (int)nth; /* (the single's own barrier publishes it) */
+        const unsigned int csr = flush_denormals();
+        configure_tiles();
+        decode_scratch ds;
+        decode_scratch_init(&ds, H, KH, D, max_len);
+        float *ob = malloc(sizeof(float) * (size_t)(H * D));
+        if (ob == NULL)
+            abort();
+        for (int64_t l = 0; l < L; l++) {
+            const decode_layer *ly = layers + l;
+            rms_rows(l == 0 ? embeds : mlp, 1, l == 0 ? NULL : res[1], ly->input_norm, eps,
+                     res[0], h, 1, r0, r1, hidden);
+            step_barrier_wait(&barrier);
+            amx_linear_part(h, ly->qkv, ly->qkv_bias, qkv, 0, T, QKV, hidden, tid, nth);
+            step_barrier_wait(&barrier);
+            rope_rows(qkv, 1, positions, cos, sin, slots, q, ly->k_cache, ly->v_cache, kv_bf16,
+                      r0, r1, H, KH, D);
+            if (tid == 0) /* the attention phase below hands out requests from 0 */
+                atomic_store(&barrier.next_request, 0);
+            step_barrier_wait(&barrier);
+            for (int64_t b; (b = atomic_fetch_add(&barrier.next_request, 1)) < T;) {
+                decode_request(q + b * H * D, ly->k_cache, ly->v_cache, block_table + b * W,
+                               ctx_lens[b], ob, H, KH, D, block_size, scale, kv_bf16, &ds);
+                for (int64_t i = 0; i < H * D; i += 16) /* o_proj's input, as torch casts */
+                    _mm256_storeu_si256((__m256i *)(attn + b * H * D + i),
+                                        to_bf16x16(_mm512_loadu_ps(ob + i)));
+            }
+            step_barrier_wait(&barrier);
+            amx_linear_part(attn, ly->o, ly->o_bias, mlp, 0, T, hidden, H * D, tid, nth);
+            step_barrier_wait(&barrier);
+            rms_rows(mlp, 1, res[0], ly->post_norm, eps, res[1], h, 1, r0, r1, hidden);
+            step_barrier_wait(&barrier);
+            amx_linear_part(h, ly->gate_up, ly->gate_up_bias, gate_up, 0, T, 2 * I, hidden, tid,
+                            nth);
+            step_barrier_wait(&barrier);
+            silu_rows(gate_up, act, 1, r0, r1, I);
+            step_barrier_wait(&barrier);
+            amx_linear_part(act, ly->down, ly->down_bias, mlp, 0, T, hidden, I, tid, nth);
+            step_barrier_wait(&barrier);
+        }
+        rms_rows(mlp, 1, res[1], final_norm, eps, res[0], out, 0, r0, r1, hidden);
+        free(ob);
+        decode_scratch_free(&ds);
+        _tile_release();
+        restore_denormals(csr);
+    }
+#else
+    (void)layers, (void)L, (void)embeds, (void)final_norm, (void)eps, (void)out;
+    (void)positions, (void)cos, (void)sin, (void)slots, (void)block_table, (void)W;
+    (void)ctx_lens, (void)T, (void)hidden, (void)H, (void)KH, (void)D, (void)I;
+    (void)block_size, (void)scale, (void)kv_bf16, (void)scratch, (void)num_threads;
     abort(); /* callers check amx_available() */
 #endif
 }

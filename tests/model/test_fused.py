@@ -1,0 +1,103 @@
+"""decode_layers (model/fused.py) against the layer-by-layer path it replaces: the same bits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen2Config
+from transformers import LlamaForCausalLM as HFLlama
+from transformers import Qwen2ForCausalLM as HFQwen2
+
+from headrace.model.attention import AttentionMetadata, build_group
+from headrace.model.kernels import cpu_kernels
+from headrace.model.loader import load_model, read_arch
+
+BLOCK = 4
+CASES = {
+    # head_dim 16: decode attention's generic loop; q/k/v biases
+    "qwen2-d16": lambda: Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    ),
+    # head_dim 64 with 3 query heads per KV head, as SmolLM2: the one-pass attention
+    "llama-d64": lambda: LlamaConfig(
+        vocab_size=160, hidden_size=192, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+def _load(tmp_path: Path, name: str):
+    hf_cls = HFQwen2 if name.startswith("qwen2") else HFLlama
+    torch.manual_seed(0)
+    hf = hf_cls(CASES[name]()).float().eval()
+    with torch.no_grad():  # random init leaves biases at 0; make them matter
+        for n, p in hf.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+    hf.save_pretrained(tmp_path / name, safe_serialization=True)
+    arch, source = read_arch(tmp_path / name)
+    model = load_model(tmp_path / name, arch, source, torch.bfloat16, torch.device("cpu"), 256)
+    return model.model, arch
+
+
+def _meta(q_lens, ctx_lens, tables, groups, kernels):
+    group, slots = build_group(0, q_lens, ctx_lens, tables, BLOCK, groups, padded=False)
+    return AttentionMetadata(slots, [group], kernels)
+
+
+@pytest.mark.parametrize("requests", [1, 19])  # 19: rows past a 16-row tile
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_decode_gives_the_layer_by_layer_bits(tmp_path: Path, name: str, requests: int):
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.amx:
+        pytest.skip("no AMX-BF16 kernel here")
+    model, arch = _load(tmp_path, name)
+    fused = model.fused_decode
+    assert fused is not None
+    gen = torch.Generator().manual_seed(requests)
+    lens = torch.randint(1, 40, (requests,), generator=gen).tolist()
+    width = 48 // BLOCK
+    tables = [list(range(b * width, (b + 1) * width)) for b in range(requests)]
+    shape = (2, requests * width, BLOCK, arch.num_kv_heads, arch.head_dim)
+    g = arch.num_heads // arch.num_kv_heads
+    caches = {k: [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(arch.num_layers)]
+              for k in ("fused", "layers")}  # fmt: skip
+    prompts = [torch.randint(0, arch.vocab_size, (n,), generator=gen) for n in lens]
+    hidden = {}
+    with torch.inference_mode():
+        for kind, kv in caches.items():
+            model.fused_decode = fused if kind == "fused" else None
+            meta = _meta(lens, lens, tables, g, kernels)  # the prompts (layer by layer)
+            positions = torch.cat([torch.arange(n) for n in lens])
+            model(torch.cat(prompts), positions, kv, meta)
+            steps = []
+            for step in range(3):  # decodes: fused where it is set
+                ctx = [n + step + 1 for n in lens]
+                meta = _meta([1] * requests, ctx, tables, g, kernels)
+                assert fused.takes(meta, requests)
+                ids = torch.randint(
+                    0, arch.vocab_size, (requests,), generator=gen.manual_seed(step)
+                )
+                steps.append(model(ids, torch.tensor(ctx) - 1, kv, meta))
+            hidden[kind] = torch.stack(steps)
+    model.fused_decode = fused
+    assert torch.equal(hidden["fused"], hidden["layers"])
+    for a, b in zip(caches["fused"], caches["layers"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fused_decode_skips_prompts_and_large_batches(tmp_path: Path) -> None:
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.amx:
+        pytest.skip("no AMX-BF16 kernel here")
+    model, arch = _load(tmp_path, "qwen2-d16")
+    fused = model.fused_decode
+    assert fused is not None
+    g = arch.num_heads // arch.num_kv_heads
+    assert not fused.takes(_meta([3], [3], [[0]], g, kernels), 3)  # a prompt chunk
+    many = 129  # more rows than AmxLinear.max_rows
+    assert not fused.takes(_meta([1] * many, [1] * many, [[0]] * many, g, kernels), many)
+    assert not fused.takes(_meta([1], [1], [[0]], g, None), 1)  # no kernels in the metadata
