@@ -11,7 +11,8 @@ What they replace: attention's gathered, padded copy of the cache (decodes, and 
 with their mask), and runs of tiny torch ops (residual add + RMSNorm, RoPE + the cache write,
 SwiGLU's activation) that at decode sizes cost their thread wake-ups more than their arithmetic.
 And, on CPUs with AMX-BF16, the bf16 linear layers for batches of up to 128 rows
-(layers.AmxLinear), where oneDNN reads the weights at about half the rate.
+(layers.AmxLinear), where oneDNN reads the weights at about half the rate, and with them whole
+decode steps in one call (decode_layers, model/fused.py).
 No compiler, or a failed build: a warning, and the model keeps its pure-torch ops (with a float32
 KV cache on CPU). HEADRACE_DISABLE_KERNELS=1 forces that path.
 """
