@@ -39,6 +39,9 @@ def _linears(layer: LlamaDecoderLayer) -> tuple[torch.nn.Module, ...]:
 
 
 class FusedDecode:
+    """The model's decode steps through decode_layers: it holds the layer table (weight and
+    cache addresses) and the scratch the C function works in."""
+
     def __init__(self, model: LlamaForCausalLM, kernels: Kernels) -> None:
         cfg = model.cfg
         self.model = model
