@@ -48,7 +48,7 @@ def _meta(q_lens, ctx_lens, tables, groups, kernels):
     return AttentionMetadata(slots, [group], kernels)
 
 
-@pytest.mark.parametrize("requests", [1, 19])  # 19: rows past a 16-row tile
+@pytest.mark.parametrize("requests", [1, 19, 100])  # past a 16-row tile; past 64 rows
 @pytest.mark.parametrize("name", list(CASES))
 def test_fused_decode_gives_the_layer_by_layer_bits(tmp_path: Path, name: str, requests: int):
     kernels = cpu_kernels()
