@@ -1185,16 +1185,42 @@ typedef struct {
     void *k_cache, *v_cache;
 } decode_layer;
 
-static int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+/* decode_layers' buffers, carved one after another out of its scratch, each 64-byte aligned;
+ * those an amx_linear reads (h, attn, act) have room for T rounded up to 16 rows. */
+typedef struct {
+    float *res[2], *q; /* the residual stream (in, out), rotated q */
+    uint16_t *h, *qkv, *attn, *gate_up, *act, *mlp; /* mlp: o_proj's output, then the MLP's */
+} decode_buffers;
 
-/* The scratch decode_layers needs for T tokens, in bytes (its buffers, 64-byte aligned; those
- * an amx_linear reads have room for T rounded up to 16 rows). */
+/* The next `bytes` of the scratch at `base` (NULL: only counted) from offset *at. */
+static void *carve(char *base, int64_t *at, int64_t bytes) {
+    void *p = base == NULL ? NULL : base + *at;
+    *at += (bytes + 63) / 64 * 64;
+    return p;
+}
+
+/* Lays decode_layers' buffers out in `base` (NULL: only sizes them); returns the bytes. */
+static int64_t decode_buffers_at(char *base, decode_buffers *b, int64_t T, int64_t hidden,
+                                 int64_t H, int64_t KH, int64_t D, int64_t I) {
+    const int64_t Tp = (T + 15) / 16 * 16;
+    int64_t at = 0;
+    b->res[0] = carve(base, &at, 4 * T * hidden);
+    b->res[1] = carve(base, &at, 4 * T * hidden);
+    b->h = carve(base, &at, 2 * Tp * hidden);
+    b->qkv = carve(base, &at, 2 * T * (H + 2 * KH) * D);
+    b->q = carve(base, &at, 4 * T * H * D);
+    b->attn = carve(base, &at, 2 * Tp * H * D);
+    b->gate_up = carve(base, &at, 2 * T * 2 * I);
+    b->act = carve(base, &at, 2 * Tp * I);
+    b->mlp = carve(base, &at, 2 * T * hidden);
+    return at;
+}
+
+/* The scratch decode_layers needs for T tokens, in bytes. */
 int64_t decode_layers_scratch(int64_t T, int64_t hidden, int64_t H, int64_t KH, int64_t D,
                               int64_t I) {
-    const int64_t Tp = (T + 15) / 16 * 16;
-    return 2 * align64(4 * T * hidden) + align64(2 * Tp * hidden) +
-           align64(2 * T * (H + 2 * KH) * D) + align64(4 * T * H * D) + align64(2 * Tp * H * D) +
-           align64(2 * T * 2 * I) + align64(2 * Tp * I) + align64(2 * T * hidden);
+    decode_buffers b;
+    return decode_buffers_at(NULL, &b, T, hidden, H, KH, D, I);
 }
 
 /* embeds: [T, hidden] bf16, the tokens' embeddings; out: [T, hidden] float32, the final
@@ -1209,24 +1235,12 @@ void decode_layers(const decode_layer *layers, int64_t L, const uint16_t *embeds
                    int64_t block_size, float scale, int kv_bf16, void *scratch,
                    int num_threads) {
 #ifdef HAVE_AMX
-    const int64_t Tp = (T + 15) / 16 * 16, QKV = (H + 2 * KH) * D;
-    char *at = scratch;
-    float *res[2];
-    res[0] = (float *)at, at += align64(4 * T * hidden);
-    res[1] = (float *)at, at += align64(4 * T * hidden);
-    uint16_t *h = (uint16_t *)at;
-    at += align64(2 * Tp * hidden);
-    uint16_t *qkv = (uint16_t *)at;
-    at += align64(2 * T * QKV);
-    float *q = (float *)at;
-    at += align64(4 * T * H * D);
-    uint16_t *attn = (uint16_t *)at;
-    at += align64(2 * Tp * H * D);
-    uint16_t *gate_up = (uint16_t *)at;
-    at += align64(2 * T * 2 * I);
-    uint16_t *act = (uint16_t *)at;
-    at += align64(2 * Tp * I);
-    uint16_t *mlp = (uint16_t *)at; /* each layer's o_proj output, then its MLP's */
+    const int64_t QKV = (H + 2 * KH) * D;
+    decode_buffers buf;
+    decode_buffers_at(scratch, &buf, T, hidden, H, KH, D, I);
+    float **res = buf.res, *q = buf.q;
+    uint16_t *h = buf.h, *qkv = buf.qkv, *attn = buf.attn, *gate_up = buf.gate_up;
+    uint16_t *act = buf.act, *mlp = buf.mlp;
     const int64_t max_len = max_of(ctx_lens, T);
     step_barrier barrier = {.threads = 0};
 #pragma omp parallel num_threads(num_threads)
