@@ -29,16 +29,21 @@ def openai_api_key() -> str | None:
 def disable_kernels() -> bool:
     """HEADRACE_DISABLE_KERNELS=1: the model on CPU uses torch ops only, not the compiled C
     kernels (model/kernels.py), and its KV cache is float32."""
-    return os.environ.get("HEADRACE_DISABLE_KERNELS", "") not in ("", "0")
+    return _switch("HEADRACE_DISABLE_KERNELS")
 
 
 def disable_amx_linear() -> bool:
     """HEADRACE_DISABLE_AMX_LINEAR=1: bf16 linears stay on oneDNN alone, holding one copy of the
     weights instead of two (slower decode steps; see README, Models)."""
-    return os.environ.get("HEADRACE_DISABLE_AMX_LINEAR", "") not in ("", "0")
+    return _switch("HEADRACE_DISABLE_AMX_LINEAR")
 
 
 def disable_fused_decode() -> bool:
     """HEADRACE_DISABLE_FUSED_DECODE=1: decode steps call the kernels layer by layer from Python
     instead of as one call (model/fused.py); the same outputs, slower."""
-    return os.environ.get("HEADRACE_DISABLE_FUSED_DECODE", "") not in ("", "0")
+    return _switch("HEADRACE_DISABLE_FUSED_DECODE")
+
+
+def _switch(name: str) -> bool:
+    """An on/off variable: set to anything but "" or "0" is on."""
+    return os.environ.get(name, "") not in ("", "0")

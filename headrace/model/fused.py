@@ -54,7 +54,9 @@ class FusedDecode:
         self.eps = model.norm.eps
         self._layers: ctypes.Array[DecodeLayer] | None = None
         self._caches_key: tuple[int, ...] = ()
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        # for the most rows `takes` lets through (~4.6 MB for SmolLM2)
+        most = kernels.decode_layers_scratch(AmxLinear.max_rows, *self.dims)
+        self._scratch = torch.empty(most, dtype=torch.uint8)
 
     @staticmethod
     def build(model: LlamaForCausalLM, kernels: Kernels | None) -> FusedDecode | None:
@@ -92,11 +94,6 @@ class FusedDecode:
     ) -> torch.Tensor:
         """The final hidden states [T, hidden] float32, as LlamaForCausalLM.forward's."""
         model, group = self.model, meta.groups[0]
-        t = input_ids.shape[0]
-        need = self.kernels.decode_layers_scratch(t, *self.dims)
-        if self._scratch.numel() < need:  # sized for the most rows the path takes
-            most = self.kernels.decode_layers_scratch(AmxLinear.max_rows, *self.dims)
-            self._scratch = torch.empty(max(need, most), dtype=torch.uint8)
         kv_cache = kv_caches[0]
         return self.kernels.decode_layers(
             self._layer_table(kv_caches),
