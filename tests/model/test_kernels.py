@@ -109,14 +109,21 @@ def _causal_reference(q, cache, tables, q_lens, ctx_lens, scale):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# the float32-FMA kernel for both cache dtypes; the AMX one for bf16 (same tolerance: its Q and
+# softmax weights go in as hi + lo bf16 pairs)
+PREFILL_PATHS = [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("dtype,amx", PREFILL_PATHS)
 @pytest.mark.parametrize(
     "heads,kv_heads,d,block",
     # SmolLM2's shape; MHA with head_dim 128 and blocks smaller than a key chunk; GQA 8 with
     # blocks of two chunks; head_dim 80 (not a multiple of 16)
     [(9, 3, 64, 16), (4, 4, 128, 8), (8, 1, 64, 32), (6, 3, 80, 16)],
 )
-def test_prefill_kernel_matches_torch(kernels, dtype, heads, kv_heads, d, block):
+def test_prefill_kernel_matches_torch(kernels, dtype, amx, heads, kv_heads, d, block):
+    if amx and not kernels.prefill_on_amx(dtype, d):
+        pytest.skip("no AMX here, or a head size it does not take")
     # whole prompts, chunks after a cached prefix (ctx > q), one token, tile and block edges
     q_lens = [1, 5, 16, 17, 40, 128, 3, 33]
     ctx_lens = [1, 20, 16, 50, 40, 300, 3, 33]
@@ -126,7 +133,8 @@ def test_prefill_kernel_matches_torch(kernels, dtype, heads, kv_heads, d, block)
     cache = torch.randn(2, num_blocks, block, kv_heads, d, generator=gen).to(dtype)
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     tables, at = [], 0
-    table = torch.zeros(len(q_lens), max(widths), dtype=torch.long)
+    # past a request's blocks the table holds no block: a kernel that reads one crashes
+    table = torch.full((len(q_lens), max(widths)), 1 << 40, dtype=torch.long)
     for b, w in enumerate(widths):
         tables.append(perm[at : at + w])
         table[b, :w] = torch.tensor(tables[-1])
@@ -134,7 +142,7 @@ def test_prefill_kernel_matches_torch(kernels, dtype, heads, kv_heads, d, block)
     q = torch.randn(sum(q_lens), heads, d, generator=gen)
     scale = 1 / math.sqrt(d)
     got = kernels.paged_prefill_attention(
-        q, cache, table, torch.tensor(q_lens), torch.tensor(ctx_lens), scale
+        q, cache, table, torch.tensor(q_lens), torch.tensor(ctx_lens), scale, amx=amx
     )
     want = _causal_reference(q, cache, tables, q_lens, ctx_lens, scale)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

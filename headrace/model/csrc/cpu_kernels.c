@@ -11,7 +11,8 @@
  *
  * paged_prefill_attention: the same for requests with several query tokens (prompt chunks):
  * causal, each request at its own query and context length, tiles of query tokens against
- * chunks of keys with an online softmax.
+ * chunks of keys with an online softmax. paged_prefill_attention_amx: the same on AMX tiles
+ * for a bf16 cache (after amx_linear, near the end of the file).
  *
  * add_rms_norm, rope_write_kv, silu_mul: the short runs of elementwise torch ops around the
  * linears (residual add + RMSNorm; RoPE + the K/V cache write; SwiGLU's activation), each as
@@ -132,21 +133,26 @@ static inline float exp_nonpos(float x) {
 }
 
 #if defined(__AVX512F__)
-/* exp_nonpos, 16 lanes at a time. */
-static inline __m512 exp_nonpos16(__m512 x) {
-    const __m512 floor = _mm512_set1_ps(-87.0f);
-    const __mmask16 under = _mm512_cmp_ps_mask(x, floor, _CMP_LE_OQ);
-    x = _mm512_max_ps(x, floor);
+/* exp(x) = 2^n * 2^f: returns exp_nonpos's polynomial for 2^f, 16 lanes, and n in *n. */
+static inline __m512 exp_split16(__m512 x, __m512 *n) {
     const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
+    *n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, *n);
     __m512 p = _mm512_set1_ps(1.53533017e-4f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.33989665e-3f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.61844519e-3f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55034867e-2f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226522e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147182e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+}
+
+/* exp_nonpos, 16 lanes at a time. */
+static inline __m512 exp_nonpos16(__m512 x) {
+    const __m512 floor = _mm512_set1_ps(-87.0f);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, floor, _CMP_LE_OQ);
+    __m512 n;
+    const __m512 p = exp_split16(_mm512_max_ps(x, floor), &n);
     const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p),
                                           _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
     return _mm512_maskz_mov_ps(~under, _mm512_castsi512_ps(bits));
@@ -500,6 +506,58 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
  * PF_KEYS (within one cache block), converted to float32 once per work item and reused by all
  * R rows; the softmax is the online one (running max m, running sum l, O rescaled). */
 #define PF_TOK 16
+
+/* The work items of both prefill kernels, request by request: KH heads x ceil(q_len / PF_TOK)
+ * tiles of query tokens each. starts [2][B + 1] (malloc'd): request b's first query row, then
+ * its first item; starts[1][B] is the number of items. */
+static int64_t *prefill_item_starts(const int64_t *q_lens, int64_t B, int64_t KH) {
+    int64_t *starts = malloc(sizeof(int64_t) * (size_t)(2 * (B + 1)));
+    if (starts == NULL)
+        abort();
+    int64_t *q_start = starts, *item_start = starts + B + 1;
+    q_start[0] = item_start[0] = 0;
+    for (int64_t b = 0; b < B; b++) {
+        q_start[b + 1] = q_start[b] + q_lens[b];
+        item_start[b + 1] = item_start[b] + KH * ((q_lens[b] + PF_TOK - 1) / PF_TOK);
+    }
+    return starts;
+}
+
+typedef struct {
+    int64_t b, kh, nt, first; /* request, KV head, tokens (<= PF_TOK), the first's position */
+    const int64_t *table;     /* the request's block table */
+} prefill_item;
+
+/* Item `it`, and its rows: row r is token r / G and query head kh * G + r % G; at[r] its offset
+ * in q and out (-1: a pad row past the item's tokens), pos[r] its position (pad rows:
+ * INT32_MAX, so nothing is masked for them); the softmax state starts at m = -inf, l = 0. */
+static prefill_item prefill_item_rows(int64_t it, const int64_t *starts, const int64_t *q_lens,
+                                      const int64_t *ctx_lens, const int64_t *block_table,
+                                      int64_t B, int64_t W, int64_t H, int64_t KH, int64_t D,
+                                      int64_t *at, int32_t *pos, float *m, float *l) {
+    const int64_t *q_start = starts, *item_start = starts + B + 1;
+    int64_t b = 0, hi = B; /* the request holding item `it`: binary search */
+    while (hi - b > 1) {
+        const int64_t mid = (b + hi) / 2;
+        if (item_start[mid] <= it)
+            b = mid;
+        else
+            hi = mid;
+    }
+    const int64_t q_len = q_lens[b], tiles = (q_len + PF_TOK - 1) / PF_TOK, G = H / KH;
+    const int64_t kh = (it - item_start[b]) / tiles;
+    const int64_t t0 = (it - item_start[b]) % tiles * PF_TOK;
+    const prefill_item w = {b, kh, q_len - t0 < PF_TOK ? q_len - t0 : PF_TOK,
+                            ctx_lens[b] - q_len + t0, block_table + b * W};
+    for (int64_t r = 0; r < PF_TOK * G; r++) {
+        const int64_t t = r / G;
+        at[r] = t < w.nt ? ((q_start[b] + t0 + t) * H + kh * G + r % G) * D : -1;
+        pos[r] = t < w.nt ? (int32_t)(w.first + t) : INT32_MAX;
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    return w;
+}
 #define PF_KEYS 16
 
 /* st[j][r] = sum_d qt[d][r] * kf[j][d] for 16 rows from r0 and 8 keys from j0. */
@@ -540,15 +598,11 @@ static inline void pf_values8(float *ot, const float *vf, const float *st, const
         memcpy(ot + (d0 + k) * R + r0, acc[k], sizeof acc[k]);
 }
 
-/* dst[c][dst_off + i] = src[i][src_off + c] * scale for i, c < 16: a 16 x 16 block
- * transposed, its rows given by pointers (the tile's rows lie in q and out by token and head).
- * In registers, 64 shuffles; element by element it was a quarter of the kernel's time. */
-static inline void transpose16(const float *const src[16], int64_t src_off, float scale,
-                               float *const dst[16], int64_t dst_off) {
 #if defined(__AVX512F__)
-    __m512 r[16], t[16], u[16];
-    for (int i = 0; i < 16; i++)
-        r[i] = _mm512_loadu_ps(src[i] + src_off);
+/* r[c] = column c of the 16 x 16 matrix of 32-bit lanes whose row i was r[i]: 64 shuffles, in
+ * registers. Shuffles move bits and compute nothing, so the lanes may hold any 32-bit data. */
+static inline void transpose16_regs(__m512 r[16]) {
+    __m512 t[16], u[16];
     for (int k = 0; k < 8; k++) { /* per 128-bit lane: [a0 b0 a1 b1], [a2 b2 a3 b3] */
         t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
         t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
@@ -559,20 +613,32 @@ static inline void transpose16(const float *const src[16], int64_t src_off, floa
         u[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
         u[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xee);
     }
-    const __m512 sc = _mm512_set1_ps(scale);
     for (int e = 0; e < 4; e++) { /* gather lane L of u[e], u[4+e], u[8+e], u[12+e] */
         const __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88);
         const __m512 w0 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
         const __m512 v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xdd);
         const __m512 w1 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xdd);
-        _mm512_storeu_ps(dst[e] + dst_off, _mm512_mul_ps(_mm512_shuffle_f32x4(v0, w0, 0x88), sc));
-        _mm512_storeu_ps(dst[4 + e] + dst_off,
-                         _mm512_mul_ps(_mm512_shuffle_f32x4(v1, w1, 0x88), sc));
-        _mm512_storeu_ps(dst[8 + e] + dst_off,
-                         _mm512_mul_ps(_mm512_shuffle_f32x4(v0, w0, 0xdd), sc));
-        _mm512_storeu_ps(dst[12 + e] + dst_off,
-                         _mm512_mul_ps(_mm512_shuffle_f32x4(v1, w1, 0xdd), sc));
+        r[e] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+        r[4 + e] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+        r[8 + e] = _mm512_shuffle_f32x4(v0, w0, 0xdd);
+        r[12 + e] = _mm512_shuffle_f32x4(v1, w1, 0xdd);
     }
+}
+#endif
+
+/* dst[c][dst_off + i] = src[i][src_off + c] * scale for i, c < 16: a 16 x 16 block
+ * transposed, its rows given by pointers (the tile's rows lie in q and out by token and head).
+ * In registers; element by element it was a quarter of the kernel's time. */
+static inline void transpose16(const float *const src[16], int64_t src_off, float scale,
+                               float *const dst[16], int64_t dst_off) {
+#if defined(__AVX512F__)
+    __m512 r[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_loadu_ps(src[i] + src_off);
+    transpose16_regs(r);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int c = 0; c < 16; c++)
+        _mm512_storeu_ps(dst[c] + dst_off, _mm512_mul_ps(r[c], sc));
 #else
     for (int i = 0; i < 16; i++)
         for (int c = 0; c < 16; c++)
@@ -587,14 +653,7 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
                              int kv_bf16, int num_threads) {
     const int64_t G = H / KH, R = PF_TOK * G, row = KH * D;
     const int64_t chunk = block_size < PF_KEYS ? block_size : PF_KEYS;
-    /* work items, request by request: KH heads x ceil(q_len / PF_TOK) tiles each */
-    int64_t *q_start = malloc(sizeof(int64_t) * (size_t)(B + 1));
-    int64_t *item_start = malloc(sizeof(int64_t) * (size_t)(B + 1));
-    q_start[0] = item_start[0] = 0;
-    for (int64_t b = 0; b < B; b++) {
-        q_start[b + 1] = q_start[b] + q_lens[b];
-        item_start[b + 1] = item_start[b] + KH * ((q_lens[b] + PF_TOK - 1) / PF_TOK);
-    }
+    int64_t *starts = prefill_item_starts(q_lens, B, KH);
 
 #pragma omp parallel num_threads(num_threads)
     {
@@ -612,29 +671,10 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
         float *scratch = malloc(sizeof(float) * (size_t)D);  /* the output of a pad row */
 
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < item_start[B]; it++) {
-            int64_t b = 0, hi = B; /* the request holding item `it`: binary search */
-            while (hi - b > 1) {
-                const int64_t mid = (b + hi) / 2;
-                if (item_start[mid] <= it)
-                    b = mid;
-                else
-                    hi = mid;
-            }
-            const int64_t q_len = q_lens[b], tiles = (q_len + PF_TOK - 1) / PF_TOK;
-            const int64_t kh = (it - item_start[b]) / tiles;
-            const int64_t t0 = (it - item_start[b]) % tiles * PF_TOK;
-            const int64_t nt = q_len - t0 < PF_TOK ? q_len - t0 : PF_TOK;
-            const int64_t first = ctx_lens[b] - q_len + t0; /* position of the tile's first token */
-            const int64_t *table = block_table + b * W;
-
-            for (int64_t r = 0; r < R; r++) { /* row r: token r / G, query head kh * G + r % G */
-                const int64_t t = r / G;
-                at[r] = t < nt ? ((q_start[b] + t0 + t) * H + kh * G + r % G) * D : -1;
-                pos[r] = t < nt ? (int32_t)(first + t) : INT32_MAX; /* pad rows: unmasked */
-                m[r] = -INFINITY;
-                l[r] = 0.0f;
-            }
+        for (int64_t it = 0; it < starts[2 * B + 1]; it++) {
+            const prefill_item w = prefill_item_rows(it, starts, q_lens, ctx_lens, block_table,
+                                                     B, W, H, KH, D, at, pos, m, l);
+            const int64_t kh = w.kh, nt = w.nt, first = w.first, *table = w.table;
             for (int64_t r0 = 0; r0 < R; r0 += 16) { /* Q^T, scaled; pad rows are zero */
                 const float *src[16];
                 float *dst[16];
@@ -740,8 +780,7 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
         free(scratch);
         restore_denormals(csr);
     }
-    free(q_start);
-    free(item_start);
+    free(starts);
 }
 
 /* The pre-norm step of a decoder layer, one call instead of a cast, an add and RMSNorm's
@@ -1014,7 +1053,7 @@ static void configure_tiles(void) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 7; t++) {
+    for (int t = 0; t < 8; t++) {
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
     }
@@ -1128,6 +1167,322 @@ void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, void *
     abort(); /* callers check amx_available() */
 #endif
 }
+
+/* paged_prefill_attention_amx: paged_prefill_attention's work (same arguments, same items: 16
+ * query tokens of one request x one KV head, R = 16 G rows) with both products on AMX tiles, for
+ * a bf16 cache and head_dim % 32 == 0. The float32-FMA kernel runs at 70-180 GFLOP/s, and for a
+ * 2048-token prompt attention took longer than all the linear layers. Per chunk of 32 keys:
+ *   S^T [32, R] = K . Q^T: K's A tiles straight from the cache (16 keys of one block, a row
+ *     apart; gathered where blocks are smaller), Q^T's B tiles built once per item.
+ *   the online softmax down the columns, 16 query rows per vector: no horizontal reductions
+ *     (row by row, their latency made the softmax two thirds of the kernel).
+ *   O [R, D] += P . V: P's A tiles by a 16 x 16 transpose of its key pairs; V's B tiles hold
+ *     keys 2i and 2i + 1 interleaved in row i. O stays float32 in memory.
+ * The tiles multiply bf16. K and V are bf16 already; Q and P are float32, so each goes in as
+ * hi = bf16(x) and lo = bf16(x - hi), both multiplied (twice the tile work): hi + lo carries 16
+ * mantissa bits, and the outputs match the float32 kernel to ~1e-5 (the same test tolerance).
+ * Q and P simply rounded to bf16, as flash attention does on GPUs, were ~1.6x faster again,
+ * but the bf16 model's greedy text then parted from float32's at a 0.23-nat gap, past what
+ * test_bfloat16_stays_close_to_float32 allows (0.15; the float32 kernel: 0.05). */
+#ifdef HAVE_AMX
+#define AMX_KEYS 32
+/* The softmax's reference max moves only when a score passes it by more than this: weights
+ * stay below e^8, and O (in memory, summed by the tiles) is rescaled only then, mostly at a
+ * row's first chunk. Exact either way: O and the sum l share the reference. */
+#define PF_MAX_SLACK 8.0f
+
+static inline __m512 widen_bf16x16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* x = hi + lo to ~2^-17 relative, both bf16. */
+static inline void split_bf16x16(__m512 x, __m256i *hi, __m256i *lo) {
+    *hi = to_bf16x16(x);
+    *lo = to_bf16x16(_mm512_sub_ps(x, widen_bf16x16(*hi)));
+}
+
+/* dst (16 rows of 16 32-bit elements, 64 B apart) = the transpose of the rows at src. */
+static inline void transpose16_bits(const void *const src[16], void *dst) {
+    __m512 r[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_castsi512_ps(_mm512_loadu_si512(src[i]));
+    transpose16_regs(r);
+    for (int c = 0; c < 16; c++)
+        _mm512_store_si512((char *)dst + 64 * c, _mm512_castps_si512(r[c]));
+}
+
+/* Two vectors of 16 bf16 -> 16 32-bit lanes (a[i], b[i]): the pair layout of AMX operands. */
+static inline __m512i pair_bf16x16(__m256i a, __m256i b) {
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                         40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                         32, 0);
+    return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
+}
+
+/* V's B tiles for one key chunk, vt [D / 16] tiles: dims 16t .. 16t+15, row i holding
+ * (v[2i][d], v[2i+1][d]) for each dim. A missing key is a zero row: its weight is 0, and 0 x
+ * a stale NaN would not be. */
+static inline void value_tiles(const uint16_t *const vrow[AMX_KEYS], int64_t D, uint16_t *vt) {
+    for (int i = 0; i < 16; i++)
+        for (int64_t d = 0; d < D; d += 16)
+            _mm512_store_si512(vt + d * 32 + 32 * i,
+                               pair_bf16x16(_mm256_loadu_si256((const __m256i *)(vrow[2 * i] + d)),
+                                            _mm256_loadu_si256((const __m256i *)(vrow[2 * i + 1] + d))));
+}
+
+/* Per-thread buffers (64-byte aligned, as the tiles like them). */
+typedef struct {
+    uint16_t *q;    /* [2][R][D]: Q's hi and lo rows, scaled */
+    uint16_t *qt;   /* [2][RG][D / 32] B tiles: Q^T, hi and lo */
+    uint16_t *kg;   /* [AMX_KEYS][D]: keys gathered where they span blocks */
+    uint16_t *vt;   /* [D / 16] B tiles: V */
+    float *st;      /* [AMX_KEYS][R]: S^T */
+    uint32_t *pair; /* [2][16][16]: P's key pairs, hi and lo, for 16 rows */
+    uint16_t *p;    /* [2][R][AMX_KEYS] A tiles: P, hi and lo */
+    float *o;       /* [R][D] */
+    float *m, *l;   /* [R]: the softmax's reference max and running sum */
+    int32_t *pos;   /* [R]: each row's position (keys after it are masked) */
+    int64_t *at;    /* [R]: each row's offset in q and out, -1 for a pad row */
+    uint16_t *zero_row;
+} prefill_scratch;
+
+static void *alloc64(size_t bytes) {
+    void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (p == NULL)
+        abort();
+    return p;
+}
+
+static void prefill_scratch_init(prefill_scratch *s, int64_t R, int64_t D) {
+    const size_t r = (size_t)R, d = (size_t)D, u16 = sizeof(uint16_t), f32 = sizeof(float);
+    s->q = alloc64(2 * r * d * u16);
+    s->qt = alloc64(2 * r / 16 * d / 32 * 512 * u16);
+    s->kg = alloc64(AMX_KEYS * d * u16);
+    s->vt = alloc64(d / 16 * 512 * u16);
+    s->st = alloc64(AMX_KEYS * r * f32);
+    s->pair = alloc64(2 * 16 * 16 * sizeof(uint32_t));
+    s->p = alloc64(2 * r * AMX_KEYS * u16);
+    s->o = alloc64(r * d * f32);
+    s->m = alloc64(r * f32);
+    s->l = alloc64(r * f32);
+    s->pos = alloc64(r * sizeof(int32_t));
+    s->at = alloc64(r * sizeof(int64_t));
+    s->zero_row = alloc64(d * u16);
+    memset(s->zero_row, 0, d * u16);
+}
+
+static void prefill_scratch_free(prefill_scratch *s) {
+    void *all[] = {s->q, s->qt, s->kg, s->vt, s->st, s->pair, s->p,
+                   s->o, s->m,  s->l,  s->pos, s->at, s->zero_row};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        free(all[i]);
+}
+
+/* The 16 keys from t on, as an A tile: in place when they lie in one block, else gathered into
+ * dst (zero rows past `end`). Returns the tile's address; *stride: its row stride, elements.
+ * The block table is read only for keys before `end` (its entries after those are not blocks). */
+static inline const uint16_t *key_tile(const uint16_t *k_cache, const int64_t *table, int64_t t,
+                                       int64_t end, int64_t block_size, int64_t row,
+                                       int64_t head, int64_t D, uint16_t *dst,
+                                       const uint16_t *zero_row, int64_t *stride) {
+    if (t < end && t % block_size + 16 <= block_size) { /* rows past `end`: still in the block */
+        *stride = row;
+        return k_cache + (table[t / block_size] * block_size + t % block_size) * row + head;
+    }
+    for (int64_t j = 0; j < 16; j++) {
+        const int64_t u = t + j;
+        const uint16_t *src =
+            u < end ? k_cache + (table[u / block_size] * block_size + u % block_size) * row + head
+                    : zero_row;
+        memcpy(dst + j * D, src, sizeof(uint16_t) * (size_t)D);
+    }
+    *stride = D;
+    return dst;
+}
+
+/* exp(x) for the softmax weights, x <= PF_MAX_SLACK or -inf: exp_nonpos16's polynomial, with
+ * 2^n applied by scalef (-inf: clamped to -100, whose 2^-144 the flush-to-zero mode makes 0). */
+static inline __m512 exp_weight16(__m512 x) {
+    __m512 n;
+    const __m512 p = exp_split16(_mm512_max_ps(x, _mm512_set1_ps(-100.0f)), &n);
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The online softmax over one chunk for rows 16g .. 16g+15 (one vector): masks keys past each
+ * row's position (and past nk) where `masked`, moves the reference max, rescales O's rows if it moved, adds
+ * to the sums, and leaves P (hi and lo) as A tiles. */
+static inline void softmax_chunk(prefill_scratch *s, int64_t g, int64_t R, int64_t D,
+                                 int64_t j0, int64_t nk, int masked) {
+    const __m512i pos = _mm512_load_si512(s->pos + 16 * g);
+    const __m512 old = _mm512_load_ps(s->m + 16 * g);
+    __m512 x[AMX_KEYS], mx = old;
+    for (int64_t j = 0; j < AMX_KEYS; j++) {
+        x[j] = _mm512_load_ps(s->st + j * R + 16 * g);
+        if (masked) {
+            const __mmask16 live =
+                j < nk ? _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((int)(j0 + j))) : 0;
+            x[j] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, x[j]);
+        }
+        mx = _mm512_max_ps(mx, x[j]);
+    }
+    const __mmask16 grow =
+        _mm512_cmp_ps_mask(mx, _mm512_add_ps(old, _mm512_set1_ps(PF_MAX_SLACK)), _CMP_GT_OQ);
+    mx = _mm512_mask_mov_ps(old, grow, mx);
+    _mm512_store_ps(s->m + 16 * g, mx);
+    /* exp(old - new): 0 at a row's first chunk (old = -inf) */
+    const __m512 corr =
+        _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), grow, exp_nonpos16(_mm512_sub_ps(old, mx)));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < AMX_KEYS / 2; i++) {
+        const __m512 w0 = exp_weight16(_mm512_sub_ps(x[2 * i], mx));
+        const __m512 w1 = exp_weight16(_mm512_sub_ps(x[2 * i + 1], mx));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(w0, w1));
+        __m256i hi0, lo0, hi1, lo1;
+        split_bf16x16(w0, &hi0, &lo0);
+        split_bf16x16(w1, &hi1, &lo1);
+        _mm512_store_si512(s->pair + 16 * i, pair_bf16x16(hi0, hi1));
+        _mm512_store_si512(s->pair + 256 + 16 * i, pair_bf16x16(lo0, lo1));
+    }
+    _mm512_store_ps(s->l + 16 * g, _mm512_fmadd_ps(_mm512_load_ps(s->l + 16 * g), corr, sum));
+    for (int part = 0; part < 2; part++) { /* P row r: its 16 key pairs */
+        const void *src[16];
+        for (int i = 0; i < 16; i++)
+            src[i] = s->pair + 256 * part + 16 * i;
+        transpose16_bits(src, s->p + (part * R + 16 * g) * AMX_KEYS);
+    }
+    if (grow) {
+        float c[16] __attribute__((aligned(64)));
+        _mm512_store_ps(c, corr);
+        for (int64_t r = 0; r < 16; r++) {
+            float *orow = s->o + (16 * g + r) * D;
+            for (int64_t d = 0; d < D; d += 16)
+                _mm512_store_ps(orow + d,
+                                _mm512_mul_ps(_mm512_load_ps(orow + d), _mm512_set1_ps(c[r])));
+        }
+    }
+}
+
+void paged_prefill_attention_amx(const float *q, const void *k_cache, const void *v_cache,
+                                 const int64_t *block_table, const int64_t *q_lens,
+                                 const int64_t *ctx_lens, float *out, int64_t B, int64_t W,
+                                 int64_t H, int64_t KH, int64_t D, int64_t block_size,
+                                 float scale, int kv_bf16, int num_threads) {
+    (void)kv_bf16; /* bf16: the caller's check */
+    const int64_t G = H / KH, R = PF_TOK * G, RG = R / 16, row = KH * D, DS = D / 32;
+    const uint16_t *kc = k_cache, *vc = v_cache;
+    int64_t *starts = prefill_item_starts(q_lens, B, KH);
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        configure_tiles();
+        const unsigned int csr = flush_denormals();
+        prefill_scratch s;
+        prefill_scratch_init(&s, R, D);
+
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < starts[2 * B + 1]; it++) {
+            const prefill_item w = prefill_item_rows(it, starts, q_lens, ctx_lens, block_table,
+                                                     B, W, H, KH, D, s.at, s.pos, s.m, s.l);
+            const int64_t kh = w.kh, first = w.first, *table = w.table;
+            for (int64_t r = 0; r < R; r++) /* Q, scaled, as hi and lo rows; pad rows zero */
+                for (int64_t d = 0; d < D; d += 16) {
+                    const __m512 x =
+                        s.at[r] >= 0 ? _mm512_loadu_ps(q + s.at[r] + d) : _mm512_setzero_ps();
+                    __m256i qhi, qlo;
+                    split_bf16x16(_mm512_mul_ps(x, _mm512_set1_ps(scale)), &qhi, &qlo);
+                    _mm256_store_si256((__m256i *)(s.q + r * D + d), qhi);
+                    _mm256_store_si256((__m256i *)(s.q + (R + r) * D + d), qlo);
+                }
+            for (int64_t part = 0; part < 2; part++) /* Q^T: row i = dims 2i, 2i+1, 16 rows */
+                for (int64_t g = 0; g < RG; g++)
+                    for (int64_t ds = 0; ds < DS; ds++) {
+                        const void *src[16];
+                        for (int i = 0; i < 16; i++)
+                            src[i] = s.q + (part * R + 16 * g + i) * D + 32 * ds;
+                        transpose16_bits(src, s.qt + ((part * RG + g) * DS + ds) * 512);
+                    }
+            memset(s.o, 0, sizeof(float) * (size_t)(R * D));
+
+            const int64_t end = first + w.nt; /* keys 0 .. end - 1 */
+            for (int64_t j0 = 0; j0 < end; j0 += AMX_KEYS) {
+                const int64_t nk = end - j0 < AMX_KEYS ? end - j0 : AMX_KEYS;
+                int64_t ks0, ks1;
+                const uint16_t *k0 = key_tile(kc, table, j0, end, block_size, row, kh * D, D,
+                                              s.kg, s.zero_row, &ks0);
+                const uint16_t *k1 = key_tile(kc, table, j0 + 16, end, block_size, row, kh * D,
+                                              D, s.kg + 16 * D, s.zero_row, &ks1);
+                const uint16_t *vrow[AMX_KEYS];
+                for (int64_t j = 0, t = j0; j < AMX_KEYS; j++, t++)
+                    vrow[j] = j < nk ? vc + (table[t / block_size] * block_size +
+                                             t % block_size) * row + kh * D
+                                     : s.zero_row;
+                value_tiles(vrow, D, s.vt);
+
+                for (int64_t g = 0; g < RG; g++) { /* S^T = K . (Q hi + Q lo)^T */
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    for (int64_t ds = 0; ds < DS; ds++) {
+                        _tile_loadd(2, k0 + 32 * ds, ks0 * 2);
+                        _tile_loadd(3, k1 + 32 * ds, ks1 * 2);
+                        _tile_loadd(4, s.qt + (g * DS + ds) * 512, 64);
+                        _tile_loadd(5, s.qt + ((RG + g) * DS + ds) * 512, 64);
+                        _tile_dpbf16ps(0, 2, 4);
+                        _tile_dpbf16ps(1, 3, 4);
+                        _tile_dpbf16ps(0, 2, 5);
+                        _tile_dpbf16ps(1, 3, 5);
+                    }
+                    _tile_stored(0, s.st + 16 * g, R * 4);
+                    _tile_stored(1, s.st + 16 * R + 16 * g, R * 4);
+                }
+                /* no key past any row's position (the first row's: `first`), none missing */
+                const int masked = nk < AMX_KEYS || j0 + AMX_KEYS - 1 > first;
+                for (int64_t g = 0; g < RG; g++)
+                    softmax_chunk(&s, g, R, D, j0, nk, masked);
+                for (int64_t g = 0; g < RG; g++) { /* O += (P hi + P lo) . V */
+                    float *orow = s.o + 16 * g * D;
+                    _tile_loadd(5, s.p + 16 * g * AMX_KEYS, AMX_KEYS * 2);
+                    _tile_loadd(7, s.p + (R + 16 * g) * AMX_KEYS, AMX_KEYS * 2);
+                    for (int64_t dt = 0; dt < D / 16; dt += 2) { /* two chains at a time */
+                        _tile_loadd(0, orow + 16 * dt, D * 4);
+                        _tile_loadd(1, orow + 16 * dt + 16, D * 4);
+                        _tile_loadd(2, s.vt + dt * 512, 64);
+                        _tile_loadd(6, s.vt + dt * 512 + 512, 64);
+                        _tile_dpbf16ps(0, 5, 2);
+                        _tile_dpbf16ps(1, 5, 6);
+                        _tile_dpbf16ps(0, 7, 2);
+                        _tile_dpbf16ps(1, 7, 6);
+                        _tile_stored(0, orow + 16 * dt, D * 4);
+                        _tile_stored(1, orow + 16 * dt + 16, D * 4);
+                    }
+                }
+            }
+            for (int64_t r = 0; r < R; r++) {
+                if (s.at[r] < 0)
+                    continue;
+                const __m512 inv = _mm512_set1_ps(1.0f / s.l[r]);
+                for (int64_t d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(out + s.at[r] + d,
+                                     _mm512_mul_ps(_mm512_load_ps(s.o + r * D + d), inv));
+            }
+        }
+        prefill_scratch_free(&s);
+        restore_denormals(csr);
+        _tile_release();
+    }
+    free(starts);
+}
+#else
+void paged_prefill_attention_amx(const float *q, const void *k_cache, const void *v_cache,
+                                 const int64_t *block_table, const int64_t *q_lens,
+                                 const int64_t *ctx_lens, float *out, int64_t B, int64_t W,
+                                 int64_t H, int64_t KH, int64_t D, int64_t block_size,
+                                 float scale, int kv_bf16, int num_threads) {
+    (void)q, (void)k_cache, (void)v_cache, (void)block_table, (void)q_lens, (void)ctx_lens;
+    (void)out, (void)B, (void)W, (void)H, (void)KH, (void)D, (void)block_size, (void)scale;
+    (void)kv_bf16, (void)num_threads;
+    abort(); /* callers check amx_available() */
+}
+#endif
 
 /* decode_layers: every decoder layer of a decode step (one new token per request, at most 128
  * requests, every linear on amx_linear) in one call and one parallel region. Called layer by
