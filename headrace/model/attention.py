@@ -95,10 +95,11 @@ def build_group(
     num_reqs = len(q_lens)
     max_q, max_ctx = max(q_lens), max(ctx_lens)
     width = -(-max_ctx // block_size)
-    table = torch.zeros(num_reqs, width, dtype=torch.long)
-    for b, blocks in enumerate(block_tables):
-        row = blocks[:width]
-        table[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    # one tensor from padded lists: a torch.tensor per request cost ~10 us each, every step
+    table = torch.tensor(
+        [blocks[:width] + [0] * (width - len(blocks[:width])) for blocks in block_tables],
+        dtype=torch.long,
+    )
     q_len_t = torch.tensor(q_lens)
     ctx_t = torch.tensor(ctx_lens)
     q_ar = torch.arange(max_q)
