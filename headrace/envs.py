@@ -44,6 +44,12 @@ def disable_fused_decode() -> bool:
     return _switch("HEADRACE_DISABLE_FUSED_DECODE")
 
 
+def disable_amx_attention() -> bool:
+    """HEADRACE_DISABLE_AMX_ATTENTION=1: prompt chunks over a bf16 cache keep the float32-FMA
+    attention kernel instead of the AMX one (model/kernels.py); outputs within ~1e-5, slower."""
+    return _switch("HEADRACE_DISABLE_AMX_ATTENTION")
+
+
 def _switch(name: str) -> bool:
     """An on/off variable: set to anything but "" or "0" is on."""
     return os.environ.get(name, "") not in ("", "0")

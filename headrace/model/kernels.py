@@ -93,6 +93,7 @@ class Kernels:
         self._decode_layers_scratch.argtypes, self._decode_layers_scratch.restype = [_i64] * 6, _i64
         lib.amx_available.restype = ctypes.c_int
         self.amx = bool(lib.amx_available())
+        self.amx_attention = self.amx and not envs.disable_amx_attention()
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x.argmax(dim=-1) for [N, V] float32 or bfloat16 (first index of the maximum, a NaN
@@ -294,8 +295,9 @@ class Kernels:
     def prefill_on_amx(self, kv_dtype: torch.dtype, head_dim: int) -> bool:
         """Whether prompt chunks take paged_prefill_attention_amx: a bf16 cache (the tiles
         multiply bf16; Q and the softmax weights go in as hi + lo bf16 pairs, so results stay
-        within ~1e-5 of the float32 kernel), AMX usable here, head_dim % 32 == 0."""
-        return self.amx and kv_dtype == torch.bfloat16 and head_dim % 32 == 0
+        within ~1e-5 of the float32 kernel), AMX usable here and not switched off
+        (HEADRACE_DISABLE_AMX_ATTENTION), head_dim % 32 == 0."""
+        return self.amx_attention and kv_dtype == torch.bfloat16 and head_dim % 32 == 0
 
     def paged_prefill_attention(
         self,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from headrace.model.attention import AttentionMetadata, build_group, paged_attention
-from headrace.model.kernels import _build, cpu_kernels, openmp_runtimes
+from headrace.model.kernels import Kernels, _build, cpu_kernels, openmp_runtimes
 from headrace.model.layers import RMSNorm, RotaryEmbedding
 
 BLOCK = 16
@@ -148,6 +148,14 @@ def test_prefill_kernel_matches_torch(kernels, dtype, amx, heads, kv_heads, d, b
     )
     want = _causal_reference(q, cache, tables, q_lens, ctx_lens, scale)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_amx_attention_follows_the_cpu_and_its_switch(kernels, monkeypatch):
+    assert kernels.prefill_on_amx(torch.bfloat16, 64) == kernels.amx
+    assert not kernels.prefill_on_amx(torch.float32, 64)  # the tiles take a bf16 cache only
+    assert not kernels.prefill_on_amx(torch.bfloat16, 80)
+    monkeypatch.setenv("HEADRACE_DISABLE_AMX_ATTENTION", "1")
+    assert not Kernels(ctypes.CDLL(str(_build()))).prefill_on_amx(torch.bfloat16, 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
