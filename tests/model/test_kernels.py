@@ -110,8 +110,9 @@ def _causal_reference(q, cache, tables, q_lens, ctx_lens, scale):
 
 
 # SmolLM2's shape; MHA with head_dim 128 and blocks smaller than a key chunk; GQA 8 with blocks
-# of two chunks; head_dim 80 (not a multiple of 16, nor of 32: no AMX kernel)
-PREFILL_SHAPES = [(9, 3, 64, 16), (4, 4, 128, 8), (8, 1, 64, 32), (6, 3, 80, 16)]
+# of two chunks; Qwen2-0.5B's 7 query heads per KV head; head_dim 80 (not a multiple of 16, nor
+# of 32: no AMX kernel)
+PREFILL_SHAPES = [(9, 3, 64, 16), (4, 4, 128, 8), (8, 1, 64, 32), (14, 2, 64, 16), (6, 3, 80, 16)]
 # the float32-FMA kernel for both cache dtypes; the AMX one for bf16, under the same tolerance
 # (its Q and softmax weights go in as hi + lo bf16 pairs)
 PREFILL_CASES = [

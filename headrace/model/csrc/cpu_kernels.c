@@ -1048,7 +1048,8 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* Tiles 0-3: accumulators; 4-5: A (x rows, alternating); 6: B (W columns). 16 rows x 64 B. */
+/* All eight tiles, 16 rows x 64 B. amx_linear: 0-3 accumulators, 4-5 A (x rows, alternating),
+ * 6 B (W columns); paged_prefill_attention_amx uses all eight (see there). */
 static void configure_tiles(void) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
