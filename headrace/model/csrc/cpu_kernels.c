@@ -1225,10 +1225,11 @@ static inline __m512i pair_bf16x16(__m256i a, __m256i b) {
  * a stale NaN would not be. */
 static inline void value_tiles(const uint16_t *const vrow[AMX_KEYS], int64_t D, uint16_t *vt) {
     for (int i = 0; i < 16; i++)
-        for (int64_t d = 0; d < D; d += 16)
-            _mm512_store_si512(vt + d * 32 + 32 * i,
-                               pair_bf16x16(_mm256_loadu_si256((const __m256i *)(vrow[2 * i] + d)),
-                                            _mm256_loadu_si256((const __m256i *)(vrow[2 * i + 1] + d))));
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(vrow[2 * i] + d));
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(vrow[2 * i + 1] + d));
+            _mm512_store_si512(vt + d * 32 + 32 * i, pair_bf16x16(a, b));
+        }
 }
 
 /* Per-thread buffers (64-byte aligned, as the tiles like them). */
@@ -1309,9 +1310,9 @@ static inline __m512 exp_weight16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* The online softmax over one chunk for rows 16g .. 16g+15 (one vector): masks keys past each
- * row's position (and past nk) where `masked`, moves the reference max, rescales O's rows if it moved, adds
- * to the sums, and leaves P (hi and lo) as A tiles. */
+/* The online softmax over one chunk for rows 16g .. 16g+15 (one vector): where `masked`, masks
+ * keys past each row's position (and past nk); moves the reference max, rescales O's rows if it
+ * moved, adds to the sums, and leaves P (hi and lo) as A tiles. */
 static inline void softmax_chunk(prefill_scratch *s, int64_t g, int64_t R, int64_t D,
                                  int64_t j0, int64_t nk, int masked) {
     const __m512i pos = _mm512_load_si512(s->pos + 16 * g);
