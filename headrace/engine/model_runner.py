@@ -13,7 +13,7 @@ import torch
 
 from headrace.config import CacheConfig, ModelConfig
 from headrace.engine.request import Request
-from headrace.engine.sampler import sample
+from headrace.engine.sampler import plain_greedy, sample
 from headrace.engine.scheduler import RunnerOutput, SchedulePlan
 from headrace.model.attention import AttentionMetadata, AttnGroup, build_group
 from headrace.model.kernels import cpu_kernels
@@ -153,7 +153,13 @@ class ModelRunner:
         )
         if not sample_reqs:
             return RunnerOutput(sampled={})
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        last = hidden[torch.tensor(sample_rows, device=dev)]
+        greedy = self.model.greedy_tokens(last) if plain_greedy(sample_reqs) else None
+        if greedy is not None:  # the LM head's own argmax: the same tokens, no logits
+            return RunnerOutput(
+                sampled={r.request_id: t for r, t in zip(sample_reqs, greedy.tolist(), strict=True)}
+            )
+        logits = self.model.compute_logits(last)
         argmax = self.kernels.argmax if self.kernels is not None else None
         tokens, logprobs = sample(logits, sample_reqs, self.arch.eos_token_ids, argmax)
         return RunnerOutput(

@@ -119,6 +119,18 @@ def _logprobs(
     return out
 
 
+def plain_greedy(reqs: Sequence[Request]) -> bool:
+    """Whether every request's token is just the argmax of its logits: greedy, with no penalty,
+    min_tokens still to hold off EOS, or logprobs."""
+    return all(
+        r.params.greedy
+        and not _penalized(r)
+        and len(r.output_token_ids) >= r.params.min_tokens
+        and r.params.logprobs is None
+        for r in reqs
+    )
+
+
 def sample(
     logits: torch.Tensor,
     reqs: Sequence[Request],
@@ -130,12 +142,12 @@ def sample(
     logits without an upcast copy). A batch that is all plain greedy (no penalty, min_tokens
     or logprobs) takes the argmax of the logits as they are: bf16 -> float32 is exact, so the
     tokens are the same."""
+    argmax = argmax or (lambda x: x.argmax(dim=-1))
+    if plain_greedy(reqs):
+        return argmax(logits).tolist(), {}
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     modified = any(_penalized(r) or len(r.output_token_ids) < r.params.min_tokens for r in reqs)
     want_logprobs = any(r.params.logprobs is not None for r in reqs)
-    argmax = argmax or (lambda x: x.argmax(dim=-1))
-    if not (random_rows or modified or want_logprobs):
-        return argmax(logits).tolist(), {}
     raw = logits.float()  # the model's output, for logprobs (a copy when it was bf16)
     logits = raw.clone() if modified and (want_logprobs or raw is logits) else raw
     _apply_penalties(logits, reqs)

@@ -84,6 +84,7 @@ class Kernels:
         self._prefill = _bind(lib, "paged_prefill_attention", prefill_args)
         self._prefill_amx = _bind(lib, "paged_prefill_attention_amx", prefill_args)
         self._amx_linear = _bind(lib, "amx_linear", [_ptr] * 4 + [i32] + [_i64] * 3 + [i32])
+        self._amx_linear_argmax = _bind(lib, "amx_linear_argmax", [_ptr] * 3 + [_i64] * 3 + [i32])
         self._decode_layers = _bind(
             lib, "decode_layers",
             [_ptr, _i64, _ptr, _ptr, f32] + [_ptr] * 6 + [_i64, _ptr] + [_i64] * 7 + [f32, i32]
@@ -236,6 +237,20 @@ class Kernels:
             torch.get_num_threads(),
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], n)
+
+    def amx_linear_argmax(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """amx_linear(x, packed, None, float32).argmax(-1), without the float32 rows: [M, K]
+        bf16 -> [M] int64 (the first index of the maximum, a NaN counting as the maximum)."""
+        nb, kc = packed.shape[:2]
+        n, k = nb * 16, kc * 32
+        assert x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] == k
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._amx_linear_argmax(
+            x.data_ptr(), packed.data_ptr(), out.data_ptr(), x.shape[0], n, k,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
     def decode_layers_scratch(
         self, tokens: int, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int

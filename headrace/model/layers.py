@@ -163,6 +163,15 @@ class AmxLinear(nn.Module):
             return self.kernels.amx_linear(x, self.packed, self.bias, self.out_dtype)
         return self.onednn(x).to(self.out_dtype)
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """forward(x).argmax(-1) for [M, K] x, computed without forward's rows (greedy
+        sampling's LM head: at 64 rows writing and re-reading float32 logits cost more than
+        the tiles), where forward's rows would be the AMX kernel's float32 sums, so the argmax
+        is the same. None elsewhere (a bias, bf16 out, more than max_rows rows)."""
+        if self.bias is not None or self.out_dtype != torch.float32 or x.shape[0] > self.max_rows:
+            return None
+        return self.kernels.amx_linear_argmax(x, self.packed)
+
 
 def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
     """oneDNN weight packing exists for bf16 on CPU builds with mkldnn; check it agrees with

@@ -11,7 +11,7 @@ from torch import nn
 
 from headrace.model.attention import AttentionMetadata, attend, paged_attention
 from headrace.model.fused import FusedDecode
-from headrace.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from headrace.model.layers import AmxLinear, RMSNorm, RotaryEmbedding, SwiGLU
 from headrace.model.registry import ArchConfig
 
 
@@ -131,3 +131,10 @@ class LlamaForCausalLM(nn.Module):
         where the LM head is an AmxLinear (layers.py). The sampler upcasts only when it has to;
         a greedy argmax does not need it."""
         return self.lm_head(hidden.to(self.dtype))
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """compute_logits(hidden).argmax(-1), where the LM head takes the argmax itself without
+        writing logits (layers.AmxLinear.argmax): the same tokens. None elsewhere."""
+        if not isinstance(self.lm_head, AmxLinear):
+            return None
+        return self.lm_head.argmax(hidden.to(self.dtype))

@@ -309,3 +309,39 @@ def test_amx_pack_order(kernels):
     assert p.shape == (2, 2, 16, 16, 2)
     for j, c, r, i, e in [(0, 0, 0, 0, 0), (1, 1, 15, 15, 1), (1, 0, 3, 7, 1), (0, 1, 9, 2, 0)]:
         assert p[j, c, r, i, e] == w[16 * j + i, 32 * c + 2 * r + e]
+
+
+@pytest.mark.parametrize("rows", [1, 17, 64, 100])
+def test_amx_linear_argmax_matches_the_logits_argmax(kernels, rows):
+    """The LM head's fused argmax equals torch's argmax over amx_linear's float32 rows: ties to
+    the lower index (within a thread's lanes and across the threads' column ranges), a NaN as
+    the maximum (the first one), an all -inf row to index 0."""
+    if not kernels.amx_fits(4096, 64):
+        pytest.skip("this CPU or kernel has no AMX-BF16")
+    gen = torch.Generator().manual_seed(rows)
+    n, k = 4096, 64
+    w = torch.randn(n, k, generator=gen)
+    w[3000] = w[70] * 8  # equal columns, both the maximum for most rows: 70 must win
+    w[4000] = w[70] * 8
+    w[90] = w[2100] = w[2101] = 0.0  # equal zero sums; the NaNs below go to these columns
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    wb = w.to(torch.bfloat16)
+    if rows > 2:
+        x[1] = 0.0  # every logit 0: index 0
+        x[2, 0] = float("inf")  # inf * w[:, 0]: +inf and -inf, NaN where w is 0 (column 90)
+    packed = kernels.amx_pack(wb)
+    logits = kernels.amx_linear(x, packed, None, torch.float32)
+    want = logits.argmax(dim=-1)
+    assert torch.equal(kernels.amx_linear_argmax(x, packed), want)
+    if rows > 2:
+        assert want[1] == 0 and want[2] == 90
+    # a NaN in the weights: that column's NaN sums win in every row; the first NaN column of two
+    nan_w = wb.clone()
+    nan_w[2101, 5] = nan_w[2100, 7] = float("nan")
+    nan_packed = kernels.amx_pack(nan_w)
+    want = kernels.amx_linear(x, nan_packed, None, torch.float32).argmax(dim=-1)
+    assert torch.equal(kernels.amx_linear_argmax(x, nan_packed), want)
+    expect = torch.full_like(want, 2100)
+    if rows > 2:
+        expect[2] = 90  # that row's NaN at column 90 comes first
+    assert torch.equal(want, expect)

@@ -131,3 +131,9 @@ def test_bf16_linears_on_amx_or_onednn_alone(tmp_path: Path, monkeypatch) -> Non
             hidden = model(torch.tensor(seq), torch.arange(len(seq)), caches, meta)
             got = model.compute_logits(hidden).float()
             torch.testing.assert_close(got, ref, atol=1e-2, rtol=0)  # logits ~0.4 at most
+            # greedy's argmax straight from the LM head where it is an AmxLinear: the same tokens
+            tokens = model.greedy_tokens(hidden)
+            if model is amx:
+                assert tokens is not None and torch.equal(tokens, got.argmax(dim=-1))
+            else:
+                assert tokens is None
