@@ -1094,18 +1094,38 @@ static inline void column_block(const uint16_t *a, int64_t lda, const uint16_t *
     _tile_stored(2, c + 512, 64);
     _tile_stored(3, c + 768, 64);
 }
+/* Whether (v, i) beats (best, bi) under argmax's order: greater, or a NaN over a number, or
+ * equal (both NaN, or the same value) at a lower index. */
+static inline __mmask16 argmax_beats(__m512 v, __m512i i, __m512 best, __m512i bi) {
+    const __mmask16 v_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __mmask16 b_nan = _mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q);
+    const __mmask16 same = _mm512_cmp_ps_mask(v, best, _CMP_EQ_OQ) | (v_nan & b_nan);
+    return (_mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) & ~b_nan) | (v_nan & ~b_nan) |
+           (same & _mm512_cmplt_epi32_mask(i, bi));
+}
+
+/* A running argmax per row and lane, [M][16] each: amx_linear_argmax's instead of rows of y. */
+typedef struct {
+    float *best;
+    int32_t *index;
+} lane_argmax;
+
 /* Thread tid of nth's share of amx_linear: its range of 16-column blocks, with the tiles
  * configured in this thread. a: x with ceil(M / 16) * 16 readable rows (past row M any values:
- * they reach only output rows that are not stored). */
-static void amx_linear_part(const uint16_t *a, const uint16_t *wp, const float *bias, void *y,
-                            int y_f32, int64_t M, int64_t N, int64_t K, int64_t tid,
-                            int64_t nth) {
+ * they reach only output rows that are not stored). am: NULL, or where each row's float32 sums
+ * are folded into a per-lane argmax instead of being stored into y. Inlined, so that callers
+ * passing NULL keep a loop with no argmax in it. */
+static inline __attribute__((always_inline)) void
+amx_linear_part(const uint16_t *a, const uint16_t *wp, const float *bias, void *y, int y_f32,
+                int64_t M, int64_t N, int64_t K, int64_t tid, int64_t nth, const lane_argmax *am) {
     const int64_t KC = K / 32, NB = N / 16;
     float c[64 * 16] __attribute__((aligned(64)));
     const int64_t begin = NB * tid / nth, end = NB * (tid + 1) / nth;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int64_t nb = begin; nb < end; nb++) {
         const uint16_t *b = wp + nb * KC * 512;
         const __m512 bv = bias != NULL ? _mm512_loadu_ps(bias + nb * 16) : _mm512_setzero_ps();
+        const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(nb * 16)));
         for (int64_t m0 = 0; m0 < M; m0 += 64) {
             const int64_t rows = M - m0 < 64 ? M - m0 : 64;
             const char *next = m0 == 0 && nb + 1 < end ? (const char *)(b + KC * 512) : NULL;
@@ -1113,7 +1133,15 @@ static void amx_linear_part(const uint16_t *a, const uint16_t *wp, const float *
             for (int64_t r = 0; r < rows; r++) {
                 const __m512 v = _mm512_add_ps(_mm512_load_ps(c + r * 16), bv);
                 const int64_t at = (m0 + r) * N + nb * 16;
-                if (y_f32)
+                if (am != NULL) {
+                    float *bp = am->best + (m0 + r) * 16;
+                    int32_t *ip = am->index + (m0 + r) * 16;
+                    const __m512 best = _mm512_loadu_ps(bp);
+                    const __m512i bi = _mm512_loadu_si512(ip);
+                    const __mmask16 win = argmax_beats(v, idx, best, bi);
+                    _mm512_storeu_ps(bp, _mm512_mask_mov_ps(best, win, v));
+                    _mm512_storeu_si512(ip, _mm512_mask_mov_epi32(bi, win, idx));
+                } else if (y_f32)
                     _mm512_storeu_ps((float *)y + at, v);
                 else
                     _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), to_bf16x16(v));
@@ -1133,6 +1161,39 @@ int amx_available(void) {
 #endif
 }
 
+#ifdef HAVE_AMX
+/* x [M, K] with rows to a multiple of 16, as A tiles read them: x itself, or (when M % 16 != 0)
+ * a copy with zero rows after the last, which *owned holds for the caller to free (else NULL). */
+static const uint16_t *rows_padded16(const uint16_t *x, int64_t M, int64_t K, uint16_t **owned) {
+    *owned = NULL;
+    if (M % 16 == 0)
+        return x;
+    const int64_t MP = (M + 15) / 16 * 16;
+    *owned = malloc(sizeof(uint16_t) * (size_t)(MP * K));
+    if (*owned == NULL)
+        abort();
+    memcpy(*owned, x, sizeof(uint16_t) * (size_t)(M * K));
+    memset(*owned + M * K, 0, sizeof(uint16_t) * (size_t)((MP - M) * K));
+    return *owned;
+}
+
+/* The lane holding the best (value, index) of v and i under argmax_beats: rotated halves
+ * compared four times, so every lane ends with the best of all 16. */
+static inline int32_t argmax_lanes(__m512 v, __m512i i) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int shift = 8; shift >= 1; shift /= 2) {
+        const __m512i from = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(shift)),
+                                              _mm512_set1_epi32(15));
+        const __m512 v2 = _mm512_permutexvar_ps(from, v);
+        const __m512i i2 = _mm512_permutexvar_epi32(from, i);
+        const __mmask16 win = argmax_beats(v2, i2, v, i);
+        v = _mm512_mask_mov_ps(v, win, v2);
+        i = _mm512_mask_mov_epi32(i, win, i2);
+    }
+    return _mm_cvtsi128_si32(_mm512_castsi512_si128(i));
+}
+#endif
+
 /* y [M, N] = x [M, K] bf16 . W^T (+ bias [N] float32, may be NULL); y is bf16, or float32
  * with y_f32 (the LM head: logits not rounded to bf16, where near-equal candidates would tie).
  * wp is W packed as [N / 16][K / 32][16][16][2]: for each 16 output columns and 32-element K
@@ -1143,22 +1204,13 @@ void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, void *
 #ifdef HAVE_AMX
     if (M <= 0)
         return;
-    const int64_t MB = (M + 15) / 16;
-    const uint16_t *a = x;
-    uint16_t *padded = NULL;
-    if (M % 16 != 0) { /* A tiles read 16 rows: zeros after the last */
-        padded = malloc(sizeof(uint16_t) * (size_t)(MB * 16 * K));
-        if (padded == NULL)
-            abort();
-        memcpy(padded, x, sizeof(uint16_t) * (size_t)(M * K));
-        memset(padded + M * K, 0, sizeof(uint16_t) * (size_t)((MB * 16 - M) * K));
-        a = padded;
-    }
+    uint16_t *padded;
+    const uint16_t *a = rows_padded16(x, M, K, &padded);
 #pragma omp parallel num_threads(num_threads)
     {
         configure_tiles();
         amx_linear_part(a, wp, bias, y, y_f32, M, N, K, omp_get_thread_num(),
-                        omp_get_num_threads());
+                        omp_get_num_threads(), NULL);
         _tile_release();
     }
     free(padded);
@@ -1175,94 +1227,48 @@ void amx_linear(const uint16_t *x, const uint16_t *wp, const float *bias, void *
  * (LM head + argmax 8.4 ms; 4.6 ms with bf16 logits). As torch's argmax: the first index of the
  * maximum, a NaN counting as the maximum (the first NaN). x [M, K] bf16, M <= 128 or any; wp as
  * amx_linear's; out [M] int64. Needs K % 32 == 0, N % 16 == 0 and amx_available(). */
-#ifdef HAVE_AMX
-/* Whether (v, i) beats (best, bi) under argmax's order: greater, or a NaN over a number, or
- * equal (both NaN, or the same value) at a lower index. */
-static inline __mmask16 argmax_beats(__m512 v, __m512i i, __m512 best, __m512i bi) {
-    const __mmask16 v_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    const __mmask16 b_nan = _mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q);
-    const __mmask16 same = _mm512_cmp_ps_mask(v, best, _CMP_EQ_OQ) | (v_nan & b_nan);
-    return (_mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) & ~b_nan) | (v_nan & ~b_nan) |
-           (same & _mm512_cmplt_epi32_mask(i, bi));
-}
-#endif
 
 void amx_linear_argmax(const uint16_t *x, const uint16_t *wp, int64_t *out, int64_t M,
                        int64_t N, int64_t K, int num_threads) {
 #ifdef HAVE_AMX
     if (M <= 0)
         return;
-    const int64_t KC = K / 32, NB = N / 16, MB = (M + 15) / 16, MP = MB * 16;
-    uint16_t *a = malloc(sizeof(uint16_t) * (size_t)(MP * K)); /* rows padded to 16 */
-    float *best = malloc(sizeof(float) * (size_t)(num_threads * MP * 16));
-    int32_t *best_i = malloc(sizeof(int32_t) * (size_t)(num_threads * MP * 16));
-    if (a == NULL || best == NULL || best_i == NULL)
+    uint16_t *padded;
+    const uint16_t *a = rows_padded16(x, M, K, &padded);
+    float *best = malloc(sizeof(float) * (size_t)(num_threads * M * 16));
+    int32_t *index = malloc(sizeof(int32_t) * (size_t)(num_threads * M * 16));
+    if (best == NULL || index == NULL)
         abort();
-    memcpy(a, x, sizeof(uint16_t) * (size_t)(M * K));
-    memset(a + M * K, 0, sizeof(uint16_t) * (size_t)((MP - M) * K));
-    int nth_used = 1;
+    int threads = 1;
 #pragma omp parallel num_threads(num_threads)
     {
         configure_tiles();
         const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
 #pragma omp single
-        nth_used = (int)nth;
-        float c[64 * 16] __attribute__((aligned(64)));
-        float *tb = best + tid * MP * 16;
-        int32_t *ti = best_i + tid * MP * 16;
-        for (int64_t r = 0; r < MP; r++) {
-            _mm512_storeu_ps(tb + r * 16, _mm512_set1_ps(-INFINITY));
-            _mm512_storeu_si512(ti + r * 16, _mm512_set1_epi32(INT32_MAX));
+        threads = (int)nth;
+        const lane_argmax am = {best + tid * M * 16, index + tid * M * 16};
+        for (int64_t r = 0; r < M; r++) {
+            _mm512_storeu_ps(am.best + r * 16, _mm512_set1_ps(-INFINITY));
+            _mm512_storeu_si512(am.index + r * 16, _mm512_set1_epi32(INT32_MAX));
         }
-        const int64_t begin = NB * tid / nth, end = NB * (tid + 1) / nth;
-        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-        for (int64_t nb = begin; nb < end; nb++) {
-            const uint16_t *b = wp + nb * KC * 512;
-            const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(nb * 16)));
-            for (int64_t m0 = 0; m0 < MP; m0 += 64) {
-                const int64_t rows = MP - m0 < 64 ? MP - m0 : 64;
-                const char *next = m0 == 0 && nb + 1 < end ? (const char *)(b + KC * 512) : NULL;
-                column_block(a + m0 * K, K, b, KC, (int)(rows / 16), c, next);
-                for (int64_t r = 0; r < rows; r++) {
-                    const __m512 v = _mm512_load_ps(c + r * 16);
-                    float *bp = tb + (m0 + r) * 16;
-                    int32_t *ip = ti + (m0 + r) * 16;
-                    const __m512 bv = _mm512_loadu_ps(bp);
-                    const __m512i bi = _mm512_loadu_si512(ip);
-                    const __mmask16 win = argmax_beats(v, idx, bv, bi);
-                    _mm512_storeu_ps(bp, _mm512_mask_mov_ps(bv, win, v));
-                    _mm512_storeu_si512(ip, _mm512_mask_mov_epi32(bi, win, idx));
-                }
-            }
-        }
+        amx_linear_part(a, wp, NULL, NULL, 1, M, N, K, tid, nth, &am);
         _tile_release();
     }
-    for (int64_t r = 0; r < M; r++) { /* each row: the best of every thread's 16 lanes */
-        __m512 bv = _mm512_set1_ps(-INFINITY);
-        __m512i bi = _mm512_set1_epi32(INT32_MAX);
-        for (int t = 0; t < nth_used; t++) {
-            const __m512 v = _mm512_loadu_ps(best + (t * MP + r) * 16);
-            const __m512i i = _mm512_loadu_si512(best_i + (t * MP + r) * 16);
-            const __mmask16 win = argmax_beats(v, i, bv, bi);
-            bv = _mm512_mask_mov_ps(bv, win, v);
-            bi = _mm512_mask_mov_epi32(bi, win, i);
+    for (int64_t r = 0; r < M; r++) { /* each row: the threads' lanes, then the lanes */
+        __m512 v = _mm512_set1_ps(-INFINITY);
+        __m512i i = _mm512_set1_epi32(INT32_MAX);
+        for (int t = 0; t < threads; t++) {
+            const __m512 tv = _mm512_loadu_ps(best + (t * M + r) * 16);
+            const __m512i ti = _mm512_loadu_si512(index + (t * M + r) * 16);
+            const __mmask16 win = argmax_beats(tv, ti, v, i);
+            v = _mm512_mask_mov_ps(v, win, tv);
+            i = _mm512_mask_mov_epi32(i, win, ti);
         }
-        float v[16];
-        int32_t i[16];
-        _mm512_storeu_ps(v, bv);
-        _mm512_storeu_si512(i, bi);
-        int l = 0; /* the lanes in turn, with the same rule */
-        for (int k = 1; k < 16; k++) {
-            const int k_nan = v[k] != v[k], l_nan = v[l] != v[l];
-            if ((v[k] > v[l] && !l_nan) || (k_nan && !l_nan) ||
-                ((v[k] == v[l] || (k_nan && l_nan)) && i[k] < i[l]))
-                l = k;
-        }
-        out[r] = i[l];
+        out[r] = argmax_lanes(v, i);
     }
-    free(a);
+    free(padded);
     free(best);
-    free(best_i);
+    free(index);
 #else
     (void)x, (void)wp, (void)out, (void)M, (void)N, (void)K, (void)num_threads;
     abort(); /* callers check amx_available() */
@@ -1715,7 +1721,7 @@ void decode_layers(const decode_layer *layers, int64_t L, const uint16_t *embeds
             rms_rows(l == 0 ? embeds : mlp, 1, l == 0 ? NULL : res[1], ly->input_norm, eps,
                      res[0], h, 1, r0, r1, hidden);
             step_barrier_wait(&barrier);
-            amx_linear_part(h, ly->qkv, ly->qkv_bias, qkv, 0, T, QKV, hidden, tid, nth);
+            amx_linear_part(h, ly->qkv, ly->qkv_bias, qkv, 0, T, QKV, hidden, tid, nth, NULL);
             step_barrier_wait(&barrier);
             rope_rows(qkv, 1, positions, cos, sin, slots, q, ly->k_cache, ly->v_cache, kv_bf16,
                       r0, r1, H, KH, D);
@@ -1726,16 +1732,16 @@ void decode_layers(const decode_layer *layers, int64_t L, const uint16_t *embeds
                             ctx_lens, T, W, H, KH, D, block_size, scale, kv_bf16, &ds, NULL,
                             attn);
             step_barrier_wait(&barrier);
-            amx_linear_part(attn, ly->o, ly->o_bias, mlp, 0, T, hidden, H * D, tid, nth);
+            amx_linear_part(attn, ly->o, ly->o_bias, mlp, 0, T, hidden, H * D, tid, nth, NULL);
             step_barrier_wait(&barrier);
             rms_rows(mlp, 1, res[0], ly->post_norm, eps, res[1], h, 1, r0, r1, hidden);
             step_barrier_wait(&barrier);
             amx_linear_part(h, ly->gate_up, ly->gate_up_bias, gate_up, 0, T, 2 * I, hidden, tid,
-                            nth);
+                            nth, NULL);
             step_barrier_wait(&barrier);
             silu_rows(gate_up, act, 1, r0, r1, I);
             step_barrier_wait(&barrier);
-            amx_linear_part(act, ly->down, ly->down_bias, mlp, 0, T, hidden, I, tid, nth);
+            amx_linear_part(act, ly->down, ly->down_bias, mlp, 0, T, hidden, I, tid, nth, NULL);
             step_barrier_wait(&barrier);
         }
         rms_rows(mlp, 1, res[1], final_norm, eps, res[0], out, 0, r0, r1, hidden);
