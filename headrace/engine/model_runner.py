@@ -154,13 +154,18 @@ class ModelRunner:
         if not sample_reqs:
             return RunnerOutput(sampled={})
         last = hidden[torch.tensor(sample_rows, device=dev)]
-        greedy = self.model.greedy_tokens(last) if plain_greedy(sample_reqs) else None
-        if greedy is not None:  # the LM head's own argmax: the same tokens, no logits
+        argmax = self.kernels.argmax if self.kernels is not None else None
+        if plain_greedy(sample_reqs):
+            # the LM head's own argmax where it has one (no logits written), else the logits'
+            greedy = self.model.greedy_tokens(last)
+            if greedy is None:
+                logits = self.model.compute_logits(last)
+                greedy = argmax(logits) if argmax is not None else logits.argmax(dim=-1)
+            tokens = greedy.tolist()
             return RunnerOutput(
-                sampled={r.request_id: t for r, t in zip(sample_reqs, greedy.tolist(), strict=True)}
+                sampled={r.request_id: t for r, t in zip(sample_reqs, tokens, strict=True)}
             )
         logits = self.model.compute_logits(last)
-        argmax = self.kernels.argmax if self.kernels is not None else None
         tokens, logprobs = sample(logits, sample_reqs, self.arch.eos_token_ids, argmax)
         return RunnerOutput(
             sampled={r.request_id: t for r, t in zip(sample_reqs, tokens, strict=True)},
