@@ -50,6 +50,13 @@ def disable_amx_attention() -> bool:
     return _switch("HEADRACE_DISABLE_AMX_ATTENTION")
 
 
+def disable_four_bit() -> bool:
+    """HEADRACE_DISABLE_FOUR_BIT=1: the AMX linears of a GGUF model with 4-bit weights hold them
+    as bf16 tiles instead of the file's 4-bit blocks (layers.AmxLinear); the same outputs,
+    three times the bytes read per decode step."""
+    return _switch("HEADRACE_DISABLE_FOUR_BIT")
+
+
 def _switch(name: str) -> bool:
     """An on/off variable: set to anything but "" or "0" is on."""
     return os.environ.get(name, "") not in ("", "0")

@@ -22,7 +22,7 @@ import torch
 
 from headrace import envs
 from headrace.model.attention import AttentionMetadata
-from headrace.model.kernels import DecodeLayer, Kernels
+from headrace.model.kernels import DecodeLayer, Kernels, weight_format
 from headrace.model.layers import AmxLinear
 
 if TYPE_CHECKING:
@@ -134,5 +134,8 @@ class FusedDecode:
             entry.gate_up, entry.gate_up_bias = addr(gate_up.packed), addr(gate_up.bias)
             entry.down, entry.down_bias = addr(down.packed), addr(down.bias)
             entry.k_cache, entry.v_cache = addr(cache[0]), addr(cache[1])
+            entry.qkv_fmt, entry.o_fmt = weight_format(qkv.packed), weight_format(o.packed)
+            entry.gate_up_fmt = weight_format(gate_up.packed)
+            entry.down_fmt = weight_format(down.packed)
         self._layers, self._caches_key = table, key
         return table

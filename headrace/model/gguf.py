@@ -58,6 +58,25 @@ def dequantize(
     return values.reshape(shape)
 
 
+def q4_blocks(
+    raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A Q4_0 or Q4_1 tensor [N, K] as (scale, offset, q): W[n, k] = scale[n, k // 32] *
+    q[n, k] + offset[n, k // 32], scale and offset float32 [N, K/32], q uint8 [N, K] (0-15):
+    the values `dequantize` gives, for kernels that keep the 4 bits (Q4_0's offset is -8
+    scale). None for other types."""
+    if qtype not in (Q.Q4_0, Q.Q4_1) or len(shape) != 2:
+        return None
+    n, k = shape
+    raw = np.array(raw, copy=True)  # from a read-only memory map
+    blocks = torch.from_numpy(raw.view(np.uint8).reshape(-1, _BLOCK_BYTES[qtype]))
+    packed = blocks[:, -16:]
+    q = torch.cat([packed & 0xF, packed >> 4], dim=1).reshape(n, k)
+    scale = _f16(blocks[:, :2]).reshape(n, k // 32)
+    offset = -8.0 * scale if qtype == Q.Q4_0 else _f16(blocks[:, 2:4]).reshape(n, k // 32)
+    return scale, offset, q
+
+
 # -- file parsing ----------------------------------------------------------------------------------
 # gguf.GGUFReader builds a numpy view per array element (~5 s for a 49k-token vocabulary), so the
 # header is parsed here with struct over one bytes read; tensor data stays memory-mapped.
@@ -239,6 +258,23 @@ class GGUFWeights:
         elif self.gguf_arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _unpermute_rope_rows(w, self._num_kv_heads)
         return w
+
+    def q4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`get(name)` as 4-bit blocks (gguf.q4_blocks, rows in the same order), or None where
+        the tensor is not Q4_0 / Q4_1."""
+        t = self.tensors[name]
+        parts = q4_blocks(t.data, t.qtype, t.shape)
+        if parts is None:
+            return None
+        heads = None
+        if self.gguf_arch == "llama" and name.endswith("q_proj.weight"):
+            heads = self._num_heads
+        elif self.gguf_arch == "llama" and name.endswith("k_proj.weight"):
+            heads = self._num_kv_heads
+        if heads is None:
+            return parts
+        scale, offset, q = (_unpermute_rope_rows(x, heads) for x in parts)
+        return scale, offset, q
 
     def arch_config(self) -> ArchConfig:
         a = self.gguf_arch

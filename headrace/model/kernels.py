@@ -12,8 +12,9 @@ with their mask), and runs of tiny torch ops (residual add + RMSNorm, RoPE + the
 SwiGLU's activation) that at decode sizes cost their thread wake-ups more than their arithmetic.
 And, on CPUs with AMX-BF16, the bf16 linear layers for batches of up to 128 rows
 (layers.AmxLinear), where oneDNN reads the weights at about half the rate, and with them whole
-decode steps in one call (decode_layers, model/fused.py); and prompt-chunk attention over a bf16
-cache on AMX tiles (1.3-1.9x the float32-FMA kernel's speed, the longer the prompt the more).
+decode steps in one call (decode_layers, model/fused.py), reading GGUF 4-bit weights as they are
+stored (amx_pack_q4); and prompt-chunk attention over a bf16 cache on AMX tiles (1.3-1.9x the
+float32-FMA kernel's speed, the longer the prompt the more).
 No compiler, or a failed build: a warning, and the model keeps its pure-torch ops (with a float32
 KV cache on CPU). HEADRACE_DISABLE_KERNELS=1 forces that path.
 """
@@ -53,9 +54,19 @@ def _bind(lib: ctypes.CDLL, name: str, argtypes: Sequence[type]) -> Any:
     return fn
 
 
+# amx_linear's weight formats (csrc: W_BF16, W_Q4): what amx_pack and amx_pack_q4 return
+W_BF16, W_Q4 = 0, 1
+Q4_TILE_BYTES = 320
+
+
+def weight_format(packed: torch.Tensor) -> int:
+    """The format of an amx_pack (bf16) or amx_pack_q4 (uint8) result."""
+    return W_Q4 if packed.dtype == torch.uint8 else W_BF16
+
+
 class DecodeLayer(ctypes.Structure):
     """csrc's decode_layer: one decoder layer's norm weights, AMX-packed linears (biases or
-    NULL) and K/V caches, as addresses."""
+    NULL) and K/V caches, as addresses, and the linears' formats."""
 
     _fields_ = [
         (name, ctypes.c_void_p)
@@ -63,6 +74,8 @@ class DecodeLayer(ctypes.Structure):
             "input_norm", "post_norm", "qkv", "o", "gate_up", "down",
             "qkv_bias", "o_bias", "gate_up_bias", "down_bias", "k_cache", "v_cache",
         )
+    ] + [
+        (name, ctypes.c_int) for name in ("qkv_fmt", "o_fmt", "gate_up_fmt", "down_fmt")
     ]  # fmt: skip
 
 
@@ -83,8 +96,12 @@ class Kernels:
         prefill_args = [_ptr] * 7 + [_i64] * 6 + [f32, i32, i32]
         self._prefill = _bind(lib, "paged_prefill_attention", prefill_args)
         self._prefill_amx = _bind(lib, "paged_prefill_attention_amx", prefill_args)
-        self._amx_linear = _bind(lib, "amx_linear", [_ptr] * 4 + [i32] + [_i64] * 3 + [i32])
-        self._amx_linear_argmax = _bind(lib, "amx_linear_argmax", [_ptr] * 3 + [_i64] * 3 + [i32])
+        self._amx_linear = _bind(
+            lib, "amx_linear", [_ptr, _ptr, i32, _ptr, _ptr, i32] + [_i64] * 3 + [i32]
+        )
+        self._amx_linear_argmax = _bind(
+            lib, "amx_linear_argmax", [_ptr, _ptr, i32, _ptr] + [_i64] * 3 + [i32]
+        )
         self._decode_layers = _bind(
             lib, "decode_layers",
             [_ptr, _i64, _ptr, _ptr, f32] + [_ptr] * 6 + [_i64, _ptr] + [_i64] * 7 + [f32, i32]
@@ -216,6 +233,31 @@ class Kernels:
         tiles = weight.detach().to(torch.bfloat16).reshape(n // 16, 16, k // 32, 16, 2)
         return tiles.permute(0, 2, 3, 1, 4).contiguous()
 
+    @staticmethod
+    def amx_pack_q4(
+        scale: torch.Tensor, offset: torch.Tensor, q: torch.Tensor
+    ) -> torch.Tensor | None:
+        """A weight of 4-bit blocks, W[n, k] = scale[n, k // 32] * q[n, k] + offset[n, k // 32]
+        (GGUF's Q4_0 and Q4_1), kept 4-bit in amx_linear's W_Q4 order: [N/16, K/32, 320] uint8,
+        per tile the 16 columns' scales and offsets as float16, then 16 rows of 16 bytes (row r,
+        byte j: column j // 2's element 2r + j % 2 in the low nibble, column 8 + j // 2's in the
+        high one). The kernel makes each B tile from them as it goes, the same bf16 values as
+        amx_pack(W) holds. scale, offset: [N, K/32] float32; q: [N, K] integers 0-15. None where
+        a scale or offset is not a float16 value (the kernel keeps them as float16)."""
+        n, k = q.shape
+        halves = [x.to(torch.float16) for x in (scale, offset)]
+        if not all(torch.equal(h.float(), x) for h, x in zip(halves, (scale, offset), strict=True)):
+            return None
+        # [N/16, 16 columns, K/32, 16 rows, 2] -> per tile [16 rows][16 columns][2] = 32 lanes
+        lanes = q.to(torch.uint8).reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4)
+        lanes = lanes.reshape(n // 16, k // 32, 16, 32)
+        nibbles = (lanes[..., :16] | (lanes[..., 16:] << 4)).reshape(n // 16, k // 32, 256)
+        scales = [
+            h.reshape(n // 16, 16, k // 32).transpose(1, 2).contiguous().view(torch.uint8)
+            for h in halves
+        ]
+        return torch.cat([*scales, nibbles], dim=2).contiguous()
+
     def amx_linear(
         self,
         x: torch.Tensor,
@@ -224,7 +266,7 @@ class Kernels:
         out_dtype: torch.dtype = torch.bfloat16,
     ) -> torch.Tensor:
         """x [..., K] bf16 @ W^T (+ bias, float32) -> [..., N] in out_dtype (bf16 or float32:
-        the float32 accumulator unrounded), W as amx_pack left it."""
+        the float32 accumulator unrounded), W as amx_pack or amx_pack_q4 left it."""
         nb, kc = packed.shape[:2]
         n, k = nb * 16, kc * 32
         assert x.dtype == torch.bfloat16 and x.shape[-1] == k and out_dtype in _DTYPES
@@ -232,9 +274,9 @@ class Kernels:
         rows = x.reshape(-1, k).contiguous()
         out = torch.empty(rows.shape[0], n, dtype=out_dtype)
         self._amx_linear(
-            rows.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
-            out.data_ptr(), int(out_dtype == torch.float32), rows.shape[0], n, k,
-            torch.get_num_threads(),
+            rows.data_ptr(), packed.data_ptr(), weight_format(packed),
+            None if bias is None else bias.data_ptr(), out.data_ptr(),
+            int(out_dtype == torch.float32), rows.shape[0], n, k, torch.get_num_threads(),
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], n)
 
@@ -247,7 +289,8 @@ class Kernels:
         x = x.contiguous()
         out = torch.empty(x.shape[0], dtype=torch.int64)
         self._amx_linear_argmax(
-            x.data_ptr(), packed.data_ptr(), out.data_ptr(), x.shape[0], n, k,
+            x.data_ptr(), packed.data_ptr(), weight_format(packed), out.data_ptr(), x.shape[0],
+            n, k,
             torch.get_num_threads(),
         )  # fmt: skip
         return out

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headrace.model.kernels import Kernels
+from headrace.model.kernels import W_Q4, Kernels, weight_format
+
+# A GGUF weight's 4-bit blocks (scale, offset, q), as gguf.q4_blocks gives them
+Q4Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -143,18 +146,30 @@ class AmxLinear(nn.Module):
     chunks (1.7x at 2048), so it keeps those. The second copy costs the weight's size again in
     memory. Same math either way: bf16 inputs, float32 accumulation, bf16 out (float32 with
     `out_dtype`, as the LM head has: logits unrounded).
+
+    `q4`: the weight as the GGUF file's 4-bit blocks, from which it was dequantized. The AMX
+    kernel then keeps those 4 bits (plus a float16 scale and offset per 32 weights: 5 bits a
+    weight, against bf16's 16) and makes each bf16 tile from them as it multiplies: the same
+    bf16 values, so the same results, from under a third of the bytes. A decode step reads
+    every weight, so at few rows it is bound by memory; making the tiles costs vector work
+    instead, about 30 ns a tile per core here.
     """
 
     max_rows = 128
 
     def __init__(
-        self, linear: nn.Linear, kernels: Kernels, out_dtype: torch.dtype = torch.bfloat16
+        self,
+        linear: nn.Linear,
+        kernels: Kernels,
+        out_dtype: torch.dtype = torch.bfloat16,
+        q4: Q4Blocks | None = None,
     ) -> None:
         super().__init__()
         self.kernels = kernels
         self.in_features = linear.in_features
         self.out_dtype = out_dtype
-        self.packed = kernels.amx_pack(linear.weight)
+        packed = None if q4 is None else kernels.amx_pack_q4(*q4)
+        self.packed = kernels.amx_pack(linear.weight) if packed is None else packed
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.onednn = PackedLinear(linear)
 
@@ -172,6 +187,11 @@ class AmxLinear(nn.Module):
             return None
         return self.kernels.amx_linear_argmax(x, self.packed)
 
+    @property
+    def four_bit(self) -> bool:
+        """Whether the AMX kernel reads this weight as 4-bit blocks."""
+        return weight_format(self.packed) == W_Q4
+
 
 def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
     """oneDNN weight packing exists for bf16 on CPU builds with mkldnn; check it agrees with
@@ -188,21 +208,28 @@ def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def pack_linears(
-    module: nn.Module, kernels: Kernels | None, float_out: Collection[str] = ()
+    module: nn.Module,
+    kernels: Kernels | None,
+    float_out: Collection[str] = (),
+    q4: Callable[[str], Q4Blocks | None] | None = None,
+    prefix: str = "",
 ) -> Counter[str]:
     """Swap every nn.Linear below `module` for an AmxLinear where headrace's AMX kernel takes its
-    shape, else a PackedLinear; returns how many of each. AmxLinears named in `float_out` (the
-    LM head) give float32 outputs."""
+    shape, else a PackedLinear; returns how many of each (and of AmxLinears with 4-bit weights).
+    AmxLinears named in `float_out` (the LM head) give float32 outputs. q4: a linear's 4-bit
+    GGUF blocks by its qualified name (`layers.0.mlp.down_proj`), or None."""
     count: Counter[str] = Counter()
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             if kernels is not None and kernels.amx_fits(child.out_features, child.in_features):
                 dtype = torch.float32 if name in float_out else torch.bfloat16
-                packed: nn.Module = AmxLinear(child, kernels, dtype)
+                blocks = None if q4 is None else q4(prefix + name)
+                amx = AmxLinear(child, kernels, dtype, blocks)
+                count["AmxLinear with 4-bit weights" if amx.four_bit else "AmxLinear"] += 1
+                setattr(module, name, amx)
             else:
-                packed = PackedLinear(child)
-            setattr(module, name, packed)
-            count[type(packed).__name__] += 1
+                setattr(module, name, PackedLinear(child))
+                count["PackedLinear"] += 1
         else:
-            count += pack_linears(child, kernels, float_out)
+            count += pack_linears(child, kernels, float_out, q4, f"{prefix}{name}.")
     return count

@@ -20,7 +20,7 @@ from headrace import envs
 from headrace.model.fused import FusedDecode
 from headrace.model.gguf import GGUFWeights
 from headrace.model.kernels import cpu_kernels
-from headrace.model.layers import AmxLinear, can_pack_linears, pack_linears
+from headrace.model.layers import AmxLinear, Q4Blocks, can_pack_linears, pack_linears
 from headrace.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from headrace.model.registry import ArchConfig, UnsupportedModelError, arch_from_hf_config
 
@@ -203,13 +203,46 @@ def load_model(
     if can_pack_linears(dtype, device):
         kernels = None if envs.disable_amx_linear() else cpu_kernels()
         # logits unrounded where the AMX kernel computes them: bf16 logits tie near-equal tokens
-        packed = pack_linears(model, kernels, float_out=("lm_head",))
+        four_bit = isinstance(source, GGUFWeights) and not envs.disable_four_bit()
+        q4 = _q4_blocks(source) if isinstance(source, GGUFWeights) and four_bit else None
+        packed = pack_linears(model, kernels, float_out=("lm_head",), q4=q4)
         logger.info("packed linear layers: %s", ", ".join(f"{n} {k}" for k, n in packed.items()))
         model.fused_decode = FusedDecode.build(model, kernels)
         if model.fused_decode is not None:
             logger.info("decode steps of up to %d requests run as one call", AmxLinear.max_rows)
     model.eval()
     return LoadedModel(model, arch, path, dtype)
+
+
+# a fused linear's GGUF tensors, by the suffix of its qualified name
+_FUSED_PARTS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+
+def _q4_blocks(source: GGUFWeights) -> Callable[[str], Q4Blocks | None]:
+    """A decoder layer linear's 4-bit blocks by its qualified name (`layers.3.mlp.down_proj`):
+    its GGUF tensors' blocks, joined row-wise as the loader joins their weights; None where a
+    part is not Q4_0 / Q4_1 (or for any other linear)."""
+
+    def blocks(name: str) -> Q4Blocks | None:
+        layer, _, rest = name.partition(".")
+        index, _, suffix = rest.partition(".")
+        if layer != "layers" or suffix not in _FUSED_PARTS:
+            return None
+        parts = []
+        for part in _FUSED_PARTS[suffix]:
+            blocks = source.q4_blocks(f"model.layers.{index}.{part}.weight")
+            if blocks is None:
+                return None
+            parts.append(blocks)
+        scale, offset, q = (torch.cat([p[i] for p in parts]) for i in range(3))
+        return scale, offset, q
+
+    return blocks
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -12,7 +12,8 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 
 from headrace.model.attention import AttentionMetadata, build_group
 from headrace.model.kernels import cpu_kernels
-from headrace.model.loader import load_model, read_arch
+from headrace.model.layers import AmxLinear
+from headrace.model.loader import bundled_model_path, load_model, read_arch
 
 BLOCK = 4
 CASES = {
@@ -57,6 +58,16 @@ def test_fused_decode_gives_the_layer_by_layer_bits(tmp_path: Path, name: str, r
     model, arch = _load(tmp_path, name)
     fused = model.fused_decode
     assert fused is not None
+    hidden, caches = _fused_and_layer_by_layer(model, arch, kernels, requests)
+    assert torch.equal(hidden["fused"], hidden["layers"])
+    for a, b in zip(caches["fused"], caches["layers"], strict=True):
+        assert torch.equal(a, b)
+
+
+def _fused_and_layer_by_layer(model, arch, kernels, requests):
+    """Random prompts (layer by layer), then 3 decode steps, fused and layer by layer: each
+    way's final hidden states [3, requests, hidden] and its KV caches."""
+    fused = model.fused_decode
     gen = torch.Generator().manual_seed(requests)
     lens = torch.randint(1, 40, (requests,), generator=gen).tolist()
     width = 48 // BLOCK
@@ -84,9 +95,31 @@ def test_fused_decode_gives_the_layer_by_layer_bits(tmp_path: Path, name: str, r
                 steps.append(model(ids, torch.tensor(ctx) - 1, kv, meta))
             hidden[kind] = torch.stack(steps)
     model.fused_decode = fused
+    return hidden, caches
+
+
+def test_four_bit_weights_give_the_bf16_bits(monkeypatch) -> None:
+    """The bundled GGUF's Q4_1 linears, kept 4-bit (AmxLinear.four_bit), give the hidden states
+    and caches of the same model with bf16 tiles (HEADRACE_DISABLE_FOUR_BIT) to the bit, fused
+    and layer by layer."""
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.amx:
+        pytest.skip("no AMX-BF16 kernel here")
+    path = bundled_model_path()
+    arch, source = read_arch(path)
+    cpu = torch.device("cpu")
+    four = load_model(path, arch, source, torch.bfloat16, cpu, 256).model
+    monkeypatch.setenv("HEADRACE_DISABLE_FOUR_BIT", "1")
+    plain = load_model(path, arch, source, torch.bfloat16, cpu, 256).model
+    amx = [[m for m in model.modules() if isinstance(m, AmxLinear)] for model in (four, plain)]
+    assert sum(m.four_bit for m in amx[0]) == 4 * arch.num_layers  # all but the LM head (Q8_0)
+    assert not any(m.four_bit for m in amx[1])
+    hidden, caches = _fused_and_layer_by_layer(four, arch, kernels, 19)
+    want, want_caches = _fused_and_layer_by_layer(plain, arch, kernels, 19)
+    for kind in ("fused", "layers"):
+        assert torch.equal(hidden[kind], want[kind])
+        assert all(torch.equal(a, b) for a, b in zip(caches[kind], want_caches[kind], strict=True))
     assert torch.equal(hidden["fused"], hidden["layers"])
-    for a, b in zip(caches["fused"], caches["layers"], strict=True):
-        assert torch.equal(a, b)
 
 
 def test_fused_decode_skips_prompts_and_large_batches(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize
 
-from headrace.model.gguf import GGUFWeights, dequantize, read_gguf
+from headrace.model.gguf import GGUFWeights, dequantize, q4_blocks, read_gguf
 from headrace.model.loader import bundled_model_path, resolve_model_path
 from headrace.model.registry import UnsupportedModelError
 
@@ -82,3 +82,17 @@ def test_parameter_count_of_bundled_model() -> None:
 
     arch = GGUFWeights(bundled_model_path()).arch_config()
     assert num_parameters(arch) == 134_515_008  # SmolLM2-135M: 272 tensors, tied head
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_q4_blocks_give_the_dequantized_weight(qtype: GGMLQuantizationType) -> None:
+    """scale * q + offset, block by block, is `dequantize`'s weight to the bit."""
+    rng = np.random.default_rng(1)
+    raw = quantize(rng.standard_normal((8, 64)).astype(np.float32), qtype)
+    blocks = q4_blocks(raw, qtype, (8, 64))
+    assert blocks is not None
+    scale, offset, q = blocks
+    assert scale.shape == offset.shape == (8, 2) and q.shape == (8, 64) and int(q.max()) <= 15
+    w = q.float().reshape(8, 2, 32) * scale[..., None] + offset[..., None]
+    assert torch.equal(w.reshape(8, 64), dequantize(raw, qtype, (8, 64)))
+    assert q4_blocks(quantize(np.ones((2, 32), np.float32), Q.Q8_0), Q.Q8_0, (2, 32)) is None

@@ -345,3 +345,55 @@ def test_amx_linear_argmax_matches_the_logits_argmax(kernels, rows):
     if rows > 2:
         expect[2] = 90  # that row's NaN at column 90 comes first
     assert torch.equal(want, expect)
+
+
+def _q4_weight(gen, n, k, q4_0):
+    """Random 4-bit blocks (scale, offset, q) as GGUF's Q4_0 (offset -8 scale) or Q4_1 holds
+    them, and the float32 weight they stand for (dequantize's arithmetic)."""
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(n, k // 32, generator=gen) * 0.05).half().float()
+    scale[0, 0] = 0.0  # an all-zero block
+    offset = -torch.rand(n, k // 32, generator=gen) * 0.4
+    offset = -8.0 * scale if q4_0 else offset.half().float()
+    w = q.float().reshape(n, k // 32, 32) * scale[..., None] + offset[..., None]
+    return scale, offset, q, w.reshape(n, k)
+
+
+@pytest.mark.parametrize("rows", [1, 17, 64, 100])  # partial tiles, 4 A tiles, two 64-row slices
+@pytest.mark.parametrize(("n", "k", "bias"), [(48, 64, True), (960, 576, False)])
+@pytest.mark.parametrize("q4_0", [False, True])
+def test_amx_linear_four_bit_gives_the_bf16_bits(kernels, rows, n, k, bias, q4_0):
+    """A weight kept as 4-bit blocks (amx_pack_q4) gives exactly the outputs of its bf16
+    rounding packed as bf16 tiles (amx_pack): the kernel makes the same bf16 values."""
+    if not kernels.amx_fits(n, k):
+        pytest.skip("this CPU or kernel has no AMX-BF16")
+    gen = torch.Generator().manual_seed(rows * n + q4_0)
+    scale, offset, q, w = _q4_weight(gen, n, k, q4_0)
+    four = kernels.amx_pack_q4(scale, offset, q)
+    assert four is not None and four.shape == (n // 16, k // 32, 320)
+    plain = kernels.amx_pack(w)  # rounds to bf16 as the model's weights are
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen) if bias else None
+    for out_dtype in (torch.bfloat16, torch.float32):
+        want = kernels.amx_linear(x, plain, b, out_dtype)
+        assert torch.equal(kernels.amx_linear(x, four, b, out_dtype), want)
+    assert torch.equal(kernels.amx_linear_argmax(x, four), kernels.amx_linear_argmax(x, plain))
+
+
+def test_amx_pack_q4_order_and_refusal(kernels):
+    """Tile (j, c): the 16 columns' scales, then offsets (float16), then row r's byte i holding
+    column i // 2's element 32c + 2r + i % 2 (low nibble) and column 8 + i // 2's (high). A
+    scale float16 cannot hold is refused (None): the kernel reads float16."""
+    gen = torch.Generator().manual_seed(0)
+    scale, offset, q, _ = _q4_weight(gen, 32, 64, q4_0=False)
+    p = kernels.amx_pack_q4(scale, offset, q)
+    assert p is not None
+    for j, c, r, i in [(0, 0, 0, 0), (1, 1, 15, 15), (1, 0, 3, 6), (0, 1, 9, 11)]:
+        tile = p[j, c]
+        assert tile[:32].view(torch.float16)[i].item() == scale[16 * j + i, c].item()
+        assert tile[32:64].view(torch.float16)[i].item() == offset[16 * j + i, c].item()
+        byte = int(tile[64 + 16 * r + i])
+        k = 32 * c + 2 * r + i % 2
+        assert byte & 0xF == q[16 * j + i // 2, k] and byte >> 4 == q[16 * j + 8 + i // 2, k]
+    scale[3, 1] = 1.0 + 2.0**-20  # not a float16 value
+    assert kernels.amx_pack_q4(scale, offset, q) is None
