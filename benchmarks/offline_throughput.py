@@ -7,7 +7,9 @@ Workload: N prompts of exactly --input-len random tokens, --output-len tokens ea
 greedy. For each max_num_seqs in --batch-sizes: headrace's output tok/s (prefill included, as
 vLLM's offline throughput counts it) and transformers' `generate` on the same prompts in batches
 of that size. Ceilings: compute = GEMM FLOP/s (this dtype, all cores) / (2 x parameters);
-bandwidth (batch 1) = memory read bandwidth / weight bytes. The GEMM is timed before and after
+bandwidth (batch 1) = memory read bandwidth / weight bytes, for the weights at the dtype's size
+(what the issue's ceiling counts) and for the bytes a decode step's linears actually read (less
+where the AMX linears keep a GGUF's 4-bit blocks). The GEMM is timed before and after
 the runs and the faster kept: on a shared machine it has measured from 600 to 1615 GFLOP/s
 between invocations, and a ceiling taken in a slow moment would flatter the percentages.
 transformers runs in float32, the setting it recommends for GGUF checkpoints (it keeps the
@@ -29,8 +31,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
+from torch import nn
 
 from headrace.engine.model_runner import resolve_dtype
+from headrace.model.layers import AmxLinear, PackedLinear
 from headrace.model.loader import bundled_model_path
 from headrace.model.registry import num_parameters
 from headrace.offline import LLM
@@ -55,6 +59,22 @@ def gemm_flops(dtype: torch.dtype, n: int = 4096) -> float:
 def read_bandwidth(nbytes: int = 1 << 30) -> float:
     x = torch.ones(nbytes // 4, dtype=torch.float32)
     return nbytes / _median_time(lambda: x.sum())
+
+
+def decode_read_bytes(model: nn.Module) -> int:
+    """The weight bytes a batch-1 decode step reads: every linear's weight as its kernel holds
+    it (AMX tiles, 4-bit blocks, oneDNN's reorder, or the plain weight), biases aside. An
+    AmxLinear's oneDNN copy serves prompt chunks only; the embedding gives one row a token."""
+    prompt_only = {id(m.onednn) for m in model.modules() if isinstance(m, AmxLinear)}
+    total = 0
+    for m in model.modules():
+        if id(m) in prompt_only:
+            continue
+        if isinstance(m, AmxLinear | PackedLinear):
+            total += m.packed.nbytes
+        elif isinstance(m, nn.Linear):
+            total += m.weight.nbytes
+    return total
 
 
 def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -118,11 +138,15 @@ def main() -> None:
     probe = LLM(dtype=dtype, num_kv_blocks=64)  # type: ignore[arg-type]
     params = num_parameters(probe.engine.runner.arch)
     vocab = probe.engine.runner.arch.vocab_size
+    read_bytes = decode_read_bytes(probe.engine.runner.model)
     del probe
     bandwidth_ceiling = bandwidth / (params * torch_dtype.itemsize)
+    read_ceiling = bandwidth / read_bytes
     print(f"dtype {dtype}, {torch.get_num_threads()} threads, {params / 1e6:.1f}M parameters")
     print(f"GEMM {flops_before / 1e9:.0f} GFLOP/s (before the runs)")
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s -> batch-1 ceiling {bandwidth_ceiling:.0f}")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s -> batch-1 ceiling {bandwidth_ceiling:.0f} "
+          f"for {dtype} weights, {read_ceiling:.0f} for the {read_bytes / 1e6:.0f} MB of weights "
+          "a decode step reads")  # fmt: skip
 
     hf = None
     if not args.skip_transformers:
@@ -156,7 +180,7 @@ def main() -> None:
     print(f"GEMM {flops_after / 1e9:.0f} GFLOP/s (after the runs); the ceiling takes the faster, "
           f"{flops / 1e9:.0f} GFLOP/s -> {compute_ceiling:.0f} tok/s")  # fmt: skip
     for r in rows:
-        ceiling = bandwidth_ceiling if r["max_num_seqs"] == 1 else compute_ceiling
+        ceiling = read_ceiling if r["max_num_seqs"] == 1 else compute_ceiling
         r["compute_ceiling_pct"] = round(100 * r["headrace_tok_s"] / compute_ceiling, 1)
         r["ceiling_tok_s"] = round(ceiling, 1)
 
@@ -172,11 +196,13 @@ def main() -> None:
             f"| {ratio} | {r['compute_ceiling_pct']}% |"
         )
     print(f"\ncompute ceiling {compute_ceiling:.0f} tok/s, batch-1 bandwidth ceiling "
-          f"{bandwidth_ceiling:.0f} tok/s")  # fmt: skip
+          f"{bandwidth_ceiling:.0f} tok/s ({dtype} weights), {read_ceiling:.0f} tok/s (the "
+          f"{read_bytes / 1e6:.0f} MB a decode step reads)")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dtype": dtype, "gemm_flops": flops, "gemm_flops_before": flops_before,
                        "gemm_flops_after": flops_after, "read_bandwidth": bandwidth,
+                       "decode_read_bytes": read_bytes,
                        "rows": rows}, f, indent=2)  # fmt: skip
 
 
