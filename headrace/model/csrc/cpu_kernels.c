@@ -1169,43 +1169,52 @@ typedef struct {
     int32_t *index;
 } lane_argmax;
 
-/* Thread tid of nth's share of amx_linear: its range of 16-column blocks, with the tiles
- * configured in this thread. a: x with ceil(M / 16) * 16 readable rows (past row M any values:
- * they reach only output rows that are not stored). am: NULL, or where each row's float32 sums
- * are folded into a per-lane argmax instead of being stored into y. Inlined, so that callers
- * passing NULL keep a loop with no argmax in it. */
+/* One of nth threads' share of amx_linear, with the tiles configured in this thread: runs of
+ * 16-column blocks taken from the shared counter next_block (from 0) until none are left, about
+ * 8 runs a thread. Taken as they come rather than as halves fixed in advance, because the two
+ * cores here do not always run at the same speed, and a busy neighbour slows one thread only:
+ * once, at one decode row, the second thread took twice as long over the same half, and the
+ * first waited for it 40% of the linears' time. Decode steps of 64 sequences took 0.91 of the
+ * time (5 alternated pairs); at 1-8 sequences the difference was within the noise. a: x with ceil(M / 16) * 16 readable rows (past row M any
+ * values: they reach only output rows that are not stored). am: NULL, or where each row's
+ * float32 sums are folded into this thread's per-lane argmax instead of being stored into y.
+ * Inlined, so that callers passing NULL keep a loop with no argmax in it. */
 static inline __attribute__((always_inline)) void
 amx_linear_part(const uint16_t *a, const void *wp, int fmt, const float *bias, void *y,
-                int y_f32, int64_t M, int64_t N, int64_t K, int64_t tid, int64_t nth,
+                int y_f32, int64_t M, int64_t N, int64_t K, int64_t nth, atomic_llong *next_block,
                 const lane_argmax *am) {
     const int64_t KC = K / 32, NB = N / 16, block_bytes = KC * tile_bytes(fmt);
+    const int64_t run = NB / (8 * nth) > 1 ? NB / (8 * nth) : 1;
     float c[64 * 16] __attribute__((aligned(64)));
     uint16_t buf[2 * 512] __attribute__((aligned(64)));
-    const int64_t begin = NB * tid / nth, end = NB * (tid + 1) / nth;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    for (int64_t nb = begin; nb < end; nb++) {
-        const char *b = (const char *)wp + nb * block_bytes;
-        const __m512 bv = bias != NULL ? _mm512_loadu_ps(bias + nb * 16) : _mm512_setzero_ps();
-        const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(nb * 16)));
-        for (int64_t m0 = 0; m0 < M; m0 += 64) {
-            const int64_t rows = M - m0 < 64 ? M - m0 : 64;
-            const char *next = m0 == 0 && nb + 1 < end ? b + block_bytes : NULL;
-            column_block(a + m0 * K, K, b, fmt, KC, (int)((rows + 15) / 16), c, next, buf);
-            for (int64_t r = 0; r < rows; r++) {
-                const __m512 v = _mm512_add_ps(_mm512_load_ps(c + r * 16), bv);
-                const int64_t at = (m0 + r) * N + nb * 16;
-                if (am != NULL) {
-                    float *bp = am->best + (m0 + r) * 16;
-                    int32_t *ip = am->index + (m0 + r) * 16;
-                    const __m512 best = _mm512_loadu_ps(bp);
-                    const __m512i bi = _mm512_loadu_si512(ip);
-                    const __mmask16 win = argmax_beats(v, idx, best, bi);
-                    _mm512_storeu_ps(bp, _mm512_mask_mov_ps(best, win, v));
-                    _mm512_storeu_si512(ip, _mm512_mask_mov_epi32(bi, win, idx));
-                } else if (y_f32)
-                    _mm512_storeu_ps((float *)y + at, v);
-                else
-                    _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), to_bf16x16(v));
+    for (int64_t begin = atomic_fetch_add(next_block, run); begin < NB;
+         begin = atomic_fetch_add(next_block, run)) {
+        const int64_t end = begin + run < NB ? begin + run : NB;
+        for (int64_t nb = begin; nb < end; nb++) {
+            const char *b = (const char *)wp + nb * block_bytes;
+            const __m512 bv = bias != NULL ? _mm512_loadu_ps(bias + nb * 16) : _mm512_setzero_ps();
+            const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(nb * 16)));
+            for (int64_t m0 = 0; m0 < M; m0 += 64) {
+                const int64_t rows = M - m0 < 64 ? M - m0 : 64;
+                const char *next = m0 == 0 && nb + 1 < end ? b + block_bytes : NULL;
+                column_block(a + m0 * K, K, b, fmt, KC, (int)((rows + 15) / 16), c, next, buf);
+                for (int64_t r = 0; r < rows; r++) {
+                    const __m512 v = _mm512_add_ps(_mm512_load_ps(c + r * 16), bv);
+                    const int64_t at = (m0 + r) * N + nb * 16;
+                    if (am != NULL) {
+                        float *bp = am->best + (m0 + r) * 16;
+                        int32_t *ip = am->index + (m0 + r) * 16;
+                        const __m512 best = _mm512_loadu_ps(bp);
+                        const __m512i bi = _mm512_loadu_si512(ip);
+                        const __mmask16 win = argmax_beats(v, idx, best, bi);
+                        _mm512_storeu_ps(bp, _mm512_mask_mov_ps(best, win, v));
+                        _mm512_storeu_si512(ip, _mm512_mask_mov_epi32(bi, win, idx));
+                    } else if (y_f32)
+                        _mm512_storeu_ps((float *)y + at, v);
+                    else
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), to_bf16x16(v));
+                }
             }
         }
     }
@@ -1268,11 +1277,12 @@ void amx_linear(const uint16_t *x, const void *wp, int fmt, const float *bias, v
         return;
     uint16_t *padded;
     const uint16_t *a = rows_padded16(x, M, K, &padded);
+    atomic_llong next_block = 0;
 #pragma omp parallel num_threads(num_threads)
     {
         configure_tiles();
-        amx_linear_part(a, wp, fmt, bias, y, y_f32, M, N, K, omp_get_thread_num(),
-                        omp_get_num_threads(), NULL);
+        amx_linear_part(a, wp, fmt, bias, y, y_f32, M, N, K, omp_get_num_threads(), &next_block,
+                        NULL);
         _tile_release();
     }
     free(padded);
@@ -1302,6 +1312,7 @@ void amx_linear_argmax(const uint16_t *x, const void *wp, int fmt, int64_t *out,
     if (best == NULL || index == NULL)
         abort();
     int threads = 1;
+    atomic_llong next_block = 0;
 #pragma omp parallel num_threads(num_threads)
     {
         configure_tiles();
@@ -1313,7 +1324,7 @@ void amx_linear_argmax(const uint16_t *x, const void *wp, int fmt, int64_t *out,
             _mm512_storeu_ps(am.best + r * 16, _mm512_set1_ps(-INFINITY));
             _mm512_storeu_si512(am.index + r * 16, _mm512_set1_epi32(INT32_MAX));
         }
-        amx_linear_part(a, wp, fmt, NULL, NULL, 1, M, N, K, tid, nth, &am);
+        amx_linear_part(a, wp, fmt, NULL, NULL, 1, M, N, K, nth, &next_block, &am);
         _tile_release();
     }
     for (int64_t r = 0; r < M; r++) { /* each row: the threads' lanes, then the lanes */
@@ -1671,6 +1682,7 @@ void paged_prefill_attention_amx(const float *q, const void *k_cache, const void
 typedef struct {
     atomic_int arrived, generation, sleepers;
     atomic_llong next_request; /* the attention phase's work counter (decode_requests) */
+    atomic_llong next_block;   /* the linears' (amx_linear_part), set to 0 before each */
     int threads;
 } step_barrier;
 
@@ -1784,9 +1796,11 @@ void decode_layers(const decode_layer *layers, int64_t L, const uint16_t *embeds
             const decode_layer *ly = layers + l;
             rms_rows(l == 0 ? embeds : mlp, 1, l == 0 ? NULL : res[1], ly->input_norm, eps,
                      res[0], h, 1, r0, r1, hidden);
+            if (tid == 0) /* before each linear (no thread takes blocks in the phase before) */
+                atomic_store(&barrier.next_block, 0);
             step_barrier_wait(&barrier);
-            amx_linear_part(h, ly->qkv, ly->qkv_fmt, ly->qkv_bias, qkv, 0, T, QKV, hidden, tid,
-                            nth, NULL);
+            amx_linear_part(h, ly->qkv, ly->qkv_fmt, ly->qkv_bias, qkv, 0, T, QKV, hidden, nth,
+                            &barrier.next_block, NULL);
             step_barrier_wait(&barrier);
             rope_rows(qkv, 1, positions, cos, sin, slots, q, ly->k_cache, ly->v_cache, kv_bf16,
                       r0, r1, H, KH, D);
@@ -1796,19 +1810,25 @@ void decode_layers(const decode_layer *layers, int64_t L, const uint16_t *embeds
             decode_requests(&barrier.next_request, q, ly->k_cache, ly->v_cache, block_table,
                             ctx_lens, T, W, H, KH, D, block_size, scale, kv_bf16, &ds, NULL,
                             attn);
+            if (tid == 0)
+                atomic_store(&barrier.next_block, 0);
             step_barrier_wait(&barrier);
-            amx_linear_part(attn, ly->o, ly->o_fmt, ly->o_bias, mlp, 0, T, hidden, H * D, tid,
-                            nth, NULL);
+            amx_linear_part(attn, ly->o, ly->o_fmt, ly->o_bias, mlp, 0, T, hidden, H * D, nth,
+                            &barrier.next_block, NULL);
             step_barrier_wait(&barrier);
             rms_rows(mlp, 1, res[0], ly->post_norm, eps, res[1], h, 1, r0, r1, hidden);
+            if (tid == 0)
+                atomic_store(&barrier.next_block, 0);
             step_barrier_wait(&barrier);
             amx_linear_part(h, ly->gate_up, ly->gate_up_fmt, ly->gate_up_bias, gate_up, 0, T,
-                            2 * I, hidden, tid, nth, NULL);
+                            2 * I, hidden, nth, &barrier.next_block, NULL);
             step_barrier_wait(&barrier);
             silu_rows(gate_up, act, 1, r0, r1, I);
+            if (tid == 0)
+                atomic_store(&barrier.next_block, 0);
             step_barrier_wait(&barrier);
             amx_linear_part(act, ly->down, ly->down_fmt, ly->down_bias, mlp, 0, T, hidden, I,
-                            tid, nth, NULL);
+                            nth, &barrier.next_block, NULL);
             step_barrier_wait(&barrier);
         }
         rms_rows(mlp, 1, res[1], final_norm, eps, res[0], out, 0, r0, r1, hidden);
