@@ -1027,9 +1027,10 @@ void argmax_rows(const void *x, int bf16, int64_t rows, int64_t n, int64_t *out,
  *
  * amx_linear: y = x W^T (+ bias) for bf16 x [M, K] and W [N, K], float32 accumulation, bf16 out,
  * with W packed once at load (order below) so that every B tile the kernel loads is 1 KB of
- * consecutive memory, and each thread reads its share of W once, front to back, asking for the
- * next tile's weights while it computes. oneDNN's matmul reads the same weights at about half
- * that rate for the few rows of a decode step.
+ * consecutive memory, and each thread reads W's runs of column blocks that it takes once, front
+ * to back, asking for the next tile's weights while it computes. oneDNN's matmul reads the same
+ * weights at about half that rate for the few rows of a decode step. A GGUF model's 4-bit
+ * weights can stay 4-bit (W_Q4), each tile made from them just before it is multiplied.
  *
  * Blocking: 16 output columns at a time, against up to 64 rows of x: four accumulator tiles
  * (one per 16 rows), each K chunk's B tile loaded once and multiplied by up to four A tiles.
