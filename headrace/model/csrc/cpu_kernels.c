@@ -1170,28 +1170,45 @@ typedef struct {
     int32_t *index;
 } lane_argmax;
 
+/* The next run of blocks [begin, *end) of NB from the shared counter (begin >= NB: none left):
+ * a 2 nth-th of those left (at least 1), so runs start long, read front to back, and shorten
+ * towards the end, where they even out the threads. */
+static inline int64_t take_blocks(atomic_llong *next, int64_t NB, int64_t nth, int64_t *end) {
+    int64_t begin = atomic_load(next);
+    for (;;) {
+        if (begin >= NB)
+            return NB;
+        int64_t take = (NB - begin) / (2 * nth);
+        take = take > 1 ? take : 1;
+        if (atomic_compare_exchange_weak(next, &begin, begin + take)) {
+            *end = begin + take;
+            return begin;
+        }
+    }
+}
+
 /* One of nth threads' share of amx_linear, with the tiles configured in this thread: runs of
- * 16-column blocks taken from the shared counter next_block (from 0) until none are left, about
- * 8 runs a thread. Taken as they come rather than as halves fixed in advance, because the two
- * cores here do not always run at the same speed, and a busy neighbour slows one thread only:
- * once, at one decode row, the second thread took twice as long over the same half, and the
- * first waited for it 40% of the linears' time. Decode steps of 64 sequences took 0.91 of the
- * time (5 alternated pairs); at 1-8 sequences the difference was within the noise. a: x with ceil(M / 16) * 16 readable rows (past row M any
- * values: they reach only output rows that are not stored). am: NULL, or where each row's
- * float32 sums are folded into this thread's per-lane argmax instead of being stored into y.
- * Inlined, so that callers passing NULL keep a loop with no argmax in it. */
+ * 16-column blocks taken from the shared counter next_block (from 0, take_blocks) until none
+ * are left. Taken as they come rather than as halves fixed in advance, because the two cores
+ * here do not always run at the same speed, and a busy neighbour slows one thread only: once,
+ * at one decode row, the second thread took twice as long over the same half, and the first
+ * waited for it 40% of the linears' time. Decode steps in one engine, the three ways
+ * alternated (medians of 80 steps each, two runs): 1 sequence 13.5 / 18.7 ms with halves,
+ * 11.6 / 17.4 with runs of NB / 16, 10.6 / 17.9 with take_blocks' shrinking runs; 16
+ * sequences 21.0 / 27.6, 21.3 / 28.0, 20.6 / 25.6; 64 sequences 54.8 / 70.8, 53.7 / 69.8,
+ * 51.0 / 69.5. a: x with ceil(M / 16) * 16 readable rows (past row M any values: they reach
+ * only output rows that are not stored). am: NULL, or where each row's float32 sums are folded
+ * into this thread's per-lane argmax instead of being stored into y. Inlined, so that callers
+ * passing NULL keep a loop with no argmax in it. */
 static inline __attribute__((always_inline)) void
 amx_linear_part(const uint16_t *a, const void *wp, int fmt, const float *bias, void *y,
                 int y_f32, int64_t M, int64_t N, int64_t K, int64_t nth, atomic_llong *next_block,
                 const lane_argmax *am) {
     const int64_t KC = K / 32, NB = N / 16, block_bytes = KC * tile_bytes(fmt);
-    const int64_t run = NB / (8 * nth) > 1 ? NB / (8 * nth) : 1;
     float c[64 * 16] __attribute__((aligned(64)));
     uint16_t buf[2 * 512] __attribute__((aligned(64)));
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    for (int64_t begin = atomic_fetch_add(next_block, run); begin < NB;
-         begin = atomic_fetch_add(next_block, run)) {
-        const int64_t end = begin + run < NB ? begin + run : NB;
+    for (int64_t begin, end; (begin = take_blocks(next_block, NB, nth, &end)) < NB;) {
         for (int64_t nb = begin; nb < end; nb++) {
             const char *b = (const char *)wp + nb * block_bytes;
             const __m512 bv = bias != NULL ? _mm512_loadu_ps(bias + nb * 16) : _mm512_setzero_ps();
