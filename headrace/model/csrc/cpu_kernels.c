@@ -1699,8 +1699,9 @@ void paged_prefill_attention_amx(const float *q, const void *k_cache, const void
 
 typedef struct {
     atomic_int arrived, generation, sleepers;
-    atomic_llong next_request; /* the attention phase's work counter (decode_requests) */
-    atomic_llong next_block;   /* the linears' (amx_linear_part), set to 0 before each */
+    /* work counters, back at 0 for each phase: attention's (decode_requests), the linears'
+     * (amx_linear_part) */
+    atomic_llong next_request, next_block;
     int threads;
 } step_barrier;
 
@@ -1712,6 +1713,8 @@ static void step_barrier_wait(step_barrier *b) {
     const int generation = atomic_load(&b->generation);
     if (atomic_fetch_add(&b->arrived, 1) == b->threads - 1) { /* the last one releases */
         atomic_store(&b->arrived, 0);
+        atomic_store(&b->next_request, 0); /* no thread takes work across a barrier */
+        atomic_store(&b->next_block, 0);
         atomic_fetch_add(&b->generation, 1);
         if (atomic_load(&b->sleepers) > 0)
             syscall(SYS_futex, &b->generation, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
@@ -1814,36 +1817,26 @@ void decode_layers(const decode_layer *layers, int64_t L, const uint16_t *embeds
             const decode_layer *ly = layers + l;
             rms_rows(l == 0 ? embeds : mlp, 1, l == 0 ? NULL : res[1], ly->input_norm, eps,
                      res[0], h, 1, r0, r1, hidden);
-            if (tid == 0) /* before each linear (no thread takes blocks in the phase before) */
-                atomic_store(&barrier.next_block, 0);
             step_barrier_wait(&barrier);
             amx_linear_part(h, ly->qkv, ly->qkv_fmt, ly->qkv_bias, qkv, 0, T, QKV, hidden, nth,
                             &barrier.next_block, NULL);
             step_barrier_wait(&barrier);
             rope_rows(qkv, 1, positions, cos, sin, slots, q, ly->k_cache, ly->v_cache, kv_bf16,
                       r0, r1, H, KH, D);
-            if (tid == 0) /* the attention phase below hands out requests from 0 */
-                atomic_store(&barrier.next_request, 0);
             step_barrier_wait(&barrier);
             decode_requests(&barrier.next_request, q, ly->k_cache, ly->v_cache, block_table,
                             ctx_lens, T, W, H, KH, D, block_size, scale, kv_bf16, &ds, NULL,
                             attn);
-            if (tid == 0)
-                atomic_store(&barrier.next_block, 0);
             step_barrier_wait(&barrier);
             amx_linear_part(attn, ly->o, ly->o_fmt, ly->o_bias, mlp, 0, T, hidden, H * D, nth,
                             &barrier.next_block, NULL);
             step_barrier_wait(&barrier);
             rms_rows(mlp, 1, res[0], ly->post_norm, eps, res[1], h, 1, r0, r1, hidden);
-            if (tid == 0)
-                atomic_store(&barrier.next_block, 0);
             step_barrier_wait(&barrier);
             amx_linear_part(h, ly->gate_up, ly->gate_up_fmt, ly->gate_up_bias, gate_up, 0, T,
                             2 * I, hidden, nth, &barrier.next_block, NULL);
             step_barrier_wait(&barrier);
             silu_rows(gate_up, act, 1, r0, r1, I);
-            if (tid == 0)
-                atomic_store(&barrier.next_block, 0);
             step_barrier_wait(&barrier);
             amx_linear_part(act, ly->down, ly->down_fmt, ly->down_bias, mlp, 0, T, hidden, I,
                             nth, &barrier.next_block, NULL);
