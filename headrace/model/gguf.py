@@ -47,34 +47,42 @@ def dequantize(
         scale = _f16(blocks[:, :2])
         values = blocks[:, 2:].contiguous().view(torch.int8).float() * scale
     else:
-        # Q4: byte j holds weight j in its low nibble and weight j+16 in its high nibble.
-        packed = blocks[:, -16:]
-        nibbles = torch.cat([packed & 0xF, packed >> 4], dim=1).float()
-        scale = _f16(blocks[:, :2])
-        if qtype == Q.Q4_0:
-            values = (nibbles - 8.0) * scale
-        else:
-            values = nibbles * scale + _f16(blocks[:, 2:4])
+        q, scale, offset = _q4_fields(blocks, qtype)
+        values = q.float() * scale + offset
     return values.reshape(shape)
+
+
+def _q4_fields(
+    blocks: torch.Tensor, qtype: GGMLQuantizationType
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q4_1 blocks [B, bytes] as (q [B, 32] uint8 0-15, scale [B, 1], offset [B, 1])
+    float32, weight = q * scale + offset (Q4_0's offset is -8 scale: both products exact, so
+    the same values as (q - 8) * scale). Byte j holds weight j in its low nibble and weight
+    j + 16 in its high nibble."""
+    packed = blocks[:, -16:]
+    q = torch.cat([packed & 0xF, packed >> 4], dim=1)
+    scale = _f16(blocks[:, :2])
+    offset = -8.0 * scale if qtype == Q.Q4_0 else _f16(blocks[:, 2:4])
+    return q, scale, offset
+
+
+# A Q4 weight [N, K] as (scale, offset, q): W[n, k] = scale[n, k // 32] * q[n, k] +
+# offset[n, k // 32]; scale, offset float32 [N, K/32], q uint8 [N, K] (0-15)
+Q4Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def q4_blocks(
     raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """A Q4_0 or Q4_1 tensor [N, K] as (scale, offset, q): W[n, k] = scale[n, k // 32] *
-    q[n, k] + offset[n, k // 32], scale and offset float32 [N, K/32], q uint8 [N, K] (0-15):
-    the values `dequantize` gives, for kernels that keep the 4 bits (Q4_0's offset is -8
-    scale). None for other types."""
+) -> Q4Blocks | None:
+    """A Q4_0 or Q4_1 matrix as its blocks (Q4Blocks): the values `dequantize` gives, for
+    kernels that keep the 4 bits. None for other types."""
     if qtype not in (Q.Q4_0, Q.Q4_1) or len(shape) != 2:
         return None
     n, k = shape
     raw = np.array(raw, copy=True)  # from a read-only memory map
     blocks = torch.from_numpy(raw.view(np.uint8).reshape(-1, _BLOCK_BYTES[qtype]))
-    packed = blocks[:, -16:]
-    q = torch.cat([packed & 0xF, packed >> 4], dim=1).reshape(n, k)
-    scale = _f16(blocks[:, :2]).reshape(n, k // 32)
-    offset = -8.0 * scale if qtype == Q.Q4_0 else _f16(blocks[:, 2:4]).reshape(n, k // 32)
-    return scale, offset, q
+    q, scale, offset = _q4_fields(blocks, qtype)
+    return scale.reshape(n, k // 32), offset.reshape(n, k // 32), q.reshape(n, k)
 
 
 # -- file parsing ----------------------------------------------------------------------------------
@@ -253,28 +261,29 @@ class GGUFWeights:
     def get(self, name: str) -> torch.Tensor:
         t = self.tensors[name]
         w = dequantize(t.data, t.qtype, t.shape)
-        if self.gguf_arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _unpermute_rope_rows(w, self._num_heads)
-        elif self.gguf_arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _unpermute_rope_rows(w, self._num_kv_heads)
-        return w
+        heads = self._rope_heads(name)
+        return w if heads is None else _unpermute_rope_rows(w, heads)
 
-    def q4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def q4_blocks(self, name: str) -> Q4Blocks | None:
         """`get(name)` as 4-bit blocks (gguf.q4_blocks, rows in the same order), or None where
         the tensor is not Q4_0 / Q4_1."""
         t = self.tensors[name]
         parts = q4_blocks(t.data, t.qtype, t.shape)
-        if parts is None:
-            return None
-        heads = None
-        if self.gguf_arch == "llama" and name.endswith("q_proj.weight"):
-            heads = self._num_heads
-        elif self.gguf_arch == "llama" and name.endswith("k_proj.weight"):
-            heads = self._num_kv_heads
-        if heads is None:
+        heads = self._rope_heads(name)
+        if parts is None or heads is None:
             return parts
         scale, offset, q = (_unpermute_rope_rows(x, heads) for x in parts)
         return scale, offset, q
+
+    def _rope_heads(self, name: str) -> int | None:
+        """The head count whose Q/K row interleave llama.cpp applied to tensor `name`, or None."""
+        if self.gguf_arch != "llama":
+            return None
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            return self._num_heads
+        if name.endswith(("k_proj.weight", "k_proj.bias")):
+            return self._num_kv_heads
+        return None
 
     def arch_config(self) -> ArchConfig:
         a = self.gguf_arch

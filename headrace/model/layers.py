@@ -11,10 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headrace.model.gguf import Q4Blocks
 from headrace.model.kernels import W_Q4, Kernels, weight_format
-
-# A GGUF weight's 4-bit blocks (scale, offset, q), as gguf.q4_blocks gives them
-Q4Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):

@@ -18,9 +18,9 @@ from torch import nn
 
 from headrace import envs
 from headrace.model.fused import FusedDecode
-from headrace.model.gguf import GGUFWeights
+from headrace.model.gguf import GGUFWeights, Q4Blocks
 from headrace.model.kernels import cpu_kernels
-from headrace.model.layers import AmxLinear, Q4Blocks, can_pack_linears, pack_linears
+from headrace.model.layers import AmxLinear, can_pack_linears, pack_linears
 from headrace.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from headrace.model.registry import ArchConfig, UnsupportedModelError, arch_from_hf_config
 
@@ -203,8 +203,9 @@ def load_model(
     if can_pack_linears(dtype, device):
         kernels = None if envs.disable_amx_linear() else cpu_kernels()
         # logits unrounded where the AMX kernel computes them: bf16 logits tie near-equal tokens
-        four_bit = isinstance(source, GGUFWeights) and not envs.disable_four_bit()
-        q4 = _q4_blocks(source) if isinstance(source, GGUFWeights) and four_bit else None
+        q4 = None
+        if isinstance(source, GGUFWeights) and not envs.disable_four_bit():
+            q4 = _q4_blocks(source)
         packed = pack_linears(model, kernels, float_out=("lm_head",), q4=q4)
         logger.info("packed linear layers: %s", ", ".join(f"{n} {k}" for k, n in packed.items()))
         model.fused_decode = FusedDecode.build(model, kernels)
