@@ -153,7 +153,11 @@ class ModelRunner:
         )
         if not sample_reqs:
             return RunnerOutput(sampled={})
-        last = hidden[torch.tensor(sample_rows, device=dev)]
+        # rows in order, so as many rows as tokens means every row (a step of decodes)
+        if len(sample_rows) == hidden.shape[0]:
+            last = hidden
+        else:
+            last = hidden[torch.tensor(sample_rows, device=dev)]
         argmax = self.kernels.argmax if self.kernels is not None else None
         if plain_greedy(sample_reqs):
             # the LM head's own argmax where it has one (no logits written), else the logits'
@@ -187,10 +191,10 @@ class ModelRunner:
                 start, q_lens, ctx_lens, [r.block_ids for r, _ in chunk], self.block_size, g,
                 padded=self.padded_attention,
             )  # fmt: skip
-            groups.append(group.to(self.device))
+            groups.append(group if self.device.type == "cpu" else group.to(self.device))
             slots.append(new_slots)
             start += sum(q_lens)
-        slot_mapping = torch.cat(slots).to(self.device)
+        slot_mapping = (slots[0] if len(slots) == 1 else torch.cat(slots)).to(self.device)
         return AttentionMetadata(slot_mapping, groups, self.kernels)
 
 

@@ -181,6 +181,24 @@ def test_paged_attention_same_with_and_without_kernel(kernels, dtype):
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block", [16, 32])
+def test_decode_group_without_padding_lays_out_the_same(block):
+    """build_group's decode layout for the kernels (slots from the lists) against the padded
+    one (slots by tensor arithmetic): the same block table, lengths and slots."""
+    lens = [1, 16, 17, 33, 64, 200]
+    _, _, tables = _random_case(torch.float32, lens, block=block)
+    padded, padded_slots = build_group(2, [1] * len(lens), lens, tables, block, 3, True)
+    plain, plain_slots = build_group(2, [1] * len(lens), lens, tables, block, 3, False)
+    assert plain.tokens == padded.tokens == slice(2, 2 + len(lens))
+    assert plain.q_lens is None and not plain.padded
+    assert torch.equal(plain.blocks, padded.blocks) and torch.equal(plain.ctx_lens, padded.ctx_lens)
+    assert plain_slots.dtype == padded_slots.dtype == torch.int64
+    assert plain_slots.tolist() == padded_slots.tolist()
+    assert plain_slots.tolist() == [
+        t[(n - 1) // block] * block + (n - 1) % block for t, n in zip(tables, lens, strict=True)
+    ]
+
+
 def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("HEADRACE_CACHE_DIR", str(tmp_path))
