@@ -12,6 +12,9 @@ bandwidth (batch 1) = memory read bandwidth / weight bytes, for the weights at t
 where the AMX linears keep a GGUF's 4-bit blocks). The GEMM is timed before and after
 the runs and the faster kept: on a shared machine it has measured from 600 to 1615 GFLOP/s
 between invocations, and a ceiling taken in a slow moment would flatter the percentages.
+The ceiling counts 2 x parameters of FLOPs per output token only, while the run also prefills
+every prompt token: the report says which share of the ceiling an engine would reach that ran
+every linear FLOP of the workload (prompts included, attention left out) at the GEMM's rate.
 transformers runs in float32, the setting it recommends for GGUF checkpoints (it keeps the
 weights packed).
 """
@@ -36,7 +39,7 @@ from torch import nn
 from headrace.engine.model_runner import resolve_dtype
 from headrace.model.layers import AmxLinear, PackedLinear
 from headrace.model.loader import bundled_model_path
-from headrace.model.registry import num_parameters
+from headrace.model.registry import ArchConfig, num_parameters
 from headrace.offline import LLM
 from headrace.wire.messages import SamplingParams
 
@@ -75,6 +78,18 @@ def decode_read_bytes(model: nn.Module) -> int:
         elif isinstance(m, nn.Linear):
             total += m.weight.nbytes
     return total
+
+
+def full_speed_share(arch: ArchConfig, params: int, input_len: int, output_len: int) -> float:
+    """The share of the compute ceiling reached by an engine that ran every linear FLOP of
+    the workload at the GEMM probe's rate: the ceiling counts 2 x params FLOPs per output token,
+    but each request's tokens go through the decoder layers input_len + output_len - 1 times
+    (the prompt, then each output token but the last) and through the LM head output_len
+    times. Attention's FLOPs are left out, so the true share is lower."""
+    head = arch.vocab_size * arch.hidden_size
+    layers = params - arch.hidden_size - head * (1 if arch.tie_word_embeddings else 2)
+    flops = 2 * layers * (input_len + output_len - 1) + 2 * head * output_len
+    return 2 * params * output_len / flops
 
 
 def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -136,8 +151,10 @@ def main() -> None:
     flops_before = gemm_flops(torch_dtype)
     bandwidth = read_bandwidth()
     probe = LLM(dtype=dtype, num_kv_blocks=64)  # type: ignore[arg-type]
-    params = num_parameters(probe.engine.runner.arch)
-    vocab = probe.engine.runner.arch.vocab_size
+    arch = probe.engine.runner.arch
+    params = num_parameters(arch)
+    vocab = arch.vocab_size
+    full_speed = full_speed_share(arch, params, args.input_len, args.output_len)
     read_bytes = decode_read_bytes(probe.engine.runner.model)
     del probe
     bandwidth_ceiling = bandwidth / (params * torch_dtype.itemsize)
@@ -198,11 +215,13 @@ def main() -> None:
     print(f"\ncompute ceiling {compute_ceiling:.0f} tok/s, batch-1 bandwidth ceiling "
           f"{bandwidth_ceiling:.0f} tok/s ({dtype} weights), {read_ceiling:.0f} tok/s (the "
           f"{read_bytes / 1e6:.0f} MB a decode step reads)")  # fmt: skip
+    print(f"an engine running every linear FLOP of this workload (prompt tokens included) at the "
+          f"GEMM's rate would reach {100 * full_speed:.1f}% of the compute ceiling")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dtype": dtype, "gemm_flops": flops, "gemm_flops_before": flops_before,
                        "gemm_flops_after": flops_after, "read_bandwidth": bandwidth,
-                       "decode_read_bytes": read_bytes,
+                       "decode_read_bytes": read_bytes, "full_speed_share": full_speed,
                        "rows": rows}, f, indent=2)  # fmt: skip
 
 
