@@ -191,7 +191,7 @@ class ModelRunner:
                 start, q_lens, ctx_lens, [r.block_ids for r, _ in chunk], self.block_size, g,
                 padded=self.padded_attention,
             )  # fmt: skip
-            groups.append(group if self.device.type == "cpu" else group.to(self.device))
+            groups.append(group.to(self.device))
             slots.append(new_slots)
             start += sum(q_lens)
         slot_mapping = (slots[0] if len(slots) == 1 else torch.cat(slots)).to(self.device)

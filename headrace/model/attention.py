@@ -54,6 +54,9 @@ class AttnGroup:
     mask: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> AttnGroup:
+        if self.blocks.device == device:  # built there (on CPU, every step)
+            return self
+
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
@@ -103,22 +106,25 @@ def build_group(
     ctx_t = torch.tensor(ctx_lens)
     num_tokens = sum(q_lens)
     tokens = slice(start, start + num_tokens)
-    if max_q == 1 and not padded:
-        # decodes for the C kernels, every step: each new token's slot from the lists, as the
-        # tensor arithmetic below takes ~10 small torch ops (~0.3 ms a step in the engine)
-        slots = [
-            blocks[(c - 1) // block_size] * block_size + (c - 1) % block_size
-            for blocks, c in zip(block_tables, ctx_lens, strict=True)
-        ]
-        return AttnGroup(tokens, table, ctx_t, None, False), torch.tensor(slots)
-    q_len_t = torch.tensor(q_lens)
-    q_ar = torch.arange(max_q)
-    valid_q = q_ar[None, :] < q_len_t[:, None]
-    q_pos = ((ctx_t - q_len_t)[:, None] + q_ar[None, :]).clamp(max=max_ctx - 1)
-    new_pos = q_pos[valid_q]
-    owner = torch.arange(num_reqs)[:, None].expand(num_reqs, max_q)[valid_q]
-    new_slots = table[owner, new_pos // block_size] * block_size + new_pos % block_size
-    group = AttnGroup(tokens, table, ctx_t, q_len_t if max_q > 1 else None, padded)
+    q_len_t: torch.Tensor | None = None
+    if max_q == 1:
+        # decodes, every step: each new token's slot from the lists, as the tensor arithmetic
+        # below takes ~10 small torch ops (~0.3 ms a step in the engine)
+        new_slots = torch.tensor(
+            [
+                blocks[(c - 1) // block_size] * block_size + (c - 1) % block_size
+                for blocks, c in zip(block_tables, ctx_lens, strict=True)
+            ]
+        )
+    else:
+        q_len_t = torch.tensor(q_lens)
+        q_ar = torch.arange(max_q)
+        valid_q = q_ar[None, :] < q_len_t[:, None]
+        q_pos = ((ctx_t - q_len_t)[:, None] + q_ar[None, :]).clamp(max=max_ctx - 1)
+        new_pos = q_pos[valid_q]
+        owner = torch.arange(num_reqs)[:, None].expand(num_reqs, max_q)[valid_q]
+        new_slots = table[owner, new_pos // block_size] * block_size + new_pos % block_size
+    group = AttnGroup(tokens, table, ctx_t, q_len_t, padded)
     if not padded:
         return group, new_slots
 

@@ -183,8 +183,8 @@ def test_paged_attention_same_with_and_without_kernel(kernels, dtype):
 
 @pytest.mark.parametrize("block", [16, 32])
 def test_decode_group_without_padding_lays_out_the_same(block):
-    """build_group's decode layout for the kernels (slots from the lists) against the padded
-    one (slots by tensor arithmetic): the same block table, lengths and slots."""
+    """build_group's decode layout for the kernels against the padded one: the same block
+    table, lengths and slots, each new token's slot at its last position."""
     lens = [1, 16, 17, 33, 64, 200]
     _, _, tables = _random_case(torch.float32, lens, block=block)
     padded, padded_slots = build_group(2, [1] * len(lens), lens, tables, block, 3, True)
