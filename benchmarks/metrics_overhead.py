@@ -150,7 +150,7 @@ def main() -> None:
         scrape = ctx.Process(target=scraper, args=(srv.port, active, stop, lat, idle_class))
         loader = ctx.Process(target=load, args=(srv.url, args.users))
         try:
-            api = srv.child_named("hr-api-")
+            api = srv.child_titled("ApiServer_0")
             scrape.start()
             # API-server CPU per scrape, on the idle server: deterministic, unlike throughput.
             t0, c0 = time.monotonic(), cpu_seconds(api)
@@ -178,7 +178,7 @@ def main() -> None:
             time.sleep(20)  # ramp up
             names = ["engine", "api server", "load generator", "scraper"]
             assert loader.pid is not None and scrape.pid is not None
-            pids = [srv.child_named("hr-engine-"), api, loader.pid, scrape.pid]
+            pids = [srv.child_titled("EngineCore_0"), api, loader.pid, scrape.pid]
             tokens: dict[bool, list[float]] = {False: [], True: []}
             seconds: dict[bool, list[float]] = {False: [], True: []}
             cpu_sum = {False: [0.0] * len(pids), True: [0.0] * len(pids)}

@@ -9,7 +9,14 @@ import re
 import sys
 
 from headrace import envs
-from headrace.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from headrace.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 from headrace.wire.messages import SamplingParams
 
 logger = logging.getLogger("headrace.cli")
@@ -112,7 +119,41 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         help="require `Authorization: Bearer KEY` on /v1/* (env HEADRACE_API_KEY or VLLM_API_KEY)",
     )
     p.add_argument("--api-server-count", type=int, default=1, help="API-server processes")
-    p.add_argument("--data-parallel-size", type=int, default=1, help="engine-core processes")
+    p.add_argument(
+        "--data-parallel-size", "-dp", type=int, default=1, help="engine cores in all (all nodes)"
+    )
+    p.add_argument(
+        "--data-parallel-size-local",
+        "-dpl",
+        type=int,
+        default=None,
+        help="engine cores on this node (default: every rank from the start rank on)",
+    )
+    p.add_argument(
+        "--data-parallel-start-rank",
+        "-dpr",
+        type=int,
+        default=0,
+        help="first rank of this node's engines (a --headless node; the head is 0)",
+    )
+    p.add_argument(
+        "--data-parallel-address",
+        "-dpa",
+        default="127.0.0.1",
+        help="the head's address, where headless nodes' engines connect",
+    )
+    p.add_argument(
+        "--data-parallel-rpc-port",
+        "-dpp",
+        type=int,
+        default=29550,
+        help="the head's port where headless nodes register",
+    )
+    p.add_argument(
+        "--headless",
+        action="store_true",
+        help="run this node's engines only, joined to the head at the data-parallel address",
+    )
     p.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds to finish in-flight work"
     )
@@ -146,14 +187,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from headrace.launch import LaunchConfig, Launcher
+    from headrace.launch import LaunchConfig, Launcher, run_headless
 
-    for name, value in (
-        ("--api-server-count", args.api_server_count),
-        ("--data-parallel-size", args.data_parallel_size),
-    ):
-        if value < 1:
-            raise SystemExit(f"headrace serve: {name} must be at least 1")
     names = tuple(args.served_model_name or [args.model or BUNDLED_SERVED_NAME])
     server = ServerConfig(
         model=args.model,
@@ -165,8 +200,6 @@ def _serve(args: argparse.Namespace) -> int:
         disable_access_log_for_endpoints=tuple(
             p.strip() for p in args.disable_access_log_for_endpoints.split(",") if p.strip()
         ),
-        api_server_count=args.api_server_count,
-        data_parallel_size=args.data_parallel_size,
         uvicorn_log_level=args.uvicorn_log_level,
         shutdown_timeout=args.shutdown_timeout,
         engine_stall_timeout=args.engine_stall_timeout,
@@ -177,11 +210,22 @@ def _serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=args.enable_prefix_caching,
     )
     try:
+        parallel = ParallelConfig(
+            api_server_count=args.api_server_count,
+            data_parallel_size=args.data_parallel_size,
+            data_parallel_size_local=args.data_parallel_size_local,
+            data_parallel_start_rank=args.data_parallel_start_rank,
+            data_parallel_address=args.data_parallel_address,
+            data_parallel_rpc_port=args.data_parallel_rpc_port,
+            headless=args.headless,
+        )
         cfg = LaunchConfig(
-            server, engine_config(args), args.shutdown_timeout, envs.test_load_delay()
+            server, engine_config(args), parallel, args.shutdown_timeout, envs.test_load_delay()
         )
     except ValueError as exc:
         raise SystemExit(f"headrace serve: {exc}") from None
+    if parallel.headless:
+        return run_headless(cfg)
     return Launcher(cfg).run()
 
 

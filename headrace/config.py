@@ -67,8 +67,6 @@ class ServerConfig:
     api_key: str | None = None
     disable_log_requests: bool = False
     disable_access_log_for_endpoints: tuple[str, ...] = ()
-    api_server_count: int = 1
-    data_parallel_size: int = 1
     max_request_body_bytes: int = 64 << 20
     shutdown_timeout: float = 30.0
     engine_stall_timeout: float = 60.0
@@ -78,3 +76,60 @@ class ServerConfig:
     max_num_queued_requests: int | None = None
     enable_prefix_caching: bool = True
     uvicorn_log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    """The serving topology, with vLLM's flag names: `api_server_count` API servers on the head,
+    `data_parallel_size` engines in all, `data_parallel_size_local` of them (ranks
+    `data_parallel_start_rank` onwards) on this machine. A `headless` invocation runs engines
+    only and joins the head at `data_parallel_address:data_parallel_rpc_port`."""
+
+    api_server_count: int = 1
+    data_parallel_size: int = 1
+    data_parallel_size_local: int | None = None  # None: every rank from the start rank on
+    data_parallel_start_rank: int = 0
+    data_parallel_address: str = "127.0.0.1"
+    data_parallel_rpc_port: int = 29550
+    headless: bool = False
+
+    def __post_init__(self) -> None:
+        m = self.data_parallel_size
+        if self.api_server_count < 1:
+            raise ValueError("--api-server-count must be at least 1")
+        if m < 1:
+            raise ValueError("--data-parallel-size must be at least 1")
+        if not 0 <= self.data_parallel_start_rank < m:
+            raise ValueError(f"--data-parallel-start-rank must be in 0..{m - 1}")
+        if not 0 <= self.local_size <= m - self.data_parallel_start_rank:
+            raise ValueError(
+                f"--data-parallel-size-local {self.local_size} does not fit ranks "
+                f"{self.data_parallel_start_rank}..{m - 1}"
+            )
+        if self.headless and (self.data_parallel_start_rank == 0 or self.local_size == 0):
+            raise ValueError(
+                "--headless runs ranks of another node's head: give --data-parallel-start-rank "
+                "(at least 1) and --data-parallel-size-local (at least 1)"
+            )
+        if not self.headless and self.data_parallel_start_rank != 0:
+            raise ValueError("--data-parallel-start-rank is for --headless nodes (the head is 0)")
+
+    @property
+    def local_size(self) -> int:
+        if self.data_parallel_size_local is None:
+            return self.data_parallel_size - self.data_parallel_start_rank
+        return self.data_parallel_size_local
+
+    @property
+    def local_ranks(self) -> tuple[int, ...]:
+        start = self.data_parallel_start_rank
+        return tuple(range(start, start + self.local_size))
+
+    @property
+    def multi_node(self) -> bool:
+        """Some ranks run on other machines: endpoints are TCP, and nodes register."""
+        return self.headless or self.local_size < self.data_parallel_size
+
+    @property
+    def needs_coordinator(self) -> bool:
+        return self.data_parallel_size > 1 or self.multi_node

@@ -8,7 +8,6 @@ import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
-_PR_SET_NAME = 15
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -23,15 +22,16 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def set_process_name(name: str) -> None:
-    """Name this process in `ps` / /proc/PID/comm (15 bytes at most), e.g. `hr-engine-0`."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-    except OSError:
-        pass
+TITLE_PREFIX = "headrace::"
+
+
+def set_title(role: str) -> None:
+    """Title this process `headrace::<role>` (e.g. `headrace::EngineCore_1`) as `ps`, `top` and
+    /proc/PID/cmdline show it, like vLLM's `VLLM::EngineCore`; /proc/PID/comm gets its first
+    15 bytes."""
+    import setproctitle
+
+    setproctitle.setproctitle(TITLE_PREFIX + role)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

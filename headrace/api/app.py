@@ -29,7 +29,7 @@ from headrace.frontend.tokenize import FrontendTokenizer
 from headrace.metrics.http import HttpMetrics, HttpMetricsMiddleware
 from headrace.metrics.prometheus import MetricsConfig, ServerMetrics
 from headrace.metrics.stats import StatsLogger
-from headrace.process import die_with_parent, set_process_name, setup_logging
+from headrace.process import die_with_parent, set_title, setup_logging
 from headrace.wire.sockets import Addresses
 
 logger = logging.getLogger("headrace.api")
@@ -42,7 +42,7 @@ class ApiServerArgs:
     config: ServerConfig
     api_index: int
     addresses: Addresses
-    engine_pids: tuple[int | None, ...]
+    engine_pids: tuple[int | None, ...]  # by global rank; None for a rank on another machine
 
 
 def build_app(ctx: ServerContext) -> ASGIApp:
@@ -112,7 +112,8 @@ async def _load_tokenizer(ctx: ServerContext) -> None:
         return
     ctx.client.tokenizer = tok.backend
     ctx.tokenizer = tok
-    logger.info("tokenizer loaded (longest token: %d characters)", tok.max_token_chars)
+    longest = tok.max_token_chars
+    logger.log(ctx.client.news_level, "tokenizer loaded (longest token: %d characters)", longest)
 
 
 class _BodyTooLargeError(Exception):
@@ -206,7 +207,9 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
     cfg = args.config
     setup_logging()
     die_with_parent()
-    set_process_name(f"hr-api-{args.api_index}")
+    set_title(f"ApiServer_{args.api_index}")
+    if args.api_index > 0:  # uvicorn's start-up lines once, from API server 0
+        logging.getLogger("uvicorn.error").addFilter(lambda r: r.levelno >= logging.WARNING)
     if cfg.disable_access_log_for_endpoints:
         logging.getLogger("uvicorn.access").addFilter(
             _AccessLogFilter(cfg.disable_access_log_for_endpoints)

@@ -12,7 +12,14 @@ from fastapi.responses import JSONResponse, Response
 from headrace.api.errors import APIError
 from headrace.api.protocol import ChatCompletionRequest
 from headrace.api.streaming import collect, sse_response, usage
-from headrace.api.validation import admit, context_of, require_json, sampling_params, start
+from headrace.api.validation import (
+    admit,
+    context_of,
+    pinned_rank,
+    require_json,
+    sampling_params,
+    start,
+)
 from headrace.frontend.output import SeqDelta
 from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits, PromptTooLongError
 from headrace.wire.messages import TokenLogprobs
@@ -28,12 +35,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     model = ctx.check_model(body.model)
     tok = ctx.require_serving()
     admit(ctx)
+    pinned = pinned_rank(ctx, request, body.data_parallel_rank)
     max_tokens = body.requested_max_tokens
     limits = PromptLimits(ctx.client.max_model_len, max_tokens, body.truncate_prompt_tokens)
     params = sampling_params(body, max_tokens, body.num_logprobs)
     prompt = await _render(tok, body, limits)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = await start(ctx, request_id, [prompt], params, arrival)
+    stream = await start(ctx, request_id, [prompt], params, arrival, pinned)
     base = {
         "id": request_id,
         "object": "chat.completion",

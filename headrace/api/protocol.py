@@ -46,6 +46,7 @@ class SamplingFields(BaseModel):
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    data_parallel_rank: int | None = None  # vLLM's: pin to this engine (as X-data-parallel-rank)
 
     @field_validator("truncate_prompt_tokens")
     @classmethod

@@ -53,21 +53,56 @@ def admit(ctx: ServerContext) -> None:
         )
 
 
+RANK_HEADER = "x-data-parallel-rank"
+
+
+def pinned_rank(ctx: ServerContext, request: Request, field: int | None) -> int | None:
+    """The data-parallel rank the request pins (vLLM's `X-data-parallel-rank` header or the
+    `data_parallel_rank` body field), or None; 400 if it is not a rank of this server."""
+    header = request.headers.get(RANK_HEADER)
+    param = "data_parallel_rank"
+    if header is not None:
+        try:
+            from_header = int(header.strip())
+        except ValueError:
+            raise APIError(
+                400, f"X-data-parallel-rank must be an integer, got {header!r}", param=param
+            ) from None
+        if field is not None and field != from_header:
+            raise APIError(
+                400,
+                f"X-data-parallel-rank {from_header} and data_parallel_rank {field} disagree",
+                param=param,
+            )
+        field = from_header
+    if field is None:
+        return None
+    size = len(ctx.client.engines)
+    if not 0 <= field < size:
+        raise APIError(
+            400,
+            f"data-parallel rank {field} is out of range: this server has ranks 0..{size - 1}",
+            param=param,
+        )
+    return field
+
+
 async def start(
     ctx: ServerContext,
     request_id: str,
     prompts: list[list[int]],
     params: SamplingParams,
     arrival_time: float,
+    pinned: int | None = None,
 ) -> RequestStream:
-    """Queue the request in the engines; 503 if none can take it."""
+    """Queue the request in the engines (on rank `pinned` if given); 503 if none can take it."""
     if not ctx.config.disable_log_requests:
         logger.info(
             "request %s: %d prompt tokens, %s",
             request_id, sum(len(p) for p in prompts), msgspec.json.encode(params).decode(),
         )  # fmt: skip
     try:
-        stream = await ctx.client.add(request_id, prompts, params, arrival_time)
+        stream = await ctx.client.add(request_id, prompts, params, arrival_time, pinned)
     except EngineError as exc:
         raise APIError(503, str(exc), headers={"Retry-After": "5"}) from None
     ctx.metrics.request_params(stream.seqs[0].engine_index, params.n)

@@ -5,11 +5,15 @@ Three threads, so the model's forward pass (which releases the GIL) overlaps wit
     input thread   DEALER x N  --decode-->  inputs queue
     main thread    inputs queue --> EngineCore add/abort/step --> outputs queue
     output thread  outputs queue --encode--> PUSH x N
+    load thread    (with a coordinator) EngineLoad on change, and every heartbeat interval
 
 1. Connect to every API server, then load the model, sending `EngineLoading` progress.
 2. Send `EngineReady` (KV blocks, max_model_len: values only the engine can know).
 3. Loop: take every pending input (block only when idle); step while there is work; send one
    `EngineCoreOutputs` per step to each API server that owns a request in it (stats to all).
+   With a coordinator, report (waiting, running, KV usage) whenever it changes: a request counts
+   as waiting from the moment the input thread decodes it, so a burst that lands mid-step is
+   visible before the step ends.
 A load error or a crashed step is sent as `EngineFailed` before the process exits non-zero.
 """
 
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from headrace.config import EngineConfig
-from headrace.process import die_with_parent, set_process_name, setup_logging
+from headrace.process import die_with_parent, set_title, setup_logging
 from headrace.wire.codec import engine_input_codec, engine_message_codec
 from headrace.wire.messages import (
     AbortRequests,
@@ -37,6 +41,7 @@ from headrace.wire.messages import (
     EngineCoreOutputs,
     EngineFailed,
     EngineInput,
+    EngineLoad,
     EngineLoading,
     EngineReady,
     EngineStats,
@@ -50,23 +55,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger("headrace.engine")
 
 _PROGRESS_INTERVAL_S = 0.25
+HEARTBEAT_INTERVAL_S = 0.5  # EngineLoad is re-sent this often when nothing changes
 
 
 @dataclass(frozen=True, slots=True)
 class EngineProcConfig:
     """One engine process's slice: its rank, the engine config and where the API servers are."""
 
-    engine_index: int
+    engine_index: int  # the global data-parallel rank
     engine: EngineConfig
     addresses: Addresses
     load_delay_s: float = 0.0  # testing knob: stretch loading so tests can observe it
+    num_threads: int = 0  # compute threads (OpenMP and torch); 0: as the environment says
 
 
 def run_engine_core(cfg: EngineProcConfig) -> None:
     """Entry point of an engine process (spawned by the launcher)."""
     setup_logging()
     die_with_parent()
-    set_process_name(f"hr-engine-{cfg.engine_index}")
+    set_title(f"EngineCore_{cfg.engine_index}")
+    if cfg.num_threads:  # before torch loads (in _EngineProc.run)
+        os.environ["OMP_NUM_THREADS"] = str(cfg.num_threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when engines stop
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     proc = _EngineProc(cfg)
@@ -87,16 +96,21 @@ class _EngineProc:
         identity = engine_identity(self.index)
         self.dealers: list[zmq.Socket] = []
         self.pushes: list[zmq.Socket] = []
-        for i in range(cfg.addresses.num_api_servers):
+        for input_address, output_address in zip(
+            cfg.addresses.api_inputs, cfg.addresses.api_outputs, strict=True
+        ):
             dealer = self.ctx.socket(zmq.DEALER)
             dealer.setsockopt(zmq.IDENTITY, identity)
             dealer.setsockopt(zmq.LINGER, 1000)
-            dealer.connect(cfg.addresses.input_address(i))
+            dealer.connect(input_address)
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 1000)
-            push.connect(cfg.addresses.output_address(i))
+            push.connect(output_address)
             self.dealers.append(dealer)
             self.pushes.append(push)
+        self.load: LoadReporter | None = None
+        if cfg.addresses.coordinator_input is not None:
+            self.load = LoadReporter(self.index, self.ctx, cfg.addresses.coordinator_input)
         self.dealer_lock = threading.Lock()  # handshake sends (main) vs recv (input thread)
         self.inputs: queue.Queue[tuple[int, EngineInput]] = queue.Queue()
         self.outputs: queue.Queue[tuple[int, bytes]] = queue.Queue()
@@ -104,6 +118,7 @@ class _EngineProc:
         self.owner: dict[str, int] = {}  # request id -> index of the API server that sent it
         self._last_progress = 0.0
         self._load_start = time.monotonic()
+        self._taken = 0  # adds taken from the inbox since the last load report
 
     # -- start-up ------------------------------------------------------------------------------
     def _to_dealers(self, msg: EngineLoading | EngineReady | EngineFailed) -> None:
@@ -130,6 +145,8 @@ class _EngineProc:
     def run(self) -> None:
         from headrace.engine.core import EngineCore  # torch loads here, after env is settled
 
+        if self.load is not None:  # heartbeats from the start: a node lost while loading shows
+            threading.Thread(target=self.load.run, name="engine-load", daemon=True).start()
         self._to_dealers(EngineLoading(engine_index=self.index, phase="starting", fraction=0.0))
         core = EngineCore(self.cfg.engine, self._progress)
         info = core.info
@@ -166,6 +183,7 @@ class _EngineProc:
         while True:
             api_index, msg = item
             if isinstance(msg, AddRequest):
+                self._taken += 1
                 rid = msg.request.request_id
                 self.owner[rid] = api_index
                 try:
@@ -189,6 +207,9 @@ class _EngineProc:
 
     def _send(self, outputs: list[EngineCoreOutput], core: EngineCore) -> None:
         stats = core.stats()
+        if self.load is not None:
+            self.load.engine_state(stats, self._taken)
+        self._taken = 0
         by_server: dict[int, list[EngineCoreOutput]] = {i: [] for i in range(len(self.pushes))}
         for out in outputs:
             owner = self.owner.get(out.request_id, 0)
@@ -218,9 +239,73 @@ class _EngineProc:
             for sock, _ in poller.poll():
                 with self.dealer_lock:
                     data = sock.recv()
-                self.inputs.put((index_of[sock], codec.decode(data)))
+                msg = codec.decode(data)
+                if self.load is not None and isinstance(msg, AddRequest):
+                    self.load.arrived()
+                self.inputs.put((index_of[sock], msg))
 
     def _output_loop(self) -> None:
         while True:
             api_index, data = self.outputs.get()
             self.pushes[api_index].send(data)
+
+
+class LoadReporter:
+    """Tells the coordinator this engine's (waiting, running, KV usage) whenever it changes,
+    and every HEARTBEAT_INTERVAL_S regardless (the coordinator's sign that the engine lives).
+
+    Requests decoded by the input thread but not yet taken by the main loop count as waiting:
+    the main loop may be inside a step for tens of milliseconds. One thread owns the socket;
+    the others only update numbers under the condition's lock."""
+
+    def __init__(self, index: int, ctx: zmq.Context, address: str) -> None:
+        self.index = index
+        self.push = ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.setsockopt(zmq.SNDHWM, 100)  # a lost coordinator must not grow our memory
+        self.push.connect(address)
+        self.cond = threading.Condition()
+        self.inbox = 0
+        self.waiting = self.running = 0
+        self.kv_cache_usage = 0.0
+        self.changed = False
+        self._codec = engine_message_codec()
+
+    def arrived(self) -> None:
+        """Input thread: one more request is on its way to the scheduler."""
+        with self.cond:
+            self.inbox += 1
+            self.changed = True
+            self.cond.notify()
+
+    def engine_state(self, stats: EngineStats, taken: int) -> None:
+        """Main thread, after each loop: the scheduler's counts, and adds it took meanwhile."""
+        with self.cond:
+            self.inbox -= taken
+            self.waiting, self.running = stats.num_waiting, stats.num_running
+            self.kv_cache_usage = stats.kv_cache_usage
+            self.changed = True
+            self.cond.notify()
+
+    def current(self) -> EngineLoad:
+        return EngineLoad(
+            engine_index=self.index,
+            num_waiting=self.waiting + self.inbox,
+            num_running=self.running,
+            kv_cache_usage=self.kv_cache_usage,
+        )
+
+    def run(self) -> None:
+        last: EngineLoad | None = None
+        last_sent = 0.0
+        while True:
+            with self.cond:
+                if not self.changed:
+                    self.cond.wait(timeout=HEARTBEAT_INTERVAL_S)
+                self.changed = False
+                load = self.current()
+            now = time.monotonic()
+            if load != last or now - last_sent >= HEARTBEAT_INTERVAL_S:
+                with contextlib.suppress(zmq.Again):
+                    self.push.send(self._codec.encode(load), zmq.NOBLOCK)
+                last, last_sent = load, now

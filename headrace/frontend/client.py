@@ -1,8 +1,9 @@
 """The API server's side of the ZMQ boundary: sends requests to engines, routes their outputs back.
 
 Binds this server's ROUTER (requests out; engines' READY and loading progress in) and PULL
-(one `EngineCoreOutputs` per engine step). Three background tasks: the handshake reader, the
-output reader (which runs `OutputProcessor` for the whole step in one pass), and a watchdog that
+(one `EngineCoreOutputs` per engine step); with several engines it also subscribes to the
+coordinator's load vector. Background tasks: the handshake reader, the output reader (which runs
+`OutputProcessor` for the whole step in one pass), the load-vector reader, and a watchdog that
 notices an engine process that exited.
 """
 
@@ -20,6 +21,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from headrace.frontend.load_balance import LoadBalancer, NoEngineError
 from headrace.frontend.output import (
     EngineError,
     OutputProcessor,
@@ -27,7 +29,6 @@ from headrace.frontend.output import (
     SeqState,
     new_detokenizer,
 )
-from headrace.frontend.router import pick_engine
 from headrace.wire.codec import Codec, engine_input_codec, engine_message_codec
 from headrace.wire.messages import (
     AbortRequests,
@@ -38,6 +39,7 @@ from headrace.wire.messages import (
     EngineLoading,
     EngineReady,
     EngineStats,
+    LoadVector,
     SamplingParams,
 )
 from headrace.wire.sockets import Addresses, engine_identity
@@ -70,7 +72,8 @@ class EngineStatus:
 
 
 class EngineClient:
-    """All engines as seen from API server `api_index`."""
+    """All engines as seen from API server `api_index`. `engine_pids[e]` is None for an engine
+    on another machine (the coordinator's vector says when one is lost)."""
 
     def __init__(
         self,
@@ -83,13 +86,22 @@ class EngineClient:
         self.addresses = addresses
         self.api_index = api_index
         self.engines = [EngineStatus(i, pid) for i, pid in enumerate(engine_pids)]
+        self.balancer = LoadBalancer(len(self.engines), addresses.num_api_servers, api_index)
         self.output = OutputProcessor()
         self.ctx = zmq.asyncio.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.bind(addresses.input_address(api_index))
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted engine takes its id back
+        self.router.bind(addresses.bind(addresses.api_inputs[api_index]))
         self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.bind(addresses.output_address(api_index))
+        self.pull.bind(addresses.bind(addresses.api_outputs[api_index]))
+        self.sub: zmq.asyncio.Socket | None = None
+        if addresses.coordinator_publish is not None:
+            self.sub = self.ctx.socket(zmq.SUB)
+            self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self.sub.connect(addresses.coordinator_publish)
+        # Startup and lifecycle news is logged by API server 0; the others say it at DEBUG.
+        self.news_level = logging.INFO if api_index == 0 else logging.DEBUG
         self._in_codec = engine_input_codec()
         self._handshake_codec = engine_message_codec()
         self._outputs_codec = Codec(EngineCoreOutputs)  # the PULL socket carries only these
@@ -106,6 +118,8 @@ class EngineClient:
             loop.create_task(self._output_loop(), name="engine-outputs"),
             loop.create_task(self._watchdog(), name="engine-watchdog"),
         ]
+        if self.sub is not None:
+            self._tasks.append(loop.create_task(self._vector_loop(), name="load-vector"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -138,15 +152,16 @@ class EngineClient:
         prompts: list[list[int]],
         params: SamplingParams,
         arrival_time: float | None = None,
+        pinned: int | None = None,
     ) -> RequestStream:
-        """Send `n` engine requests per prompt; choice index = prompt_index * n + j.
+        """Send `n` engine requests per prompt; choice index = prompt_index * n + j. `pinned`:
+        every choice goes to that data-parallel rank (checked to be in range by the caller).
 
         Raises EngineError (nothing queued) when no engine can take work."""
         stream = RequestStream(request_id, prompts)
         if arrival_time is not None:
             stream.arrival_time = arrival_time
         ready = [e.phase is EnginePhase.READY for e in self.engines]
-        reported = [e.stats.num_running + e.stats.num_waiting for e in self.engines]
         in_flight = [self.output.num_in_flight(e.index) for e in self.engines]
         want_logprobs = params.logprobs is not None
         sends: list[tuple[int, AddRequest]] = []
@@ -157,8 +172,8 @@ class EngineClient:
                 if params.n > 1 and params.seed is not None:
                     child = msgspec.structs.replace(params, seed=params.seed + j)
                 try:
-                    engine = pick_engine(ready, reported, in_flight)
-                except LookupError as exc:
+                    engine = self.balancer.pick(ready, in_flight, pinned)
+                except NoEngineError as exc:
                     self.abort(stream)
                     raise EngineError(str(exc)) from None
                 if in_flight[engine] == 0:  # the stall clock starts when work arrives
@@ -221,25 +236,48 @@ class EngineClient:
         while True:
             _identity, data = await self.router.recv_multipart()
             msg = self._handshake_codec.decode(data)
+            if not 0 <= msg.engine_index < len(self.engines):
+                logger.error("a message from engine %d, which is not a rank here", msg.engine_index)
+                continue
             engine = self.engines[msg.engine_index]
             engine.last_message_time = time.monotonic()
             if isinstance(msg, EngineLoading):
                 engine.load_phase, engine.load_fraction = msg.phase, msg.fraction
-                logger.info(
-                    "engine %d loading: %s %.0f%%", msg.engine_index, msg.phase, 100 * msg.fraction
-                )
+                logger.log(
+                    self.news_level,
+                    "engine %d loading: %s %.0f%%", msg.engine_index, msg.phase, 100 * msg.fraction,
+                )  # fmt: skip
             elif isinstance(msg, EngineReady):
+                if engine.phase is EnginePhase.FAILED:  # a rank on another node came back
+                    logger.warning("engine %d is back after: %s", msg.engine_index, engine.error)
+                    engine.error = None
                 engine.info, engine.phase = msg, EnginePhase.READY
                 for callback in self.on_ready:
                     callback(msg)
                 engine.load_phase, engine.load_fraction = "ready", 1.0
-                logger.info(
+                logger.log(
+                    self.news_level,
                     "engine %d ready: %d KV blocks of %d tokens (%s), max_model_len %d, weights %s",
                     msg.engine_index, msg.num_kv_blocks, msg.block_size, msg.kv_cache_dtype,
                     msg.max_model_len, msg.dtype,
                 )  # fmt: skip
             elif isinstance(msg, EngineFailed):
                 self._engine_failed(msg.engine_index, msg.message)
+
+    async def _vector_loop(self) -> None:
+        """The coordinator's load vector: routing input, and the word on lost remote engines."""
+        assert self.sub is not None
+        codec = Codec(LoadVector)
+        while True:
+            vector = codec.decode(await self.sub.recv())
+            if len(vector.waiting) != len(self.engines):
+                continue
+            self.balancer.publish(vector.waiting, vector.running, vector.kv_cache_usage)
+            for engine, lost in zip(self.engines, vector.lost, strict=True):
+                if lost and engine.phase is not EnginePhase.FAILED:
+                    self._engine_failed(
+                        engine.index, f"engine {engine.index} is lost: it stopped reporting"
+                    )
 
     async def _output_loop(self) -> None:
         while True:

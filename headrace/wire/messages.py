@@ -1,6 +1,7 @@
 """Every type that crosses a process boundary, as msgspec Structs encoded by field name.
 
-Fields may be added anywhere: messages are maps, never positional arrays.
+Fields may be added anywhere: messages are maps, never positional arrays. A node that joins from
+another machine states `WIRE_VERSION` in its hello; the head refuses any other version.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import enum
 
 import msgspec
+
+WIRE_VERSION = 1  # bump when a message changes meaning; nodes of other versions are refused
 
 
 class FinishReason(enum.StrEnum):
@@ -180,3 +183,61 @@ class EngineFailed(msgspec.Struct, kw_only=True, tag="failed"):
 
 
 EngineMessage = EngineCoreOutputs | EngineLoading | EngineReady | EngineFailed
+
+
+class EngineLoad(msgspec.Struct, kw_only=True, tag="load"):
+    """Engine -> coordinator, whenever its counts change (add, finish, abort, preempt; requests
+    still in its inbox count as waiting) and every heartbeat interval otherwise."""
+
+    engine_index: int
+    num_waiting: int
+    num_running: int
+    kv_cache_usage: float
+
+
+class LoadVector(msgspec.Struct, kw_only=True, tag="vector"):
+    """Coordinator -> every API server: the last load of every engine, by global rank.
+
+    `lost[e]` is true once engine e, having reported, went silent for longer than the
+    coordinator's heartbeat timeout (its node or process is gone)."""
+
+    seq: int
+    waiting: list[int]
+    running: list[int]
+    kv_cache_usage: list[float]
+    lost: list[bool]
+
+
+class NodeHello(msgspec.Struct, kw_only=True, tag="hello"):
+    """Headless node -> head's coordinator: "I run ranks start_rank .. start_rank+local_size-1"."""
+
+    version: int
+    data_parallel_size: int
+    start_rank: int
+    local_size: int
+    hostname: str = ""
+
+
+class NodeWelcome(msgspec.Struct, kw_only=True, tag="welcome"):
+    """Head -> headless node: where its engines connect (every API server, and the coordinator)."""
+
+    api_inputs: list[str]
+    api_outputs: list[str]
+    coordinator_input: str
+
+
+class NodeRefused(msgspec.Struct, kw_only=True, tag="refused"):
+    """Head -> headless node: it may not join, and why (the node exits with this message)."""
+
+    reason: str
+
+
+class HeadHeartbeat(msgspec.Struct, kw_only=True, tag="heartbeat"):
+    """Head -> headless node, every second: the head is alive."""
+
+
+class NodeShutdown(msgspec.Struct, kw_only=True, tag="shutdown"):
+    """Head -> headless node: the head is stopping; stop the engines and exit 0."""
+
+
+HeadMessage = NodeWelcome | NodeRefused | HeadHeartbeat | NodeShutdown

@@ -33,6 +33,14 @@ def process_running(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
+def process_title(pid: int) -> str:
+    """What `ps` shows for `pid` (setproctitle rewrites the command line); "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().strip()
+    except OSError:
+        return ""
+
+
 class ServerProcess:
     """One `headrace serve` launcher (and its children) for a test."""
 
@@ -86,15 +94,16 @@ class ServerProcess:
                     out.append(int(entry.name))
         return out
 
-    def child_named(self, prefix: str) -> int:
-        """The launcher's child whose process name starts with `prefix` (hr-engine-, hr-api-)."""
+    def child_titled(self, role: str) -> int:
+        """The launcher's child titled `headrace::<role>` (ApiServer_0, EngineCore_1, ...)."""
         for pid in self.children():
-            try:
-                if Path(f"/proc/{pid}/comm").read_text().startswith(prefix):
-                    return pid
-            except OSError:
-                continue
-        raise LookupError(f"no child named {prefix}*")
+            if process_title(pid) == f"headrace::{role}":
+                return pid
+        raise LookupError(f"no child titled headrace::{role}")
+
+    def titled_children(self, prefix: str) -> list[int]:
+        """The launcher's children whose title starts with `headrace::<prefix>`."""
+        return [p for p in self.children() if process_title(p).startswith(f"headrace::{prefix}")]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:

@@ -150,7 +150,7 @@ def test_shutdown_timeout_aborts_what_is_left() -> None:
 def test_engine_killed_ends_every_stream_and_fails_liveness() -> None:
     srv = ServerProcess().wait_ready()
     try:
-        engine = srv.child_named("hr-engine-")
+        engine = srv.child_titled("EngineCore_0")
 
         async def one(client: httpx.AsyncClient, i: int) -> tuple[list[str], float]:
             lines = []
@@ -197,7 +197,7 @@ def test_engine_killed_ends_every_stream_and_fails_liveness() -> None:
 
 def test_stalled_engine_is_failed() -> None:
     srv = ServerProcess("--engine-stall-timeout", "2").wait_ready()
-    engine = srv.child_named("hr-engine-")
+    engine = srv.child_titled("EngineCore_0")
     try:
         events: list[dict[str, Any]] = []
         body = {"prompt": "A story:", "max_tokens": 3000, "ignore_eos": True}

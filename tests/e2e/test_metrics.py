@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -231,16 +230,7 @@ def test_two_api_servers_share_one_view() -> None:
     of both, and one series per (model, engine)."""
     srv = ServerProcess("--api-server-count", "2", "--max-model-len", "1024").wait_ready()
     try:
-        assert (
-            len(
-                [
-                    p
-                    for p in srv.children()
-                    if Path(f"/proc/{p}/comm").read_text().startswith("hr-api-")
-                ]
-            )
-            == 2
-        )
+        assert len(srv.titled_children("ApiServer_")) == 2
 
         async def send_all() -> None:
             limits = httpx.Limits(max_keepalive_connections=0)  # new connections spread out
