@@ -161,8 +161,15 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "--engine-stall-timeout",
         type=float,
         default=60.0,
-        help="seconds an engine may hold requests without completing a step before the server "
-        "reports failed",
+        help="seconds an engine may hold requests without completing a step before it is killed "
+        "and restarted",
+    )
+    p.add_argument(
+        "--max-engine-restarts",
+        type=int,
+        default=3,
+        help="restarts of one engine (or API server) allowed within 10 minutes before the "
+        "server reports failed",
     )
     p.add_argument("--disable-log-requests", action="store_true", help="no per-request log line")
     p.add_argument(
@@ -187,7 +194,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from headrace.launch import LaunchConfig, Launcher, run_headless
+    from headrace.headless import run_headless
+    from headrace.launch import LaunchConfig, Launcher
 
     names = tuple(args.served_model_name or [args.model or BUNDLED_SERVED_NAME])
     server = ServerConfig(
@@ -219,8 +227,15 @@ def _serve(args: argparse.Namespace) -> int:
             data_parallel_rpc_port=args.data_parallel_rpc_port,
             headless=args.headless,
         )
+        if args.max_engine_restarts < 0:
+            raise ValueError("--max-engine-restarts must be at least 0")
         cfg = LaunchConfig(
-            server, engine_config(args), parallel, args.shutdown_timeout, envs.test_load_delay()
+            server,
+            engine_config(args),
+            parallel,
+            args.shutdown_timeout,
+            envs.test_load_delay(),
+            args.max_engine_restarts,
         )
     except ValueError as exc:
         raise SystemExit(f"headrace serve: {exc}") from None

@@ -13,7 +13,8 @@ Started by the launcher when there is more than one engine (or any on another ma
 4. Headless nodes register on the registration socket (`--data-parallel-rpc-port`) with a
    `NodeHello`; a node of another wire version, another data-parallel size or ranks the head
    does not expect is refused with the reason. Accepted nodes get the endpoints their engines
-   connect to, a heartbeat every second, and `NodeShutdown` when the head stops.
+   connect to, a heartbeat every second, and `NodeShutdown` when the head stops. A node that
+   reports ranks out of restarts (`NodeRanksFailed`) has them marked failed in the vector.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from headrace.wire.messages import (
     HeadHeartbeat,
     LoadVector,
     NodeHello,
+    NodeRanksFailed,
     NodeRefused,
     NodeShutdown,
     NodeWelcome,
@@ -98,7 +100,12 @@ class Coordinator:
         self.cfg = cfg
         m = cfg.data_parallel_size
         self.vector = LoadVector(
-            seq=0, waiting=[0] * m, running=[0] * m, kv_cache_usage=[0.0] * m, lost=[False] * m
+            seq=0,
+            waiting=[0] * m,
+            running=[0] * m,
+            kv_cache_usage=[0.0] * m,
+            lost=[False] * m,
+            failed=[False] * m,
         )
         self.last_seen: list[float | None] = [None] * m
         self.nodes: dict[bytes, NodeHello] = {}
@@ -116,7 +123,7 @@ class Coordinator:
             self.registration.bind(addresses.bind(addresses.registration))
             logger.info("waiting for headless nodes on %s", addresses.registration)
         self._load_codec = Codec(EngineLoad)
-        self._hello_codec = Codec(NodeHello)
+        self._node_codec: Codec[NodeHello | NodeRanksFailed] = Codec(NodeHello | NodeRanksFailed)  # type: ignore[arg-type]
         self._encoder = msgspec.msgpack.Encoder()
 
     def request_stop(self, _signum: int, _frame: FrameType | None) -> None:
@@ -134,7 +141,7 @@ class Coordinator:
             if self.pull in events:
                 dirty |= self._take_loads(now)
             if self.registration is not None and self.registration in events:
-                self._take_hellos()
+                dirty |= self._take_node_messages()
             dirty |= self._mark_lost(now)
             if (dirty and now - last_publish >= PUBLISH_INTERVAL_S) or (
                 now - last_publish >= IDLE_PUBLISH_S
@@ -179,20 +186,25 @@ class Coordinator:
                 changed = True
         return changed
 
-    def _take_hellos(self) -> None:
+    def _take_node_messages(self) -> bool:
         assert self.registration is not None
+        changed = False
         while True:
             try:
                 identity, data = self.registration.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return changed
             except ValueError:  # not two frames: not one of ours
                 continue
             try:
-                hello = self._hello_codec.decode(data)
+                msg = self._node_codec.decode(data)
             except msgspec.DecodeError as exc:
                 reason = f"the head could not read this node's hello ({exc}): versions differ?"
             else:
+                if isinstance(msg, NodeRanksFailed):
+                    changed |= self._ranks_failed(identity, msg)
+                    continue
+                hello = msg
                 reason = check_hello(hello, self.cfg.data_parallel_size, self.cfg.local_ranks)
             if reason:
                 logger.error("refused a headless node: %s", reason)
@@ -202,6 +214,9 @@ class Coordinator:
                 if other != identity and known.start_rank == hello.start_rank:
                     del self.nodes[other]
             self.nodes[identity] = hello
+            for rank in range(hello.start_rank, hello.start_rank + hello.local_size):
+                changed |= self.vector.failed[rank]
+                self.vector.failed[rank] = False
             last = hello.start_rank + hello.local_size - 1
             logger.info(
                 "headless node %s joined with ranks %d..%d", hello.hostname, hello.start_rank, last
@@ -214,6 +229,19 @@ class Coordinator:
                 coordinator_input=a.coordinator_input,
             )
             self._send(identity, welcome)
+
+    def _ranks_failed(self, identity: bytes, msg: NodeRanksFailed) -> bool:
+        hello = self.nodes.get(identity)
+        if hello is None:
+            return False
+        owned = range(hello.start_rank, hello.start_rank + hello.local_size)
+        for rank in msg.ranks:
+            if rank in owned:
+                logger.error(
+                    "rank %d on node %s failed for good: %s", rank, hello.hostname, msg.reason
+                )
+                self.vector.failed[rank] = True
+        return True
 
     def _to_nodes(self, msg: HeadHeartbeat | NodeShutdown) -> None:
         for identity in list(self.nodes):

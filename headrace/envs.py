@@ -21,6 +21,14 @@ def test_load_delay() -> float:
     return float(os.environ.get("HEADRACE_TEST_LOAD_DELAY") or 0.0)
 
 
+def test_engine_dies_from_start() -> int | None:
+    """HEADRACE_TEST_ENGINE_DIES_FROM_START=N (tests only): an engine process whose start number
+    (0 for the first of its rank, +1 per restart) is N or more fails while loading, so tests
+    can watch restarts run out."""
+    value = os.environ.get("HEADRACE_TEST_ENGINE_DIES_FROM_START", "")
+    return int(value) if value.strip() else None
+
+
 def openai_api_key() -> str | None:
     """OPENAI_API_KEY: the key `headrace bench serve` sends (as `vllm bench serve` does)."""
     return os.environ.get("OPENAI_API_KEY") or None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import msgspec
 import pytest
@@ -20,6 +20,7 @@ from headrace.wire.messages import (
     HeadHeartbeat,
     LoadVector,
     NodeHello,
+    NodeRanksFailed,
     NodeRefused,
     NodeShutdown,
     NodeWelcome,
@@ -74,6 +75,13 @@ def running() -> Iterator[tuple[Coordinator, Addresses, zmq.Context]]:
         coordinator.stop = True
         thread.join(5)
         ctx.destroy(linger=0)
+
+
+def poll_until(check: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.02)
 
 
 def vectors(sub: zmq.Socket, seconds: float) -> list[tuple[float, LoadVector]]:
@@ -152,6 +160,9 @@ def test_nodes_are_welcomed_refused_heartbeated_and_stopped(
     assert welcome.api_inputs == list(addresses.api_inputs)
     assert welcome.coordinator_input == addresses.coordinator_input
     assert isinstance(reply(good), HeadHeartbeat)
+    # the node (ranks 1..2) gives up on rank 0, the head's, and rank 2, its own
+    good.send(msgspec.msgpack.encode(NodeRanksFailed(ranks=[0, 2], reason="out of restarts")))
+    poll_until(lambda: coordinator.vector.failed == [False, False, True])
     coordinator.stop = True
     while isinstance(msg := reply(good), HeadHeartbeat):
         pass

@@ -30,6 +30,7 @@ from headrace.metrics.http import HttpMetrics, HttpMetricsMiddleware
 from headrace.metrics.prometheus import MetricsConfig, ServerMetrics
 from headrace.metrics.stats import StatsLogger
 from headrace.process import die_with_parent, set_title, setup_logging
+from headrace.supervise import EngineBoard
 from headrace.wire.sockets import Addresses
 
 logger = logging.getLogger("headrace.api")
@@ -42,7 +43,8 @@ class ApiServerArgs:
     config: ServerConfig
     api_index: int
     addresses: Addresses
-    engine_pids: tuple[int | None, ...]  # by global rank; None for a rank on another machine
+    board: EngineBoard  # each rank's pid and restart status, shared with the launcher
+    restarted: bool = False  # a replacement: accept connections only once it can serve
 
 
 def build_app(ctx: ServerContext) -> ASGIApp:
@@ -93,8 +95,23 @@ async def _log_stats(ctx: ServerContext) -> None:
     assert ctx.stats_logger is not None
     while True:
         await asyncio.sleep(ctx.config.log_stats_interval)
-        if ctx.state.value in ("ready", "draining"):
+        if ctx.state.value in ("ready", "degraded", "restarting", "draining"):
             ctx.stats_logger.log()
+
+
+_RESTART_READY_TIMEOUT_S = 120.0
+
+
+async def _until_serving(ctx: ServerContext) -> None:
+    """A restarted API server shares the port with live ones: while it loads its tokenizer and
+    hears from the engines, they take the connections; it joins once it can serve (or after
+    a timeout, to report what it is then)."""
+    ctx.client.start()
+    await _load_tokenizer(ctx)
+    deadline = time.monotonic() + _RESTART_READY_TIMEOUT_S
+    while not ctx.state.serving and ctx.state.value != "failed" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    logger.info("API server %d is back: %s", ctx.client.api_index, ctx.state.value)
 
 
 def _version() -> str:
@@ -104,6 +121,8 @@ def _version() -> str:
 
 
 async def _load_tokenizer(ctx: ServerContext) -> None:
+    if ctx.tokenizer is not None:
+        return
     try:
         tok = await FrontendTokenizer.load(ctx.config.model)
     except Exception as exc:
@@ -216,13 +235,11 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
         )
 
     async def serve() -> None:
-        client = EngineClient(
-            args.addresses, args.api_index, args.engine_pids, cfg.engine_stall_timeout
-        )
+        client = EngineClient(args.addresses, args.api_index, args.board, cfg.engine_stall_timeout)
         metrics = ServerMetrics(
             MetricsConfig(
                 cfg.served_model_names[0],
-                len(args.engine_pids),
+                args.board.num_ranks,
                 cfg.metrics_namespace,
                 args.api_index,
             )
@@ -232,7 +249,7 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
         client.output.observer = metrics
         ctx = ServerContext(cfg, client, metrics, started=time.time())
         if not cfg.disable_log_stats and args.api_index == 0:
-            ctx.stats_logger = StatsLogger(len(args.engine_pids))
+            ctx.stats_logger = StatsLogger(args.board.num_ranks)
             client.on_stats.append(ctx.stats_logger.record)
         app = build_app(ctx)
         config = uvicorn.Config(
@@ -243,6 +260,8 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
             log_config=None,
             http=MetricsFastPathProtocol.for_context(ctx),
         )
+        if args.restarted:
+            await _until_serving(ctx)
         await DrainingServer(config, ctx).serve(sockets=[sock])
 
     # uvloop, as uvicorn picks by itself when it owns the loop: it does not here, the

@@ -42,6 +42,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     prompt = await _render(tok, body, limits)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = await start(ctx, request_id, [prompt], params, arrival, pinned)
+    stream.streaming = body.stream
     base = {
         "id": request_id,
         "object": "chat.completion",

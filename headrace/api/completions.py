@@ -43,6 +43,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     stream = await start(ctx, request_id, prompts, params, arrival, pinned)
+    stream.streaming = body.stream
     base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
     n = body.n
     echo = {i: texts[i // n] for i in range(len(prompts) * n)} if body.echo else {}

@@ -16,12 +16,20 @@ RETRY_AFTER_S = "5"
 
 
 class ServerState(enum.StrEnum):
-    """DESIGN §4: loading -> ready -> draining -> stopped, and failed from any state."""
+    """DESIGN §4: loading -> ready -> draining -> stopped; degraded (some engines restarting,
+    others serving) and restarting (none serving, recovery under way) after the first ready;
+    failed (out of restarts, or the tokenizer did not load) from any state."""
 
     LOADING = "loading"
     READY = "ready"
+    DEGRADED = "degraded"
+    RESTARTING = "restarting"
     DRAINING = "draining"
     FAILED = "failed"
+
+    @property
+    def serving(self) -> bool:
+        return self in (ServerState.READY, ServerState.DEGRADED)
 
 
 @dataclass(eq=False)
@@ -43,9 +51,12 @@ class ServerContext:
             return ServerState.FAILED
         if self.draining:
             return ServerState.DRAINING
-        if self.tokenizer is None or not self.client.all_ready:
+        if self.tokenizer is None or not self.client.started:
             return ServerState.LOADING
-        return ServerState.READY
+        ready = self.client.num_ready
+        if ready == len(self.client.engines):
+            return ServerState.READY
+        return ServerState.DEGRADED if ready else ServerState.RESTARTING
 
     @property
     def failure(self) -> str | None:
@@ -59,6 +70,16 @@ class ServerContext:
         """Mean fraction of weights loaded over the engines."""
         fractions = [e.load_fraction for e in self.client.engines]
         return sum(fractions) / max(1, len(fractions))
+
+    def engine_states(self) -> list[dict[str, object]]:
+        """Each rank's phase, and why it is down (degraded / restarting bodies)."""
+        out: list[dict[str, object]] = []
+        for e in self.client.engines:
+            item: dict[str, object] = {"engine": e.index, "state": e.phase.value}
+            if e.error is not None:
+                item["error"] = e.error
+            out.append(item)
+        return out
 
     def load_progress(self) -> dict[str, object]:
         engines = [
@@ -74,13 +95,15 @@ class ServerContext:
     def require_serving(self) -> FrontendTokenizer:
         """The tokenizer, if inference may run now; else the state's error (503, or 500)."""
         state = self.state
-        if state is ServerState.READY and self.tokenizer is not None:
+        if state.serving and self.tokenizer is not None:
             return self.tokenizer
         retry = {"Retry-After": RETRY_AFTER_S}
         if state is ServerState.FAILED:
             raise APIError(503, f"the server has failed: {self.failure}", headers=retry)
         if state is ServerState.DRAINING:
             raise APIError(503, "the server is shutting down", headers=retry)
+        if state is ServerState.RESTARTING:
+            raise APIError(503, "no engine is serving: restarting; retry shortly", headers=retry)
         raise APIError(503, "the model is still loading; retry shortly", headers=retry)
 
     def check_model(self, name: str | None) -> str:

@@ -1,8 +1,8 @@
 """Probes, per the lifecycle table of DESIGN §4.
 
-/health        vLLM-compatible: 200 only when ready
-/health/live   liveness: 200 unless failed (a loading or draining server is alive)
-/health/ready  readiness: 200 only when ready; the 503 body carries loading progress
+/health        vLLM-compatible: 200 when ready or degraded (some engines restarting)
+/health/live   liveness: 200 unless failed (loading, restarting or draining are alive)
+/health/ready  readiness: as /health; the 503 body carries loading progress
 Every 503 carries Retry-After and a JSON body naming the state.
 """
 
@@ -29,6 +29,8 @@ def _body(ctx: ServerContext) -> dict[str, Any]:
         body["progress"] = ctx.load_progress()
     elif state is ServerState.FAILED:
         body["error"] = ctx.failure
+    if state in (ServerState.DEGRADED, ServerState.RESTARTING, ServerState.FAILED):
+        body["engines"] = ctx.engine_states()
     return body
 
 
@@ -41,7 +43,7 @@ def _answer(ctx: ServerContext, ok: bool) -> JSONResponse:
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     ctx = context_of(request)
-    return _answer(ctx, ctx.state is ServerState.READY)
+    return _answer(ctx, ctx.state.serving)
 
 
 @router.get("/health/live")
@@ -53,7 +55,7 @@ async def live(request: Request) -> JSONResponse:
 @router.get("/health/ready")
 async def ready(request: Request) -> JSONResponse:
     ctx = context_of(request)
-    return _answer(ctx, ctx.state is ServerState.READY)
+    return _answer(ctx, ctx.state.serving)
 
 
 def metrics_body(ctx: ServerContext, headers: Iterable[tuple[bytes, bytes]]) -> bytes:

@@ -18,12 +18,17 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     """llm-d and vLLM-style readiness checks read this: 503 until the model can serve, and
-    again once failed; still 200 while draining (in-flight work is being finished)."""
+    again while no engine serves (restarting) or once failed; still 200 while draining
+    (in-flight work is being finished) and while degraded."""
     ctx = context_of(request)
     state = ctx.state
-    if state in (ServerState.LOADING, ServerState.FAILED):
-        message = "the model is still loading" if state is ServerState.LOADING else str(ctx.failure)
-        return error_response(503, message, headers={"Retry-After": RETRY_AFTER_S})
+    refusals = {
+        ServerState.LOADING: "the model is still loading",
+        ServerState.RESTARTING: "no engine is serving: restarting",
+        ServerState.FAILED: str(ctx.failure),
+    }
+    if state in refusals:
+        return error_response(503, refusals[state], headers={"Retry-After": RETRY_AFTER_S})
     created = int(ctx.started or time.time())
     max_len = ctx.client.max_model_len
     data = [

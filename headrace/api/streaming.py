@@ -63,6 +63,9 @@ async def collect(request: Request, client: EngineClient, stream: RequestStream)
 
     async def consume() -> None:
         async for d in stream:
+            if d.restart:
+                choices[d.index] = Choice(d.index)
+                continue
             c = choices[d.index]
             c.text += d.text
             c.token_ids.extend(d.token_ids)
@@ -85,6 +88,8 @@ async def collect(request: Request, client: EngineClient, stream: RequestStream)
     except asyncio.CancelledError:
         raise APIError(499, "client disconnected") from None
     except EngineError as exc:
+        if exc.retryable:
+            raise APIError(503, str(exc), headers={"Retry-After": "5"}) from None
         raise APIError(500, str(exc)) from None
     return [choices[i] for i in sorted(choices)]
 
@@ -112,6 +117,8 @@ def sse_response(
                 for chunk in first_chunks or ():
                     yield sse_event(chunk)
                 async for delta in stream:
+                    if delta.restart:  # never for a choice that streamed: nothing to undo
+                        continue
                     for chunk in chunk_for(delta):
                         yield sse_event(chunk)
                 for chunk in final_chunks():

@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from headrace import envs
 from headrace.config import EngineConfig
 from headrace.process import die_with_parent, set_title, setup_logging
 from headrace.wire.codec import engine_input_codec, engine_message_codec
 from headrace.wire.messages import (
     AbortRequests,
     AddRequest,
+    ApiServerHello,
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineFailed,
@@ -67,6 +69,7 @@ class EngineProcConfig:
     addresses: Addresses
     load_delay_s: float = 0.0  # testing knob: stretch loading so tests can observe it
     num_threads: int = 0  # compute threads (OpenMP and torch); 0: as the environment says
+    start_number: int = 0  # 0 for the first process of this rank, then 1 per restart
 
 
 def run_engine_core(cfg: EngineProcConfig) -> None:
@@ -105,6 +108,10 @@ class _EngineProc:
             dealer.connect(input_address)
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 1000)
+            # Queue only to an API server that is there (a dead one's messages are dropped, not
+            # piled up until the output thread blocks), and deep enough for a slow live one.
+            push.setsockopt(zmq.IMMEDIATE, 1)
+            push.setsockopt(zmq.SNDHWM, 100_000)
             push.connect(output_address)
             self.dealers.append(dealer)
             self.pushes.append(push)
@@ -119,6 +126,7 @@ class _EngineProc:
         self._last_progress = 0.0
         self._load_start = time.monotonic()
         self._taken = 0  # adds taken from the inbox since the last load report
+        self.ready: EngineReady | None = None
 
     # -- start-up ------------------------------------------------------------------------------
     def _to_dealers(self, msg: EngineLoading | EngineReady | EngineFailed) -> None:
@@ -148,19 +156,21 @@ class _EngineProc:
         if self.load is not None:  # heartbeats from the start: a node lost while loading shows
             threading.Thread(target=self.load.run, name="engine-load", daemon=True).start()
         self._to_dealers(EngineLoading(engine_index=self.index, phase="starting", fraction=0.0))
+        dies_from = envs.test_engine_dies_from_start()
+        if dies_from is not None and self.cfg.start_number >= dies_from:
+            raise RuntimeError(f"HEADRACE_TEST_ENGINE_DIES_FROM_START={dies_from}: dying")
         core = EngineCore(self.cfg.engine, self._progress)
         info = core.info
-        self._to_dealers(
-            EngineReady(
-                engine_index=self.index,
-                num_kv_blocks=info.num_kv_blocks,
-                block_size=info.block_size,
-                max_model_len=info.max_model_len,
-                dtype=info.dtype,
-                kv_cache_dtype=info.kv_cache_dtype,
-                model_type=core.runner.arch.architecture,
-            )
+        self.ready = EngineReady(
+            engine_index=self.index,
+            num_kv_blocks=info.num_kv_blocks,
+            block_size=info.block_size,
+            max_model_len=info.max_model_len,
+            dtype=info.dtype,
+            kv_cache_dtype=info.kv_cache_dtype,
+            model_type=core.runner.arch.architecture,
         )
+        self._to_dealers(self.ready)
         threading.Thread(target=self._input_loop, name="engine-input", daemon=True).start()
         threading.Thread(target=self._output_loop, name="engine-output", daemon=True).start()
         logger.info("engine %d ready", self.index)
@@ -200,10 +210,25 @@ class _EngineProc:
                     )
             elif isinstance(msg, AbortRequests):
                 outputs.extend(core.abort(msg.request_ids))
+            elif isinstance(msg, ApiServerHello):
+                outputs.extend(self._api_server_restarted(core, api_index))
             try:
                 item = self.inputs.get_nowait()
             except queue.Empty:
                 return outputs
+
+    def _api_server_restarted(self, core: EngineCore, api_index: int) -> list[EngineCoreOutput]:
+        """API server `api_index` started (again): what its earlier process sent is orphaned,
+        so abort it; and tell the new process we are ready."""
+        orphans = [rid for rid, owner in self.owner.items() if owner == api_index]
+        if orphans:
+            logger.info(
+                "API server %d restarted: aborting its %d request(s)", api_index, len(orphans)
+            )
+        assert self.ready is not None
+        with self.dealer_lock:
+            self.dealers[api_index].send(self.codec.encode(self.ready))
+        return core.abort(orphans)
 
     def _send(self, outputs: list[EngineCoreOutput], core: EngineCore) -> None:
         stats = core.stats()
@@ -247,7 +272,8 @@ class _EngineProc:
     def _output_loop(self) -> None:
         while True:
             api_index, data = self.outputs.get()
-            self.pushes[api_index].send(data)
+            with contextlib.suppress(zmq.Again):  # that API server is gone (restarting)
+                self.pushes[api_index].send(data, zmq.NOBLOCK)
 
 
 class LoadReporter:

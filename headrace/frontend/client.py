@@ -10,10 +10,11 @@ notices an engine process that exited.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +30,12 @@ from headrace.frontend.output import (
     SeqState,
     new_detokenizer,
 )
+from headrace.supervise import EngineBoard, RankStatus
 from headrace.wire.codec import Codec, engine_input_codec, engine_message_codec
 from headrace.wire.messages import (
     AbortRequests,
     AddRequest,
+    ApiServerHello,
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineFailed,
@@ -50,9 +53,10 @@ _WATCHDOG_INTERVAL_S = 0.25
 
 
 class EnginePhase(enum.StrEnum):
-    LOADING = "loading"
+    LOADING = "loading"  # starting (or restarting), not READY yet
     READY = "ready"
-    FAILED = "failed"
+    DOWN = "down"  # gone; its launcher (or node) restarts it
+    FAILED = "failed"  # out of restarts: stays down
 
 
 @dataclass(slots=True)
@@ -60,8 +64,8 @@ class EngineStatus:
     """What this API server knows about one engine."""
 
     index: int
-    pid: int | None
     phase: EnginePhase = EnginePhase.LOADING
+    ever_ready: bool = False
     load_phase: str = "starting"
     load_fraction: float = 0.0
     info: EngineReady | None = None
@@ -72,20 +76,22 @@ class EngineStatus:
 
 
 class EngineClient:
-    """All engines as seen from API server `api_index`. `engine_pids[e]` is None for an engine
-    on another machine (the coordinator's vector says when one is lost)."""
+    """All engines as seen from API server `api_index`. The launcher's `board` gives each local
+    rank's pid and whether it is restarting or failed for good; ranks on other machines have no
+    pid there, and the coordinator's vector says when one is lost or failed."""
 
     def __init__(
         self,
         addresses: Addresses,
         api_index: int,
-        engine_pids: Sequence[int | None],
+        board: EngineBoard,
         stall_timeout: float = 60.0,
     ) -> None:
         self.stall_timeout = stall_timeout
         self.addresses = addresses
         self.api_index = api_index
-        self.engines = [EngineStatus(i, pid) for i, pid in enumerate(engine_pids)]
+        self.board = board
+        self.engines = [EngineStatus(i) for i in range(board.num_ranks)]
         self.balancer = LoadBalancer(len(self.engines), addresses.num_api_servers, api_index)
         self.output = OutputProcessor()
         self.ctx = zmq.asyncio.Context()
@@ -106,17 +112,21 @@ class EngineClient:
         self._handshake_codec = engine_message_codec()
         self._outputs_codec = Codec(EngineCoreOutputs)  # the PULL socket carries only these
         self._tasks: list[asyncio.Task[None]] = []
-        self._pending: set[asyncio.Task[None]] = set()  # abort sends in flight
+        self._pending: set[asyncio.Task[None]] = set()  # abort and re-sends in flight
         self.tokenizer: Any = None  # set once loaded; used to build detokenizers
         self.on_stats: list[Callable[[EngineCoreOutputs], None]] = []  # once per step message
         self.on_ready: list[Callable[[EngineReady], None]] = []
 
     def start(self) -> None:
+        """Start the background tasks (once; later calls do nothing)."""
+        if self._tasks:
+            return
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._handshake_loop(), name="engine-handshake"),
             loop.create_task(self._output_loop(), name="engine-outputs"),
             loop.create_task(self._watchdog(), name="engine-watchdog"),
+            loop.create_task(self._greet(), name="engine-greeting"),
         ]
         if self.sub is not None:
             self._tasks.append(loop.create_task(self._vector_loop(), name="load-vector"))
@@ -133,8 +143,21 @@ class EngineClient:
         return all(e.phase is EnginePhase.READY for e in self.engines)
 
     @property
+    def num_ready(self) -> int:
+        return sum(e.phase is EnginePhase.READY for e in self.engines)
+
+    @property
+    def started(self) -> bool:
+        """Every engine was ready once (before that the server is loading, not restarting)."""
+        return all(e.ever_ready for e in self.engines)
+
+    @property
     def failed(self) -> EngineStatus | None:
         return next((e for e in self.engines if e.phase is EnginePhase.FAILED), None)
+
+    @property
+    def recovering(self) -> list[EngineStatus]:
+        return [e for e in self.engines if e.phase in (EnginePhase.DOWN, EnginePhase.LOADING)]
 
     @property
     def max_model_len(self) -> int:
@@ -187,10 +210,11 @@ class EngineClient:
                 room = self.max_model_len - len(prompt)
                 seq.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
                 seq.params_max_tokens = params.max_tokens
-                self.output.add(seq)
                 msg = EngineCoreRequest(
                     request_id=rid, prompt_token_ids=prompt, sampling_params=child, arrival_time=now
                 )
+                seq.wire, seq.pinned = msg, pinned is not None
+                self.output.add(seq)
                 sends.append((engine, AddRequest(request=msg)))
         for engine, add in sends:
             await self._send(engine, add)
@@ -217,19 +241,22 @@ class EngineClient:
 
     def _abort_soon(self, engine: int, ids: list[str]) -> None:
         """Send AbortRequests from a task (callers may be cancelled tasks that cannot await)."""
-        task = asyncio.get_running_loop().create_task(
-            self._send(engine, AbortRequests(request_ids=ids))
-        )
+        self._send_soon(engine, AbortRequests(request_ids=ids))
+
+    def _send_soon(self, engine: int, msg: AddRequest | AbortRequests) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(engine, msg))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _send(self, engine: int, msg: AddRequest | AbortRequests) -> None:
-        if self.engines[engine].phase is EnginePhase.FAILED:
+        if self.engines[engine].phase in (EnginePhase.DOWN, EnginePhase.FAILED):
+            if isinstance(msg, AddRequest):  # went down since it was picked: rescue it now
+                self._rescue(engine, f"engine {engine} went down")
             return
         try:
             await self.router.send_multipart([engine_identity(engine), self._in_codec.encode(msg)])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the engine's socket is gone
-            self._engine_failed(engine, f"cannot reach engine {engine}: {exc}")
+            self._engine_down(engine, f"cannot reach engine {engine}: {exc}")
 
     # -- background tasks ----------------------------------------------------------------------
     async def _handshake_loop(self) -> None:
@@ -242,16 +269,20 @@ class EngineClient:
             engine = self.engines[msg.engine_index]
             engine.last_message_time = time.monotonic()
             if isinstance(msg, EngineLoading):
+                if engine.phase is EnginePhase.DOWN:  # its replacement is starting
+                    engine.phase = EnginePhase.LOADING
                 engine.load_phase, engine.load_fraction = msg.phase, msg.fraction
                 logger.log(
                     self.news_level,
                     "engine %d loading: %s %.0f%%", msg.engine_index, msg.phase, 100 * msg.fraction,
                 )  # fmt: skip
             elif isinstance(msg, EngineReady):
-                if engine.phase is EnginePhase.FAILED:  # a rank on another node came back
+                if engine.phase is EnginePhase.READY:
+                    continue  # again, in answer to our greeting
+                if engine.error is not None:
                     logger.warning("engine %d is back after: %s", msg.engine_index, engine.error)
                     engine.error = None
-                engine.info, engine.phase = msg, EnginePhase.READY
+                engine.info, engine.phase, engine.ever_ready = msg, EnginePhase.READY, True
                 for callback in self.on_ready:
                     callback(msg)
                 engine.load_phase, engine.load_fraction = "ready", 1.0
@@ -262,7 +293,7 @@ class EngineClient:
                     msg.max_model_len, msg.dtype,
                 )  # fmt: skip
             elif isinstance(msg, EngineFailed):
-                self._engine_failed(msg.engine_index, msg.message)
+                self._engine_down(msg.engine_index, msg.message)
 
     async def _vector_loop(self) -> None:
         """The coordinator's load vector: routing input, and the word on lost remote engines."""
@@ -273,9 +304,14 @@ class EngineClient:
             if len(vector.waiting) != len(self.engines):
                 continue
             self.balancer.publish(vector.waiting, vector.running, vector.kv_cache_usage)
-            for engine, lost in zip(self.engines, vector.lost, strict=True):
-                if lost and engine.phase is not EnginePhase.FAILED:
-                    self._engine_failed(
+            failed = vector.failed or [False] * len(self.engines)
+            for engine, lost, out in zip(self.engines, vector.lost, failed, strict=True):
+                if self.board.pid(engine.index) is not None:
+                    continue  # a local rank: its process and the launcher's board say more
+                if out:
+                    self._engine_down(engine.index, "its node is out of restarts", for_good=True)
+                elif lost and engine.phase in (EnginePhase.READY, EnginePhase.LOADING):
+                    self._engine_down(
                         engine.index, f"engine {engine.index} is lost: it stopped reporting"
                     )
 
@@ -292,33 +328,100 @@ class EngineClient:
             for callback in self.on_stats:
                 callback(msg)
 
+    async def _greet(self) -> None:
+        """Say hello to every engine once it is connected: an engine that outlived an earlier
+        process of this API server drops that one's requests and says READY again."""
+        hello = self._in_codec.encode(ApiServerHello(api_index=self.api_index))
+        waiting = set(range(len(self.engines)))
+        while waiting:
+            for index in sorted(waiting):
+                try:
+                    await self.router.send_multipart([engine_identity(index), hello], zmq.NOBLOCK)
+                except zmq.ZMQError:  # not connected yet
+                    continue
+                waiting.discard(index)
+            await asyncio.sleep(0.1)
+
     async def _watchdog(self) -> None:
-        """An engine process that is gone, or that holds our requests but has reported no step
-        for `stall_timeout` seconds, is failed (and every request on it ends with an error)."""
+        """Every 250 ms: a local engine whose process is gone is down (its launcher restarts it;
+        the board says when it is out of restarts); one that holds our requests but reported no
+        step for `stall_timeout` seconds is reported to the launcher, which kills and restarts
+        it, and is down from now."""
         while True:
             await asyncio.sleep(_WATCHDOG_INTERVAL_S)
             now = time.monotonic()
             for engine in self.engines:
+                rank = engine.index
                 if engine.phase is EnginePhase.FAILED:
                     continue
-                if not _process_alive(engine.pid):
-                    self._engine_failed(engine.index, f"engine {engine.index} process exited")
+                if self.board.status(rank) is RankStatus.FAILED:
+                    self._engine_down(rank, "it is out of restarts", for_good=True)
+                    continue
+                if engine.phase is EnginePhase.DOWN:
+                    continue
+                pid = self.board.pid(rank)
+                if pid is not None and not _process_alive(pid):
+                    self._engine_down(rank, f"engine {rank} process exited")
                     continue
                 idle_for = now - engine.last_message_time
-                if idle_for > self.stall_timeout and self.output.num_in_flight(engine.index):
-                    self._engine_failed(
-                        engine.index,
-                        f"engine {engine.index} completed no step for {idle_for:.0f} s "
-                        "while holding requests",
+                if (
+                    engine.phase is EnginePhase.READY
+                    and idle_for > self.stall_timeout
+                    and self.output.num_in_flight(rank)
+                ):
+                    if pid is not None:
+                        self.board.report_stall(rank)
+                    self._engine_down(
+                        rank,
+                        f"engine {rank} completed no step for {idle_for:.0f} s while holding "
+                        "requests",
                     )
 
-    def _engine_failed(self, index: int, message: str) -> None:
+    def _engine_down(self, index: int, message: str, for_good: bool = False) -> None:
+        """Engine `index` is gone (`for_good`: and stays gone). Its requests are re-sent or
+        ended now (`_rescue`)."""
         engine = self.engines[index]
-        if engine.phase is EnginePhase.FAILED:
+        new = EnginePhase.FAILED if for_good else EnginePhase.DOWN
+        if engine.phase in (new, EnginePhase.FAILED):
             return
-        logger.error("engine %d failed: %s", index, message)
-        engine.phase, engine.error = EnginePhase.FAILED, message
-        self.output.fail(index, f"engine failed: {message}")
+        was_up = engine.phase in (EnginePhase.READY, EnginePhase.LOADING)
+        if for_good:
+            message = f"engine {index} failed for good: {message}"
+        logger.error("engine %d %s: %s", index, new.value, message)
+        engine.phase, engine.error = new, message
+        engine.stats, engine.sent_since_report = EngineStats(), 0
+        idle = EngineCoreOutputs(
+            engine_index=index, outputs=[], stats=EngineStats(has_counters=False)
+        )
+        for callback in self.on_stats:  # its gauges read 0 while it is down
+            callback(idle)
+        if was_up:
+            self._rescue(index, message)
+
+    def _rescue(self, index: int, message: str) -> None:
+        """The choices on a lost engine: each that showed its client nothing yet (and was not
+        pinned, nor re-sent before) goes once to a live engine; the rest end with an error
+        now, a retryable one (503 + Retry-After before a response started)."""
+        live = [e.phase is EnginePhase.READY for e in self.engines]
+        in_flight = [self.output.num_in_flight(e.index) for e in self.engines]
+        for seq in self.output.on_engine(index):
+            fresh = seq.num_output_tokens == 0 or not seq.stream.streaming
+            target = None
+            if fresh and not seq.pinned and not seq.resent and seq.wire is not None:
+                with contextlib.suppress(NoEngineError):
+                    target = self.balancer.pick(live, in_flight)
+            if target is None or seq.wire is None:
+                self.output.lose(seq, EngineError(f"engine failed: {message}", retryable=True))
+                continue
+            in_flight[target] += 1
+            rid = f"{seq.request_id}-resent"
+            seq.wire = msgspec.structs.replace(seq.wire, request_id=rid)
+            detok = new_detokenizer(
+                self.tokenizer, seq.wire.prompt_token_ids, seq.wire.sampling_params
+            )
+            self.output.restart(seq, rid, target, detok)
+            logger.info("request %s re-sent to engine %d", rid, target)
+            self._send_soon(target, AddRequest(request=seq.wire))
 
 
 def _process_alive(pid: int | None) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from headrace.frontend.detokenize import IncrementalDetokenizer
 from headrace.wire.messages import (
     EngineCoreOutput,
+    EngineCoreRequest,
     FinishReason,
     RequestTimes,
     SamplingParams,
@@ -24,7 +25,12 @@ from headrace.wire.messages import (
 
 
 class EngineError(RuntimeError):
-    """The engine could not finish a request (it died, stalled, or refused the request)."""
+    """The engine could not finish a request (it died, stalled, or refused the request).
+    `retryable`: the server lost it to a failure it is recovering from (503 + Retry-After)."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(slots=True)
@@ -37,6 +43,7 @@ class SeqDelta:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    restart: bool = False  # the choice starts over (re-sent): drop what came before
 
 
 @dataclass(slots=True)
@@ -58,6 +65,9 @@ class SeqState:
     last_token_time: float | None = None
     times: RequestTimes | None = None  # engine milestones, on the last output
     finished: bool = False
+    wire: EngineCoreRequest | None = None  # as sent, to re-send if its engine is lost
+    pinned: bool = False  # sent to a rank the client named: never re-sent elsewhere
+    resent: bool = False
 
 
 @dataclass(eq=False)
@@ -69,6 +79,7 @@ class RequestStream:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[SeqState] = field(default_factory=list)
     num_cached_tokens: int = 0
+    streaming: bool = True  # False: nothing reaches the client before the end (re-sendable)
     queue: asyncio.Queue[SeqDelta | BaseException] = field(default_factory=asyncio.Queue)
 
     @property
@@ -110,6 +121,8 @@ class RequestObserver(Protocol):
     def finished(self, seq: SeqState, reason: str, now: float) -> None: ...
 
     def engine_times(self, seq: SeqState, times: RequestTimes) -> None: ...
+
+    def recovery(self, engine_index: int, resent: bool) -> None: ...
 
 
 class OutputProcessor:
@@ -220,6 +233,34 @@ class OutputProcessor:
                 SeqDelta(seq.index, text, [], None, FinishReason.ABORT.value)
             )
         return by_engine
+
+    def on_engine(self, engine_index: int) -> list[SeqState]:
+        """Every live choice on one engine, and forget the milestones it still owed us."""
+        for rid, seq in list(self.awaiting_times.items()):
+            if seq.engine_index == engine_index:
+                del self.awaiting_times[rid]
+        return [s for s in self.seqs.values() if s.engine_index == engine_index]
+
+    def restart(
+        self, seq: SeqState, request_id: str, engine_index: int, detok: IncrementalDetokenizer
+    ) -> None:
+        """`seq` starts over under a new id on another engine (its old engine is gone)."""
+        self.seqs.pop(seq.request_id, None)
+        if seq.num_output_tokens:  # only a non-streaming choice: the client saw none of it
+            seq.stream.queue.put_nowait(SeqDelta(seq.index, "", [], restart=True))
+        seq.request_id, seq.engine_index, seq.detok = request_id, engine_index, detok
+        seq.num_output_tokens = seq.num_cached_tokens = 0
+        seq.times, seq.resent = None, True
+        self.seqs[request_id] = seq
+        if self.observer is not None:
+            self.observer.recovery(engine_index, resent=True)
+
+    def lose(self, seq: SeqState, error: EngineError) -> None:
+        """End one choice with an error its client sees (its engine is gone)."""
+        self._end(seq, FinishReason.ERROR)
+        seq.stream.queue.put_nowait(error)
+        if self.observer is not None:
+            self.observer.recovery(seq.engine_index, resent=False)
 
     def fail(self, engine_index: int | None, message: str) -> None:
         """End every choice on `engine_index` (None: all) with an error."""

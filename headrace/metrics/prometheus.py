@@ -25,7 +25,7 @@ from headrace.wire.messages import EngineCoreOutputs, EngineReady, FinishReason,
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 CACHE_S = 1.0  # counters and histograms: at most this stale (Prometheus scrapes every 15 s)
 MAX_AGE_S = 2.0  # ... and at most this, for what other API-server processes wrote
-LIFECYCLE_STATES = ("loading", "ready", "draining", "failed")
+LIFECYCLE_STATES = ("loading", "ready", "degraded", "restarting", "draining", "failed")
 GaugeMode = Literal["mostrecent", "livemostrecent"]
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -101,6 +101,16 @@ class ServerMetrics:
         )
         self.prefix_hits = counter(
             "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        )
+        # headrace's own recovery counters: `headrace_` after the namespace, so no future vLLM
+        # name can clash (restarts are counted by the launcher: `restart_counters`).
+        self.requests_resent = counter(
+            "headrace_requests_resent",
+            "Requests re-sent to another engine after theirs was lost, before any output.",
+        )
+        self.requests_lost = counter(
+            "headrace_requests_lost",
+            "Requests ended with an error because their engine was lost.",
         )
         self.admission_rejections = counter(
             "admission_rejections", "Requests refused by a queue limit.", ["model_name", "reason"]
@@ -280,6 +290,12 @@ class ServerMetrics:
         e.request_preemptions.observe(t.num_preemptions)
         e.kv_computed.observe(max(0, seq.prompt_len - seq.num_cached_tokens))
 
+    def recovery(self, engine_index: int, resent: bool) -> None:
+        """A choice whose engine was lost was re-sent (to `engine_index`) or lost (on it)."""
+        self.version += 1
+        e = self.engines[engine_index]
+        (e.resent if resent else e.lost).inc()
+
     # -- this process --------------------------------------------------------------------------
     def observe_loop_lag(self, seconds: float) -> None:
         self._loop_lag.observe(seconds)
@@ -374,6 +390,8 @@ class _EngineSeries:
         self.params_n = m.params_n.labels(*labels)
         self.request_preemptions = m.request_preemptions.labels(*labels)
         self.iteration_tokens = m.iteration_tokens.labels(*labels)
+        self.resent = m.requests_resent.labels(*labels)
+        self.lost = m.requests_lost.labels(*labels)
         self.labels = labels
 
     def bind_token_histograms(self, m: ServerMetrics) -> None:
@@ -382,3 +400,31 @@ class _EngineSeries:
         self.max_generation = m.max_generation.labels(*self.labels)
         self.params_max_tokens = m.params_max_tokens.labels(*self.labels)
         self.kv_computed = m.kv_computed.labels(*self.labels)
+
+
+@dataclass(slots=True)
+class RestartCounters:
+    """Restarts by the launcher (or a headless node's), by what ended the process: `exit N`,
+    a signal's name, or `stall`. Written from the launcher into the multiprocess directory,
+    so every API server's /metrics shows them."""
+
+    engine: Counter
+    api_server: Counter
+
+
+def restart_counters(namespace: str) -> RestartCounters:
+    r = CollectorRegistry()
+    return RestartCounters(
+        Counter(
+            f"{namespace}:headrace_engine_restarts",
+            "Engine-core processes restarted in place, by rank and reason.",
+            ["engine", "reason"],
+            registry=r,
+        ),
+        Counter(
+            f"{namespace}:headrace_api_server_restarts",
+            "API-server processes restarted in place, by index and reason.",
+            ["api_server", "reason"],
+            registry=r,
+        ),
+    )

@@ -129,7 +129,14 @@ class AddRequest(msgspec.Struct, kw_only=True, tag="add"):
     request: EngineCoreRequest
 
 
-EngineInput = AddRequest | AbortRequests
+class ApiServerHello(msgspec.Struct, kw_only=True, tag="api_hello"):
+    """Frontend -> engine, when an API server (re)starts: forget the requests an earlier
+    process of this API server sent, and say READY again if loaded."""
+
+    api_index: int
+
+
+EngineInput = AddRequest | AbortRequests | ApiServerHello
 
 
 class EngineStats(msgspec.Struct, kw_only=True):
@@ -199,13 +206,15 @@ class LoadVector(msgspec.Struct, kw_only=True, tag="vector"):
     """Coordinator -> every API server: the last load of every engine, by global rank.
 
     `lost[e]` is true once engine e, having reported, went silent for longer than the
-    coordinator's heartbeat timeout (its node or process is gone)."""
+    coordinator's heartbeat timeout (its node or process is gone); `failed[e]` once its node
+    said it is out of restarts."""
 
     seq: int
     waiting: list[int]
     running: list[int]
     kv_cache_usage: list[float]
     lost: list[bool]
+    failed: list[bool] = msgspec.field(default_factory=list)
 
 
 class NodeHello(msgspec.Struct, kw_only=True, tag="hello"):
@@ -216,6 +225,13 @@ class NodeHello(msgspec.Struct, kw_only=True, tag="hello"):
     start_rank: int
     local_size: int
     hostname: str = ""
+
+
+class NodeRanksFailed(msgspec.Struct, kw_only=True, tag="ranks_failed"):
+    """Headless node -> head: these ranks are out of restarts and stay down."""
+
+    ranks: list[int]
+    reason: str
 
 
 class NodeWelcome(msgspec.Struct, kw_only=True, tag="welcome"):

@@ -5,6 +5,7 @@ engine, draining is a SIGTERM while a request streams."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -147,10 +148,14 @@ def test_shutdown_timeout_aborts_what_is_left() -> None:
         srv.stop()
 
 
-def test_engine_killed_ends_every_stream_and_fails_liveness() -> None:
-    srv = ServerProcess().wait_ready()
+def test_engine_killed_ends_every_stream_and_restarts_in_place() -> None:
+    """M=1: the one engine dies under 8 streams. Each ends within 5 s (error event, [DONE]);
+    the server says `restarting` (live 200, everything else 503) until the launcher's
+    replacement is ready, then serves again: the same launcher and API server."""
+    srv = ServerProcess(env={"HEADRACE_TEST_LOAD_DELAY": "4"}).wait_ready()
     try:
         engine = srv.child_titled("EngineCore_0")
+        api_server = srv.child_titled("ApiServer_0")
 
         async def one(client: httpx.AsyncClient, i: int) -> tuple[list[str], float]:
             lines = []
@@ -172,30 +177,38 @@ def test_engine_killed_ends_every_stream_and_fails_liveness() -> None:
                 await asyncio.sleep(0.5)  # all eight are running
                 os.kill(engine, signal.SIGKILL)
                 t_kill = time.monotonic()
-                live_503 = await _wait_status(client, "/health/live", 503, 2.0)
-                return await asyncio.gather(*tasks), t_kill, live_503
+                health_503 = await _wait_status(client, "/health", 503, 5.0)
+                return await asyncio.gather(*tasks), t_kill, health_503
 
-        results, t_kill, live_at = asyncio.run(run())
-        assert live_at - t_kill < 2.0
+        results, t_kill, health_at = asyncio.run(run())
+        assert health_at - t_kill < 5.0
         for lines, ended in results:
             assert ended - t_kill < 5.0
             assert lines[-1] == "[DONE]"
             assert "error" in json.loads(lines[-2])
         row = table_row(srv.url)
         assert row == {
-            "health": 503, "live": 503, "ready": 503, "models": 503, "inference": 503,
+            "health": 503, "live": 200, "ready": 503, "models": 503, "inference": 503,
             "metrics": 200,
         }, row  # fmt: skip
-        assert httpx.get(srv.url + "/health").json()["status"] == "failed"
-        failed = httpx.post(srv.url + "/v1/completions", json=BODY).json()
-        assert "failed" in failed["error"]["message"]
-        assert state_gauge(srv.url) == "failed"
+        assert httpx.get(srv.url + "/health").json()["status"] == "restarting"
+        refused = httpx.post(srv.url + "/v1/completions", json=BODY)
+        assert "restarting" in refused.json()["error"]["message"]
+        assert refused.headers["Retry-After"]
+        assert state_gauge(srv.url) == "restarting"
         assert probes(srv) == (1, 1)
+
+        poll(lambda: httpx.get(srv.url + "/health").status_code == 200, 90, 0.2)
+        assert httpx.post(srv.url + "/v1/completions", json=BODY, timeout=60).status_code == 200
+        assert srv.child_titled("ApiServer_0") == api_server and srv.proc.poll() is None
+        assert srv.child_titled("EngineCore_0") != engine
+        assert state_gauge(srv.url) == "ready"
+        assert restarts(srv.url) == {("0", "SIGKILL"): 1.0}
     finally:
         assert srv.stop() == 0
 
 
-def test_stalled_engine_is_failed() -> None:
+def test_stalled_engine_is_killed_and_restarted() -> None:
     srv = ServerProcess("--engine-stall-timeout", "2").wait_ready()
     engine = srv.child_titled("EngineCore_0")
     try:
@@ -206,14 +219,31 @@ def test_stalled_engine_is_failed() -> None:
         poll(lambda: len(events) > 3, 30)
         os.kill(engine, signal.SIGSTOP)  # alive, but makes no progress
         stopped = time.monotonic()
-        poll(lambda: httpx.get(srv.url + "/health/live").status_code == 503, 6)
+        poll(lambda: httpx.get(srv.url + "/health").status_code == 503, 6)
         assert time.monotonic() - stopped >= 2.0
+        assert httpx.get(srv.url + "/health/live").status_code == 200
         worker.join(10)
         assert events[-1] == {"done": True} and "error" in events[-2]
-        assert "no step" in httpx.get(srv.url + "/health").json()["error"]
+        assert "no step" in events[-2]["error"]["message"]
+        poll(lambda: not process_running(engine), 10)  # the launcher killed it
+        poll(lambda: httpx.get(srv.url + "/health").status_code == 200, 90, 0.2)
+        assert restarts(srv.url) == {("0", "stall"): 1.0}
+        assert httpx.post(srv.url + "/v1/completions", json=BODY, timeout=60).status_code == 200
     finally:
-        os.kill(engine, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(engine, signal.SIGCONT)
         srv.stop()
+
+
+def restarts(url: str) -> dict[tuple[str, str], float]:
+    """vllm:headrace_engine_restarts_total by (engine, reason), fresh."""
+    text = httpx.get(url + "/metrics", headers={"Cache-Control": "no-cache"}).text
+    return {
+        (s.labels["engine"], s.labels["reason"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "vllm:headrace_engine_restarts_total"
+    }
 
 
 async def _wait_status(client: httpx.AsyncClient, path: str, status: int, timeout: float) -> float:

@@ -61,6 +61,8 @@ REFERENCE: dict[str, tuple[str, set[str], Any]] = {
     "server_state": ("gauge", {"state"}, None),
     "model_load_progress": ("gauge", set(), None),
     "event_loop_lag_seconds": ("histogram", {"api_server"}, "any"),
+    "headrace_requests_resent": ("counter", ME, None),
+    "headrace_requests_lost": ("counter", ME, None),
 }  # fmt: skip
 HTTP_FAMILIES = {
     "http_requests": "counter",
