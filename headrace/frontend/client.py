@@ -269,6 +269,8 @@ class EngineClient:
             engine = self.engines[msg.engine_index]
             engine.last_message_time = time.monotonic()
             if isinstance(msg, EngineLoading):
+                if engine.phase is EnginePhase.READY:  # replaced before we noticed it went
+                    self._engine_down(msg.engine_index, f"engine {msg.engine_index} restarted")
                 if engine.phase is EnginePhase.DOWN:  # its replacement is starting
                     engine.phase = EnginePhase.LOADING
                 engine.load_phase, engine.load_fraction = msg.phase, msg.fraction
