@@ -23,7 +23,12 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     limits = PromptLimits(max_model_len=max(max_len * 64, 1 << 20), max_tokens=0)
     if body.messages is not None:
         messages = [m.as_template_input() for m in body.messages]
-        text = await tok.render_chat(messages, body.add_generation_prompt)
+        try:
+            text = await tok.render_chat(messages, body.add_generation_prompt)
+        except Exception as exc:  # jinja / template errors: these messages cannot be rendered
+            raise APIError(
+                400, f"the chat template could not render these messages: {exc}", param="messages"
+            ) from None
         add_special = False
     else:
         text, add_special = body.prompt or "", body.add_special_tokens

@@ -65,6 +65,7 @@ class SeqState:
     last_token_time: float | None = None
     times: RequestTimes | None = None  # engine milestones, on the last output
     finished: bool = False
+    held_token_ids: list[int] = field(default_factory=list)  # generated, not yet in a delta
     wire: EngineCoreRequest | None = None  # as sent, to re-send if its engine is lost
     pinned: bool = False  # sent to a rank the client named: never re-sent elsewhere
     resent: bool = False
@@ -179,15 +180,20 @@ class OutputProcessor:
                 seq.detok.flush()
                 reason = out.finish_reason.value
             text = seq.detok.take_new_text(finished=reason is not None)
+            token_ids = seq.held_token_ids + out.new_token_ids
             if reason is not None:
                 self._end(seq, reason)
             elif not text and not seq.want_logprobs:
-                continue  # nothing a client could see (half a character, a held-back stop prefix)
+                # nothing a client could see (half a character, a held-back stop prefix): its
+                # tokens go out with the next delta, so usage counts every one
+                seq.held_token_ids = token_ids
+                continue
+            seq.held_token_ids = []
             seq.stream.queue.put_nowait(
                 SeqDelta(
                     seq.index,
                     text,
-                    list(out.new_token_ids),
+                    token_ids,
                     out.new_logprobs if seq.want_logprobs else None,
                     reason,
                     stop_reason,
@@ -230,7 +236,7 @@ class OutputProcessor:
             text = seq.detok.take_new_text(finished=True)
             self._end(seq, FinishReason.ABORT)
             seq.stream.queue.put_nowait(
-                SeqDelta(seq.index, text, [], None, FinishReason.ABORT.value)
+                SeqDelta(seq.index, text, seq.held_token_ids, None, FinishReason.ABORT.value)
             )
         return by_engine
 
@@ -250,7 +256,7 @@ class OutputProcessor:
             seq.stream.queue.put_nowait(SeqDelta(seq.index, "", [], restart=True))
         seq.request_id, seq.engine_index, seq.detok = request_id, engine_index, detok
         seq.num_output_tokens = seq.num_cached_tokens = 0
-        seq.times, seq.resent = None, True
+        seq.times, seq.resent, seq.held_token_ids = None, True, []
         self.seqs[request_id] = seq
         if self.observer is not None:
             self.observer.recovery(engine_index, resent=True)

@@ -216,3 +216,28 @@ def test_truncated_and_untruncated_concurrently_never_500(server: ServerProcess)
             assert usage["prompt_tokens"] == 2048 - 4
         elif kind in (1, 2):
             assert usage["prompt_tokens"] == 50 + i
+
+
+def test_usage_counts_every_generated_token_of_non_ascii_output(server: ServerProcess) -> None:
+    """Non-ASCII output cut at max_tokens: completion_tokens is the tokens generated (a token
+    that completes no character on its own used to go uncounted), streamed or not, n = 2."""
+    client = server.client()
+    model = "SmolLM2-135M-Instruct"
+    for seed in range(12):
+        common: dict[str, object] = {"model": model, "max_tokens": 6, "seed": seed,
+                                     "extra_body": {"ignore_eos": True}}  # fmt: skip
+        reply = client.completions.create(prompt="Translate 'hello' to Chinese:", n=2, **common)  # type: ignore[call-overload]
+        assert [c.finish_reason for c in reply.choices] == ["length"] * 2
+        assert reply.usage is not None and reply.usage.completion_tokens == 12, seed
+        chunks = client.chat.completions.create(
+            messages=[{"role": "user", "content": "Say hello in Chinese and add an emoji."}],
+            stream=True, stream_options={"include_usage": True}, **common,  # type: ignore[call-overload]
+        )  # fmt: skip
+        usage = [c.usage for c in chunks if c.usage is not None]
+        assert usage and usage[0].completion_tokens == 6, seed
+
+
+def test_tokenize_with_no_messages_is_a_400(server: ServerProcess) -> None:
+    r = httpx.post(server.url + "/tokenize", json={"messages": []})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages"
