@@ -271,8 +271,11 @@ class EngineClient:
             if isinstance(msg, EngineLoading):
                 if engine.phase is EnginePhase.READY:  # replaced before we noticed it went
                     self._engine_down(msg.engine_index, f"engine {msg.engine_index} restarted")
-                if engine.phase is EnginePhase.DOWN:  # its replacement is starting
-                    engine.phase = EnginePhase.LOADING
+                remote = self.board.pid(msg.engine_index) is None
+                if engine.phase is EnginePhase.DOWN or (
+                    engine.phase is EnginePhase.FAILED and remote  # its node joined again
+                ):
+                    engine.phase = EnginePhase.LOADING  # its replacement is starting
                 engine.load_phase, engine.load_fraction = msg.phase, msg.fraction
                 logger.log(
                     self.news_level,
