@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import zmq
 import zmq.asyncio
 
+from headrace.frontend.engines import EnginePhase, EngineStatus, process_alive
 from headrace.frontend.load_balance import LoadBalancer, NoEngineError
 from headrace.frontend.output import (
     EngineError,
@@ -50,29 +49,6 @@ from headrace.wire.sockets import Addresses, engine_identity
 logger = logging.getLogger("headrace.client")
 
 _WATCHDOG_INTERVAL_S = 0.25
-
-
-class EnginePhase(enum.StrEnum):
-    LOADING = "loading"  # starting (or restarting), not READY yet
-    READY = "ready"
-    DOWN = "down"  # gone; its launcher (or node) restarts it
-    FAILED = "failed"  # out of restarts: stays down
-
-
-@dataclass(slots=True)
-class EngineStatus:
-    """What this API server knows about one engine."""
-
-    index: int
-    phase: EnginePhase = EnginePhase.LOADING
-    ever_ready: bool = False
-    load_phase: str = "starting"
-    load_fraction: float = 0.0
-    info: EngineReady | None = None
-    stats: EngineStats = field(default_factory=EngineStats)
-    last_message_time: float = field(default_factory=time.monotonic)
-    error: str | None = None
-    sent_since_report: int = 0
 
 
 class EngineClient:
@@ -365,7 +341,7 @@ class EngineClient:
                 if engine.phase is EnginePhase.DOWN:
                     continue
                 pid = self.board.pid(rank)
-                if pid is not None and not _process_alive(pid):
+                if pid is not None and not process_alive(pid):
                     self._engine_down(rank, f"engine {rank} process exited")
                     continue
                 idle_for = now - engine.last_message_time
@@ -427,17 +403,3 @@ class EngineClient:
             self.output.restart(seq, rid, target, detok)
             logger.info("request %s re-sent to engine %d", rid, target)
             self._send_soon(target, AddRequest(request=seq.wire))
-
-
-def _process_alive(pid: int | None) -> bool:
-    """True unless `pid` is gone or a zombie (exited, not yet reaped by the launcher)."""
-    if pid is None:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    # The state letter follows the command name, which is in parentheses and may contain spaces.
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")
