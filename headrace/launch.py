@@ -44,7 +44,7 @@ from headrace.supervise import (
     EngineBoard,
     EngineKeeper,
     EngineSpawn,
-    RestartPolicy,
+    RestartSchedule,
     exit_reason,
     terminate,
 )
@@ -99,8 +99,7 @@ class Launcher:
         self.api_servers: dict[int, BaseProcess] = {}
         self.coordinator: list[BaseProcess] = []  # zero or one
         self.keeper: EngineKeeper | None = None
-        self.api_policies: dict[int, RestartPolicy] = {}
-        self.api_due: dict[int, tuple[float, str]] = {}
+        self.api_restarts: RestartSchedule[int] = RestartSchedule(cfg.max_restarts)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         """Forward at once, so readiness turns red now; a second signal is forwarded too (API
@@ -151,7 +150,6 @@ class Launcher:
             self.keeper.start_all()
             children = _Shared(addresses, board, sock, counters)
             for i in range(par.api_server_count):
-                self.api_policies[i] = RestartPolicy(self.cfg.max_restarts)
                 self._start_api_server(i, children)
             return self._supervise(children)
         finally:
@@ -194,21 +192,18 @@ class Launcher:
         """Schedule restarts of API servers that exited and start those due; False when one
         is out of restarts."""
         for index, proc in list(self.api_servers.items()):
-            if proc.exitcode is None or index in self.api_due:
+            if proc.exitcode is None or self.api_restarts.pending(index):
                 continue
             _mark_dead(proc.pid)  # its live gauges go; its counters stay in the sum
             reason = exit_reason(proc.exitcode)
-            delay = self.api_policies[index].next_delay(now)
+            delay = self.api_restarts.ended(index, reason, now)
             if delay is None:
                 logger.error("%s ended (%s), out of restarts; stopping", proc.name, reason)
                 return False
             logger.error("%s ended (%s); restarting it in %.0f s", proc.name, reason, delay)
-            self.api_due[index] = (now + delay, reason)
-        for index, (when, reason) in list(self.api_due.items()):
-            if now >= when:
-                del self.api_due[index]
-                children.counters.api_server.labels(str(index), reason).inc()
-                self._start_api_server(index, children)
+        for index, reason in self.api_restarts.take_due(now):
+            children.counters.api_server.labels(str(index), reason).inc()
+            self._start_api_server(index, children)
         return True
 
     def _stop_all(self) -> None:

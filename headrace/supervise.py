@@ -9,8 +9,8 @@ reports `failed`.
 The board is a small array in shared memory, one row per data-parallel rank, written by the
 launcher (status, pid) and by the API servers (a stall report), read by both:
 
-    row e:  [status, pid, stall_reported, restarts]
-            status  UP (running or loading) | RESTARTING (down, a restart is due) | FAILED
+    row e:  [status, pid, stall_reported]
+            status  UP (running, loading, or down with a restart due) | FAILED (for good)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from headrace.config import EngineConfig
 from headrace.wire.sockets import Addresses
@@ -32,12 +32,14 @@ from headrace.wire.sockets import Addresses
 logger = logging.getLogger("headrace.launch")
 
 MAX_BACKOFF_S = 30.0
+K = TypeVar("K")
 
 
 class RankStatus(enum.IntEnum):
+    """A rank as its launcher sees it; the API servers see a down process for themselves."""
+
     UP = 0
-    RESTARTING = 1
-    FAILED = 2
+    FAILED = 1
 
 
 @dataclass(slots=True)
@@ -60,7 +62,34 @@ class RestartPolicy:
         return delay
 
 
-_FIELDS = 4
+class RestartSchedule(Generic[K]):
+    """The restart policy of each child, by key, and the restarts that are due."""
+
+    def __init__(self, max_restarts: int) -> None:
+        self.max_restarts = max_restarts
+        self.policies: dict[K, RestartPolicy] = {}
+        self.due: dict[K, tuple[float, str]] = {}  # key -> (restart time, reason)
+
+    def ended(self, key: K, reason: str, now: float) -> float | None:
+        """Child `key` ended: the delay before it starts again, or None (out of restarts)."""
+        policy = self.policies.setdefault(key, RestartPolicy(self.max_restarts))
+        delay = policy.next_delay(now)
+        if delay is not None:
+            self.due[key] = (now + delay, reason)
+        return delay
+
+    def pending(self, key: K) -> bool:
+        return key in self.due
+
+    def take_due(self, now: float) -> list[tuple[K, str]]:
+        """The children to start now, with what ended their last process."""
+        ready = [(key, reason) for key, (when, reason) in self.due.items() if now >= when]
+        for key, _ in ready:
+            del self.due[key]
+        return ready
+
+
+_FIELDS = 3
 
 
 class EngineBoard:
@@ -92,12 +121,6 @@ class EngineBoard:
         reported = bool(self._a[_FIELDS * rank + 2])
         self._a[_FIELDS * rank + 2] = 0
         return reported
-
-    def restarts(self, rank: int) -> int:
-        return int(self._a[_FIELDS * rank + 3])
-
-    def count_restart(self, rank: int) -> None:
-        self._a[_FIELDS * rank + 3] += 1
 
 
 def exit_reason(exitcode: int | None) -> str:
@@ -137,8 +160,7 @@ class EngineKeeper:
         self.board = board
         self.procs: dict[int, BaseProcess] = {}
         self.starts = dict.fromkeys(ranks, 0)
-        self.policies = {rank: RestartPolicy(max_restarts) for rank in ranks}
-        self.due: dict[int, tuple[float, str]] = {}  # rank -> (restart time, reason)
+        self.schedule: RestartSchedule[int] = RestartSchedule(max_restarts)
         self.stalled: set[int] = set()
         self.on_restart = on_restart
 
@@ -176,29 +198,24 @@ class EngineKeeper:
             del self.procs[rank]
             reason = "stall" if rank in self.stalled else exit_reason(proc.exitcode)
             self.stalled.discard(rank)
-            delay = self.policies[rank].next_delay(now)
+            delay = self.schedule.ended(rank, reason, now)
             if delay is None:
                 logger.error("engine %d ended (%s) and is out of restarts: failed", rank, reason)
                 self.board.set_status(rank, RankStatus.FAILED)
                 newly_failed.append(rank)
                 continue
             logger.error("engine %d ended (%s); restarting it in %.0f s", rank, reason, delay)
-            self.board.set_status(rank, RankStatus.RESTARTING)
-            self.due[rank] = (now + delay, reason)
-        for rank, (when, reason) in list(self.due.items()):
-            if now >= when:
-                del self.due[rank]
-                self.board.count_restart(rank)
-                if self.on_restart is not None:
-                    self.on_restart(rank, reason)
-                self._start(rank)
+        for rank, reason in self.schedule.take_due(now):
+            if self.on_restart is not None:
+                self.on_restart(rank, reason)
+            self._start(rank)
         return newly_failed
 
     def sentinels(self) -> list[int]:
         return [p.sentinel for p in self.procs.values() if p.is_alive()]
 
     def stop(self, grace_s: float) -> None:
-        self.due.clear()
+        self.schedule.due.clear()
         terminate(list(self.procs.values()), grace_s)
 
 

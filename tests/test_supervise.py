@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import signal
 
-from headrace.supervise import EngineBoard, RankStatus, RestartPolicy, exit_reason
+from headrace.supervise import (
+    EngineBoard,
+    RankStatus,
+    RestartPolicy,
+    RestartSchedule,
+    exit_reason,
+)
 
 
 def test_backoff_doubles_and_the_limit_holds_within_the_window() -> None:
@@ -27,11 +33,21 @@ def test_board_rows_are_independent_and_stalls_are_taken_once() -> None:
     board.set_pid(1, 4242)
     board.set_status(2, RankStatus.FAILED)
     board.report_stall(0)
-    board.count_restart(2)
-    assert (board.pid(1), board.status(2), board.restarts(2), board.restarts(0)) == (
-        4242, RankStatus.FAILED, 1, 0,
+    assert (board.pid(1), board.status(2), board.status(0)) == (
+        4242, RankStatus.FAILED, RankStatus.UP,
     )  # fmt: skip
     assert board.take_stall(0) and not board.take_stall(0) and not board.take_stall(1)
+
+
+def test_schedule_keeps_each_child_apart_and_hands_out_what_is_due() -> None:
+    schedule: RestartSchedule[str] = RestartSchedule(max_restarts=1)
+    assert schedule.ended("a", "SIGKILL", 0.0) == 1.0
+    assert schedule.ended("b", "exit 1", 0.5) == 1.0
+    assert schedule.pending("a") and schedule.take_due(0.9) == []
+    assert schedule.take_due(1.2) == [("a", "SIGKILL")]
+    assert not schedule.pending("a") and schedule.pending("b")
+    assert schedule.take_due(2.0) == [("b", "exit 1")]
+    assert schedule.ended("a", "SIGKILL", 3.0) is None  # its one restart is used
 
 
 def test_exit_reasons() -> None:

@@ -306,10 +306,12 @@ class LoadReporter:
 
     def engine_state(self, stats: EngineStats, taken: int) -> None:
         """Main thread, after each loop: the scheduler's counts, and adds it took meanwhile."""
+        new = (stats.num_waiting, stats.num_running, stats.kv_cache_usage)
         with self.cond:
+            if not taken and new == (self.waiting, self.running, self.kv_cache_usage):
+                return  # most decode steps: nothing to tell, no thread to wake
             self.inbox -= taken
-            self.waiting, self.running = stats.num_waiting, stats.num_running
-            self.kv_cache_usage = stats.kv_cache_usage
+            self.waiting, self.running, self.kv_cache_usage = new
             self.changed = True
             self.cond.notify()
 

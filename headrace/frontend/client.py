@@ -115,10 +115,6 @@ class EngineClient:
 
     # -- state ---------------------------------------------------------------------------------
     @property
-    def all_ready(self) -> bool:
-        return all(e.phase is EnginePhase.READY for e in self.engines)
-
-    @property
     def num_ready(self) -> int:
         return sum(e.phase is EnginePhase.READY for e in self.engines)
 
@@ -130,10 +126,6 @@ class EngineClient:
     @property
     def failed(self) -> EngineStatus | None:
         return next((e for e in self.engines if e.phase is EnginePhase.FAILED), None)
-
-    @property
-    def recovering(self) -> list[EngineStatus]:
-        return [e for e in self.engines if e.phase in (EnginePhase.DOWN, EnginePhase.LOADING)]
 
     @property
     def max_model_len(self) -> int:

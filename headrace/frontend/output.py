@@ -267,13 +267,3 @@ class OutputProcessor:
         seq.stream.queue.put_nowait(error)
         if self.observer is not None:
             self.observer.recovery(seq.engine_index, resent=False)
-
-    def fail(self, engine_index: int | None, message: str) -> None:
-        """End every choice on `engine_index` (None: all) with an error."""
-        for rid, seq in list(self.awaiting_times.items()):
-            if engine_index is None or seq.engine_index == engine_index:
-                del self.awaiting_times[rid]  # that engine will not report them now
-        for seq in list(self.seqs.values()):
-            if engine_index is None or seq.engine_index == engine_index:
-                self._end(seq, FinishReason.ERROR)
-                seq.stream.queue.put_nowait(EngineError(message))
