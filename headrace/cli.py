@@ -62,6 +62,13 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -180,10 +187,19 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--disable-log-stats", action="store_true", help="no periodic stats line")
     p.add_argument(
+        "--max-num-queued-reqs",
         "--max-num-queued-requests",
-        type=int,
+        type=_positive_int,
         default=None,
-        help="answer 429 once this many requests wait for the engines (default: no limit)",
+        help="answer 503 + Retry-After once this many requests (n choices count n) wait or run, "
+        "across every API server and engine (default: no limit)",
+    )
+    p.add_argument(
+        "--max-num-queued-tokens",
+        type=_positive_int,
+        default=None,
+        help="answer 503 + Retry-After once this many prompt tokens wait for prefill, across "
+        "every API server and engine (default: no limit)",
     )
     p.add_argument(
         "--disable-access-log-for-endpoints",
@@ -214,7 +230,8 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_namespace=args.metrics_namespace,
         log_stats_interval=args.log_stats_interval,
         disable_log_stats=args.disable_log_stats,
-        max_num_queued_requests=args.max_num_queued_requests,
+        max_num_queued_reqs=args.max_num_queued_reqs,
+        max_num_queued_tokens=args.max_num_queued_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
     )
     try:

@@ -73,7 +73,8 @@ class ServerConfig:
     metrics_namespace: str = "vllm"
     log_stats_interval: float = 10.0
     disable_log_stats: bool = False
-    max_num_queued_requests: int | None = None
+    max_num_queued_reqs: int | None = None  # choices in flight, whole server (503 over it)
+    max_num_queued_tokens: int | None = None  # prompt tokens not yet prefilled (503 over it)
     enable_prefix_caching: bool = True
     uvicorn_log_level: str = "info"
 

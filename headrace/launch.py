@@ -40,6 +40,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from headrace.config import EngineConfig, ParallelConfig, ServerConfig
+from headrace.frontend.queue_board import QueueBoard
 from headrace.supervise import (
     EngineBoard,
     EngineKeeper,
@@ -148,7 +149,8 @@ class Launcher:
                 lambda rank, why: counters.engine.labels(str(rank), why).inc(),
             )
             self.keeper.start_all()
-            children = _Shared(addresses, board, sock, counters)
+            queues = QueueBoard(par.api_server_count)
+            children = _Shared(addresses, board, queues, sock, counters)
             for i in range(par.api_server_count):
                 self._start_api_server(i, children)
             return self._supervise(children)
@@ -163,7 +165,11 @@ class Launcher:
         from headrace.api.app import ApiServerArgs, run_api_server
 
         restarted = index in self.api_servers
-        args = ApiServerArgs(self.cfg.server, index, children.addresses, children.board, restarted)
+        if restarted:  # the engines abort what the old process had in flight
+            children.queues.clear(index)
+        args = ApiServerArgs(
+            self.cfg.server, index, children.addresses, children.board, children.queues, restarted
+        )
         mp = multiprocessing.get_context("spawn")
         proc = mp.Process(
             target=run_api_server, args=(args, children.sock), name=f"ApiServer_{index}"
@@ -221,6 +227,7 @@ class _Shared:
 
     addresses: Addresses
     board: EngineBoard
+    queues: QueueBoard
     sock: socket.socket
     counters: RestartCounters
 

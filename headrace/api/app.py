@@ -19,12 +19,14 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from headrace.api import chat, completions, health, models, tokenize
+from headrace.api.admission import DRAIN_SAMPLE_PERIOD_S, Admission
 from headrace.api.context import ServerContext
 from headrace.api.errors import error_body, install_error_handlers
 from headrace.api.fast_metrics import MetricsFastPathProtocol
 from headrace.api.lifecycle import DrainingServer
 from headrace.config import ServerConfig
 from headrace.frontend.client import EngineClient
+from headrace.frontend.queue_board import QueueBoard
 from headrace.frontend.tokenize import FrontendTokenizer
 from headrace.metrics.http import HttpMetrics, HttpMetricsMiddleware
 from headrace.metrics.prometheus import MetricsConfig, ServerMetrics
@@ -44,6 +46,7 @@ class ApiServerArgs:
     api_index: int
     addresses: Addresses
     board: EngineBoard  # each rank's pid and restart status, shared with the launcher
+    queues: QueueBoard  # every API server's queued choices and tokens (admission control)
     restarted: bool = False  # a replacement: accept connections only once it can serve
 
 
@@ -57,6 +60,8 @@ def build_app(ctx: ServerContext) -> ASGIApp:
         ]
         if ctx.stats_logger is not None:
             tasks.append(asyncio.create_task(_log_stats(ctx)))
+        if ctx.admission.enabled:
+            tasks.append(asyncio.create_task(_sample_drain_rate(ctx)))
         try:
             yield
         finally:
@@ -89,6 +94,13 @@ async def _watch_loop_lag(ctx: ServerContext) -> None:
         start = loop.time()
         await asyncio.sleep(_LAG_PERIOD_S)
         ctx.metrics.observe_loop_lag(max(0.0, loop.time() - start - _LAG_PERIOD_S))
+
+
+async def _sample_drain_rate(ctx: ServerContext) -> None:
+    """Retry-After needs how fast the queues drain: sampled here, so it is known at once."""
+    while True:
+        ctx.admission.drain.sample()
+        await asyncio.sleep(DRAIN_SAMPLE_PERIOD_S)
 
 
 async def _log_stats(ctx: ServerContext) -> None:
@@ -235,7 +247,13 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
         )
 
     async def serve() -> None:
-        client = EngineClient(args.addresses, args.api_index, args.board, cfg.engine_stall_timeout)
+        client = EngineClient(
+            args.addresses,
+            args.api_index,
+            args.board,
+            cfg.engine_stall_timeout,
+            args.queues.row(args.api_index),
+        )
         metrics = ServerMetrics(
             MetricsConfig(
                 cfg.served_model_names[0],
@@ -247,7 +265,14 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
         client.on_stats.append(metrics.record_step)
         client.on_ready.append(lambda msg: metrics.engine_ready(msg, cfg.enable_prefix_caching))
         client.output.observer = metrics
-        ctx = ServerContext(cfg, client, metrics, started=time.time())
+        admission = Admission(
+            args.queues,
+            args.api_index,
+            cfg.max_num_queued_reqs,
+            cfg.max_num_queued_tokens,
+            metrics.admission_rejected,
+        )
+        ctx = ServerContext(cfg, client, metrics, admission, started=time.time())
         if not cfg.disable_log_stats and args.api_index == 0:
             ctx.stats_logger = StatsLogger(args.board.num_ranks)
             client.on_stats.append(ctx.stats_logger.record)

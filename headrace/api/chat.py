@@ -13,7 +13,6 @@ from headrace.api.errors import APIError
 from headrace.api.protocol import ChatCompletionRequest
 from headrace.api.streaming import collect, sse_response, usage
 from headrace.api.validation import (
-    admit,
     context_of,
     pinned_rank,
     require_json,
@@ -34,14 +33,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     ctx = context_of(request)
     model = ctx.check_model(body.model)
     tok = ctx.require_serving()
-    admit(ctx)
     pinned = pinned_rank(ctx, request, body.data_parallel_rank)
     max_tokens = body.requested_max_tokens
     limits = PromptLimits(ctx.client.max_model_len, max_tokens, body.truncate_prompt_tokens)
     params = sampling_params(body, max_tokens, body.num_logprobs)
-    prompt = await _render(tok, body, limits)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = await start(ctx, request_id, [prompt], params, arrival, pinned)
+    with ctx.admission.admit(body.n):
+        prompt = await _render(tok, body, limits)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await start(ctx, request_id, [prompt], params, arrival, pinned)
     stream.streaming = body.stream
     base = {
         "id": request_id,

@@ -13,7 +13,6 @@ from headrace.api.errors import APIError
 from headrace.api.protocol import CompletionRequest
 from headrace.api.streaming import Choice, collect, sse_response, usage
 from headrace.api.validation import (
-    admit,
     context_of,
     pinned_rank,
     require_json,
@@ -34,15 +33,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     ctx = context_of(request)
     model = ctx.check_model(body.model)
     tok = ctx.require_serving()
-    admit(ctx)
     pinned = pinned_rank(ctx, request, body.data_parallel_rank)
     explicit_max = body.max_tokens if "max_tokens" in body.model_fields_set else None
     limits = PromptLimits(ctx.client.max_model_len, explicit_max, body.truncate_prompt_tokens)
     params = sampling_params(body, body.max_tokens, body.logprobs)
-    prompts, texts = await _tokenize(tok, body, limits)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    with ctx.admission.admit(body.n * body.num_prompts):
+        prompts, texts = await _tokenize(tok, body, limits)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        stream = await start(ctx, request_id, prompts, params, arrival, pinned)
     created = int(time.time())
-    stream = await start(ctx, request_id, prompts, params, arrival, pinned)
     stream.streaming = body.stream
     base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
     n = body.n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from headrace.api.admission import Admission
 from headrace.api.errors import APIError
 from headrace.config import ServerConfig
 from headrace.frontend.client import EngineClient
@@ -39,6 +40,7 @@ class ServerContext:
     config: ServerConfig
     client: EngineClient
     metrics: ServerMetrics
+    admission: Admission
     tokenizer: FrontendTokenizer | None = None
     tokenizer_error: str | None = None
     draining: bool = False

@@ -116,6 +116,12 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt must not be empty")
         return v
 
+    @property
+    def num_prompts(self) -> int:
+        """A string or one list of token ids is one prompt; a list of them is several."""
+        p = self.prompt
+        return 1 if isinstance(p, str) or isinstance(p[0], int) else len(p)
+
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
         if self.suffix:

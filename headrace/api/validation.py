@@ -40,19 +40,6 @@ def sampling_params(
         raise APIError(400, str(exc)) from None
 
 
-def admit(ctx: ServerContext) -> None:
-    """429 when --max-num-queued-requests requests already wait (engines' reports plus what
-    this server sent since)."""
-    limit = ctx.config.max_num_queued_requests
-    if limit is not None and ctx.client.num_queued() >= limit:
-        ctx.metrics.rejections.inc()
-        raise APIError(
-            429,
-            f"too many queued requests (limit {limit}); retry shortly",
-            headers={"Retry-After": "1"},
-        )
-
-
 RANK_HEADER = "x-data-parallel-rank"
 
 

@@ -29,6 +29,7 @@ from headrace.frontend.output import (
     SeqState,
     new_detokenizer,
 )
+from headrace.frontend.queue_board import QueueRow
 from headrace.supervise import EngineBoard, RankStatus
 from headrace.wire.codec import Codec, engine_input_codec, engine_message_codec
 from headrace.wire.messages import (
@@ -62,6 +63,7 @@ class EngineClient:
         api_index: int,
         board: EngineBoard,
         stall_timeout: float = 60.0,
+        counts: QueueRow | None = None,
     ) -> None:
         self.stall_timeout = stall_timeout
         self.addresses = addresses
@@ -69,7 +71,7 @@ class EngineClient:
         self.board = board
         self.engines = [EngineStatus(i) for i in range(board.num_ranks)]
         self.balancer = LoadBalancer(len(self.engines), addresses.num_api_servers, api_index)
-        self.output = OutputProcessor()
+        self.output = OutputProcessor(counts=counts)
         self.ctx = zmq.asyncio.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -131,10 +133,6 @@ class EngineClient:
     def max_model_len(self) -> int:
         lens = [e.info.max_model_len for e in self.engines if e.info is not None]
         return min(lens) if lens else 0
-
-    def num_queued(self) -> int:
-        """Requests waiting in the engines as last reported, plus those sent since."""
-        return sum(e.stats.num_waiting + e.sent_since_report for e in self.engines)
 
     # -- requests ------------------------------------------------------------------------------
     async def add(

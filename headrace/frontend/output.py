@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from headrace.frontend.detokenize import IncrementalDetokenizer
+from headrace.frontend.queue_board import QueueRow, local_row
 from headrace.wire.messages import (
     EngineCoreOutput,
     EngineCoreRequest,
@@ -69,6 +70,7 @@ class SeqState:
     wire: EngineCoreRequest | None = None  # as sent, to re-send if its engine is lost
     pinned: bool = False  # sent to a rank the client named: never re-sent elsewhere
     resent: bool = False
+    prefilling: bool = True  # no output token yet: its prompt is in the prefill backlog
 
 
 @dataclass(eq=False)
@@ -129,9 +131,12 @@ class RequestObserver(Protocol):
 class OutputProcessor:
     """Every live choice of this API server, by engine request id."""
 
-    def __init__(self, observer: RequestObserver | None = None) -> None:
+    def __init__(
+        self, observer: RequestObserver | None = None, counts: QueueRow | None = None
+    ) -> None:
         self.seqs: dict[str, SeqState] = {}
         self.observer = observer
+        self.counts = counts or local_row()  # what admission control sees of this server
         # Choices ended here (stop string, client gone) whose engine milestones still come with
         # the engine's abort output.
         self.awaiting_times: dict[str, SeqState] = {}
@@ -139,6 +144,7 @@ class OutputProcessor:
     def add(self, seq: SeqState) -> None:
         self.seqs[seq.request_id] = seq
         seq.stream.seqs.append(seq)
+        self.counts.sent(seq.prompt_len)
 
     def num_in_flight(self, engine_index: int) -> int:
         return sum(1 for s in self.seqs.values() if s.engine_index == engine_index)
@@ -204,6 +210,9 @@ class OutputProcessor:
         return to_abort
 
     def _timing(self, seq: SeqState, now: float) -> None:
+        if seq.prefilling:
+            seq.prefilling = False
+            self.counts.prefilled(seq.prompt_len)
         if seq.first_token_time is None:
             seq.first_token_time = now
             if self.observer is not None:
@@ -213,6 +222,8 @@ class OutputProcessor:
         seq.last_token_time = now
 
     def _end(self, seq: SeqState, reason: str) -> None:
+        if not seq.finished:
+            self.counts.ended(seq.prompt_len, seq.prefilling)
         seq.finished = True
         self.seqs.pop(seq.request_id, None)
         if self.observer is not None:
@@ -257,6 +268,9 @@ class OutputProcessor:
         seq.request_id, seq.engine_index, seq.detok = request_id, engine_index, detok
         seq.num_output_tokens = seq.num_cached_tokens = 0
         seq.times, seq.resent, seq.held_token_ids = None, True, []
+        if not seq.prefilling:
+            seq.prefilling = True
+            self.counts.requeued(seq.prompt_len)
         self.seqs[request_id] = seq
         if self.observer is not None:
             self.observer.recovery(engine_index, resent=True)

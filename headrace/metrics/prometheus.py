@@ -25,6 +25,8 @@ from headrace.wire.messages import EngineCoreOutputs, EngineReady, FinishReason,
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 CACHE_S = 1.0  # counters and histograms: at most this stale (Prometheus scrapes every 15 s)
 MAX_AGE_S = 2.0  # ... and at most this, for what other API-server processes wrote
+# admission_rejections_total's reasons: the limit that refused (vLLM's flag names)
+ADMISSION_REASONS = ("max_num_queued_reqs", "max_num_queued_tokens")
 LIFECYCLE_STATES = ("loading", "ready", "degraded", "restarting", "draining", "failed")
 GaugeMode = Literal["mostrecent", "livemostrecent"]
 
@@ -176,7 +178,10 @@ class ServerMetrics:
         )
         self._loop_lag = self.loop_lag.labels(str(cfg.api_server_index))
         self.engines = [_EngineSeries(self, cfg.model_name, str(e)) for e in range(cfg.num_engines)]
-        self.rejections = self.admission_rejections.labels(cfg.model_name, "queue_full")
+        self._rejections = {
+            reason: self.admission_rejections.labels(cfg.model_name, reason)
+            for reason in ADMISSION_REASONS
+        }
         # Hot gauges: kept as plain numbers and rendered at every scrape (see LiveGauges).
         self.live = LiveGauges(cfg)
         mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -238,6 +243,10 @@ class ServerMetrics:
             str(msg.engine_index), str(msg.block_size), str(msg.num_kv_blocks),
             str(enable_prefix_caching), msg.kv_cache_dtype,
         ).set(1)  # fmt: skip
+
+    def admission_rejected(self, reason: str) -> None:
+        self.version += 1
+        self._rejections[reason].inc()
 
     # -- requests (RequestObserver) ------------------------------------------------------------
     def request_params(self, engine_index: int, n: int) -> None:

@@ -131,6 +131,22 @@ def engine_gauges(url: str) -> dict[str, float]:
     return out
 
 
+def fresh_samples(url: str) -> list[Any]:
+    """Every sample of a fresh (uncached) scrape on a new connection."""
+    with httpx.Client(base_url=url) as c:
+        text = c.get("/metrics", headers={"Cache-Control": "no-cache"}).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def sum_by(url: str, name: str, label: str) -> dict[str, float]:
+    """`name` summed per value of `label` (over API servers and the other labels)."""
+    out: dict[str, float] = {}
+    for s in fresh_samples(url):
+        if s.name == name:
+            out[s.labels[label]] = out.get(s.labels[label], 0.0) + s.value
+    return out
+
+
 def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     gauges: dict[str, float] = {}

@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.server import (
     ServerProcess,
@@ -21,6 +20,7 @@ from tests.e2e.server import (
     poll,
     process_running,
     stream_request,
+    sum_by,
     wait_idle,
 )
 
@@ -28,15 +28,7 @@ SMALL = ("--max-model-len", "1024", "--kv-cache-memory", "128MiB")
 
 
 def by_engine(url: str, name: str = "vllm:request_success_total") -> dict[str, float]:
-    """Sum of `name` per engine label, from a fresh (uncached) scrape on a new connection."""
-    with httpx.Client(base_url=url) as c:
-        text = c.get("/metrics", headers={"Cache-Control": "no-cache"}).text
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name:
-                out[s.labels["engine"]] = out.get(s.labels["engine"], 0.0) + s.value
-    return out
+    return sum_by(url, name, "engine")
 
 
 def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:

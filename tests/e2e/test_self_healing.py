@@ -13,9 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.server import ServerProcess, poll, process_running
+from tests.e2e.server import ServerProcess, fresh_samples, poll, process_running
 from tests.e2e.test_lifecycle import restarts, table_row
 
 pytestmark = pytest.mark.slow
@@ -26,13 +25,10 @@ BODY = {"prompt": "Once upon a time", "max_tokens": 4}
 
 def totals(url: str) -> dict[str, float]:
     """Counter totals over every label set, from a fresh scrape on a new connection."""
-    with httpx.Client(base_url=url) as c:
-        text = c.get("/metrics", headers={"Cache-Control": "no-cache"}).text
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.endswith("_total"):
-                out[s.name] = out.get(s.name, 0.0) + s.value
+    for s in fresh_samples(url):
+        if s.name.endswith("_total"):
+            out[s.name] = out.get(s.name, 0.0) + s.value
     return out
 
 
