@@ -24,6 +24,7 @@ from headrace.api.context import ServerContext
 from headrace.api.errors import error_body, install_error_handlers
 from headrace.api.fast_metrics import MetricsFastPathProtocol
 from headrace.api.lifecycle import DrainingServer
+from headrace.api.openapi import install_openapi
 from headrace.config import ServerConfig
 from headrace.frontend.client import EngineClient
 from headrace.frontend.queue_board import QueueBoard
@@ -76,6 +77,7 @@ def build_app(ctx: ServerContext) -> ASGIApp:
     install_error_handlers(app)
     for module in (health, models, tokenize, completions, chat):
         app.include_router(module.router)
+    install_openapi(app, ctx)
     app.add_middleware(GuardMiddleware, ctx=ctx)
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(ctx.metrics.registry))
     # /metrics is answered in front of FastAPI itself, not as one of its middlewares: FastAPI

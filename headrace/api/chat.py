@@ -15,6 +15,7 @@ from headrace.api.streaming import collect, sse_response, usage
 from headrace.api.validation import (
     context_of,
     pinned_rank,
+    prompt_limits,
     require_json,
     sampling_params,
     start,
@@ -35,7 +36,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     tok = ctx.require_serving()
     pinned = pinned_rank(ctx, request, body.data_parallel_rank)
     max_tokens = body.requested_max_tokens
-    limits = PromptLimits(ctx.client.max_model_len, max_tokens, body.truncate_prompt_tokens)
+    limits = prompt_limits(ctx, max_tokens, body.truncate_prompt_tokens)
     params = sampling_params(body, max_tokens, body.num_logprobs)
     with ctx.admission.admit(body.n):
         prompt = await _render(tok, body, limits)

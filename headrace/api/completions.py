@@ -15,6 +15,7 @@ from headrace.api.streaming import Choice, collect, sse_response, usage
 from headrace.api.validation import (
     context_of,
     pinned_rank,
+    prompt_limits,
     require_json,
     sampling_params,
     start,
@@ -35,7 +36,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     tok = ctx.require_serving()
     pinned = pinned_rank(ctx, request, body.data_parallel_rank)
     explicit_max = body.max_tokens if "max_tokens" in body.model_fields_set else None
-    limits = PromptLimits(ctx.client.max_model_len, explicit_max, body.truncate_prompt_tokens)
+    limits = prompt_limits(ctx, explicit_max, body.truncate_prompt_tokens)
     params = sampling_params(body, body.max_tokens, body.logprobs)
     with ctx.admission.admit(body.n * body.num_prompts):
         prompts, texts = await _tokenize(tok, body, limits)

@@ -9,10 +9,15 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from headrace.wire.messages import SamplingParams
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Text = Annotated[str, Field(min_length=1)]
+INT32_MAX = 2**31 - 1  # counts and ids beyond this could not be served (or encoded) anyway
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # /openapi.json: below the vocabulary size
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -23,37 +28,30 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     n: int = Field(default=1, ge=1, le=128)
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    truncate_prompt_tokens: Literal[-1] | Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     data_parallel_rank: int | None = None  # vLLM's: pin to this engine (as X-data-parallel-rank)
-
-    @field_validator("truncate_prompt_tokens")
-    @classmethod
-    def _truncate_not_zero(cls, v: int | None) -> int | None:
-        if v == 0:
-            raise ValueError("truncate_prompt_tokens must be -1 (as many as fit) or at least 1")
-        return v
 
     @field_validator("logit_bias")
     @classmethod
@@ -99,22 +97,18 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    max_tokens: int | None = Field(default=16, ge=1, le=INT32_MAX)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(default=None, ge=1, le=128)
     add_special_tokens: bool = True
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and (not v or any(isinstance(p, list | str) and not p for p in v)):
-            raise ValueError("prompt must not be empty")
-        if v == "":
-            raise ValueError("prompt must not be empty")
-        return v
 
     @property
     def num_prompts(self) -> int:
@@ -171,8 +165,8 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
@@ -181,7 +175,7 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, json_schema_extra={"maxItems": 0})
     tool_choice: Literal["none", "auto"] | None = None
 
     @model_validator(mode="after")
@@ -210,11 +204,15 @@ class ChatCompletionRequest(SamplingFields):
 class TokenizeRequest(BaseModel):
     """POST /tokenize: either `prompt` or chat `messages`."""
 
-    model_config = ConfigDict(extra="ignore")
+    # exactly one of prompt and messages (the schema says so, and does not offer null)
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]},
+    )
 
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: str | SkipJsonSchema[None] = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | SkipJsonSchema[None] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -231,4 +229,4 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

@@ -11,6 +11,7 @@ from headrace.api.context import ServerContext
 from headrace.api.errors import APIError
 from headrace.api.protocol import SamplingFields
 from headrace.frontend.output import EngineError, RequestStream
+from headrace.frontend.tokenize import PromptLimits
 from headrace.wire.messages import SamplingParams
 
 logger = logging.getLogger("headrace.api")
@@ -38,6 +39,19 @@ def sampling_params(
         return body.sampling_params(max_tokens, logprobs)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
+
+
+def prompt_limits(ctx: ServerContext, max_tokens: int | None, truncate: int | None) -> PromptLimits:
+    """What the prompt must fit; 400 for a truncation longer than the context window (vLLM's)."""
+    max_len = ctx.client.max_model_len
+    if truncate is not None and truncate > max_len:
+        raise APIError(
+            400,
+            f"truncate_prompt_tokens ({truncate}) is greater than the context length "
+            f"({max_len}); choose a smaller truncation size",
+            param="truncate_prompt_tokens",
+        )
+    return PromptLimits(max_len, max_tokens, truncate)
 
 
 RANK_HEADER = "x-data-parallel-rank"

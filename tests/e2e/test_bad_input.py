@@ -47,6 +47,13 @@ CASES: list[tuple[str, str, Any, str, int, str]] = [
     ("min_tokens above max_tokens", COMP, {"prompt": "hi", "max_tokens": 2, "min_tokens": 5}, "json", 400, "min_tokens"),
     ("empty prompt", COMP, {"prompt": ""}, "json", 400, "prompt"),
     ("truncate_prompt_tokens = 0", COMP, {"prompt": "hi", "truncate_prompt_tokens": 0}, "json", 400, "truncate"),
+    # found by the fuzzer: a truncation this large overflowed a slice (500)
+    ("huge truncate_prompt_tokens", COMP, {"prompt": "hi", "truncate_prompt_tokens": 10**30}, "json", 400, "truncate"),
+    ("truncate over the context", CHAT, {"messages": MSG, "truncate_prompt_tokens": 5000}, "json", 400, "context length"),
+    ("top_k beyond int32", COMP, {"prompt": "hi", "top_k": 10**30}, "json", 400, "top_k"),
+    ("token id beyond int64", COMP, {"prompt": [1, 10**30]}, "json", 400, "prompt"),
+    ("Infinity temperature", COMP, b'{"prompt": "hi", "temperature": Infinity}', "json", 400, "temperature"),
+    ("NaN top_p", COMP, b'{"prompt": "hi", "top_p": NaN}', "json", 400, "top_p"),
 ]  # fmt: skip
 
 

@@ -1,0 +1,124 @@
+"""`/openapi.json` that says what this server really accepts and answers.
+
+FastAPI's document is generated from the pydantic models; on top of it:
+- errors are OpenAI bodies with 400 (FastAPI would say 422), 401 where an API key guards the
+  route, 404 for an unknown model, 413 for a body over the cap, 503 while not serving;
+- `model` is one of the served names; token ids are below the vocabulary's size; `max_tokens`
+  fits the context window; `data_parallel_rank` is a rank of this server; `n` is at most
+  `--max-num-queued-reqs` when that is set.
+The limits are known once the tokenizer and an engine are loaded; until then the document is
+built without them and not cached.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+if TYPE_CHECKING:
+    from headrace.api.context import ServerContext
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": "integer"},
+            },
+        }
+    },
+}
+_WHY = {
+    400: "Invalid request",
+    401: "Missing or wrong API key",
+    404: "Unknown model",
+    413: "Body over the size cap",
+    503: "Not serving now (loading, restarting, draining, failed, or over a queue limit)",
+}
+_INFERENCE = ("/v1/completions", "/v1/chat/completions")
+_TOKEN_FIELDS = ("prompt", "tokens", "stop_token_ids")
+
+
+def install_openapi(app: FastAPI, ctx: ServerContext) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _describe_errors(doc, api_key=ctx.config.api_key is not None)
+        vocab = ctx.tokenizer.vocab_size if ctx.tokenizer is not None else 0
+        max_len = ctx.client.max_model_len
+        if vocab and max_len:
+            _describe_limits(doc, ctx, vocab, max_len)
+            app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _describe_errors(doc: dict[str, Any], api_key: bool) -> None:
+    doc.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = _ERROR_SCHEMA
+    for schema in ("HTTPValidationError", "ValidationError"):
+        doc["components"]["schemas"].pop(schema, None)
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, operations in doc["paths"].items():
+        for op in operations.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            codes: list[int] = []
+            if "requestBody" in op:
+                codes += [400, 404, 413]  # every body may name a model
+            if path.startswith("/v1/") and api_key:
+                codes.append(401)
+            if path in _INFERENCE or path.startswith("/health") or path == "/v1/models":
+                codes.append(503)
+            for code in codes:
+                responses[str(code)] = {"description": _WHY[code], "content": error}
+            if path in _INFERENCE:  # "stream": true answers with server-sent events
+                responses["200"]["content"] = {
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/event-stream": {  # each event: one JSON chunk, then "[DONE]"
+                        "schema": {"type": "object", "properties": {"data": {"type": "string"}}}
+                    },
+                }
+
+
+def _describe_limits(doc: dict[str, Any], ctx: ServerContext, vocab: int, max_len: int) -> None:
+    names = list(ctx.config.served_model_names)
+    max_choices = ctx.config.max_num_queued_reqs
+    for schema in doc["components"]["schemas"].values():
+        props = schema.get("properties", {})
+        if "model" in props:
+            props["model"] = {"anyOf": [{"enum": names}, {"type": "null"}], "title": "Model"}
+        for field in _TOKEN_FIELDS:
+            if field in props:
+                _bound_integers(props[field], vocab - 1)
+        for field in ("max_tokens", "max_completion_tokens", "truncate_prompt_tokens"):
+            if field in props:
+                _bound_integers(props[field], max_len - 1)
+        if "data_parallel_rank" in props:
+            ranks = len(ctx.client.engines)
+            props["data_parallel_rank"] = {
+                "anyOf": [{"type": "integer", "minimum": 0, "maximum": ranks - 1}, {"type": "null"}]
+            }
+        if "n" in props and max_choices is not None:
+            props["n"]["maximum"] = min(props["n"].get("maximum", max_choices), max_choices)
+
+
+def _bound_integers(node: Any, maximum: int) -> None:
+    """Every integer schema under `node` gets `maximum`."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = min(node.get("maximum", maximum), maximum)
+        for value in node.values():
+            _bound_integers(value, maximum)
+    elif isinstance(node, list):
+        for item in node:
+            _bound_integers(item, maximum)
