@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from headrace.api.body import parse_body
 from headrace.api.errors import APIError
 from headrace.api.protocol import CompletionRequest
 from headrace.api.streaming import Choice, collect, sse_response, usage
@@ -28,9 +29,11 @@ router = APIRouter()
 
 
 @router.post("/v1/completions", dependencies=[Depends(require_json)])
-async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    """1. validate (pydantic) 2. tokenize off the loop 3. send to the engines 4. answer."""
+async def create_completion(request: Request) -> Response:
+    """1. decode + validate off the loop 2. tokenize off the loop 3. send to the engines
+    4. answer."""
     arrival = time.monotonic()
+    body = await parse_body(request, CompletionRequest)
     ctx = context_of(request)
     model = ctx.check_model(body.model)
     tok = ctx.require_serving()

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from headrace.api.admission import Admission
+from headrace.api.body import BodyDecoder
 from headrace.api.errors import APIError
 from headrace.config import ServerConfig
 from headrace.frontend.client import EngineClient
@@ -41,6 +42,7 @@ class ServerContext:
     client: EngineClient
     metrics: ServerMetrics
     admission: Admission
+    bodies: BodyDecoder
     tokenizer: FrontendTokenizer | None = None
     tokenizer_error: str | None = None
     draining: bool = False

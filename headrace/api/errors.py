@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -41,6 +42,9 @@ class APIError(Exception):
         self.param = param
         self.headers = headers
 
+    def __reduce__(self) -> tuple[type[APIError], tuple[object, ...]]:  # raised in BodyDecoder
+        return APIError, (self.status, self.message, self.param, self.headers)
+
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     kind = _TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
@@ -53,10 +57,11 @@ def error_response(
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """pydantic's errors as one message (the first five) and the first field's name."""
     parts = []
     param: str | None = None
-    for err in exc.errors()[:5]:
+    for err in errors[:5]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         where = ".".join(loc)
         if param is None and loc:
@@ -76,7 +81,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc.errors())
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)

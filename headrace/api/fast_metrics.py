@@ -16,16 +16,18 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.protocols.utils import get_client_addr
 
 from headrace.api.context import ServerContext
 from headrace.api.health import metrics_body
+from headrace.api.http_limits import LimitedHttpProtocol
 from headrace.metrics.prometheus import CONTENT_TYPE
 
 
-class MetricsFastPathProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with GET /metrics short-circuited. Use `for_context`."""
+class MetricsFastPathProtocol(LimitedHttpProtocol):
+    """uvicorn's httptools protocol (with our limits) and GET /metrics short-circuited. Use
+    `for_context`."""
 
     ctx: ClassVar[ServerContext]
     _content_type = b"content-type: " + CONTENT_TYPE.encode() + b"\r\n"
@@ -44,6 +46,7 @@ class MetricsFastPathProtocol(HttpToolsProtocol):
             and (self.cycle is None or self.cycle.response_complete)
             and not self.parser.should_upgrade()
         ):
+            self._cancel_header_timer()
             self._metrics = True
             return
         super().on_headers_complete()

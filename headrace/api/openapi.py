@@ -1,6 +1,7 @@
 """`/openapi.json` that says what this server really accepts and answers.
 
 FastAPI's document is generated from the pydantic models; on top of it:
+- the request bodies, which the routes decode themselves (`api/body.py`);
 - errors are OpenAI bodies with 400 (FastAPI would say 422), 401 where an API key guards the
   route, 404 for an unknown model, 413 for a body over the cap, 503 while not serving;
 - `model` is one of the served names; token ids are below the vocabulary's size; `max_tokens`
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from headrace.api.context import ServerContext
@@ -52,6 +54,7 @@ def install_openapi(app: FastAPI, ctx: ServerContext) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _describe_bodies(doc)
         _describe_errors(doc, api_key=ctx.config.api_key is not None)
         vocab = ctx.tokenizer.vocab_size if ctx.tokenizer is not None else 0
         max_len = ctx.client.max_model_len
@@ -61,6 +64,29 @@ def install_openapi(app: FastAPI, ctx: ServerContext) -> None:
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _describe_bodies(doc: dict[str, Any]) -> None:
+    """The routes decode their bodies themselves (`api/body.py`), so FastAPI does not know
+    them: each body's schema is added here."""
+    from headrace.api import protocol
+
+    bodies: dict[str, type[BaseModel]] = {
+        "/v1/completions": protocol.CompletionRequest,
+        "/v1/chat/completions": protocol.ChatCompletionRequest,
+        "/tokenize": protocol.TokenizeRequest,
+        "/detokenize": protocol.DetokenizeRequest,
+    }
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in bodies.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        doc["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref}},
+        }
 
 
 def _describe_errors(doc: dict[str, Any], api_key: bool) -> None:

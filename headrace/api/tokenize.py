@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from headrace.api.body import parse_body
 from headrace.api.errors import APIError
 from headrace.api.protocol import DetokenizeRequest, TokenizeRequest
 from headrace.api.validation import context_of, require_json
@@ -14,7 +15,8 @@ router = APIRouter()
 
 
 @router.post("/tokenize", dependencies=[Depends(require_json)])
-async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+async def tokenize(request: Request) -> JSONResponse:
+    body = await parse_body(request, TokenizeRequest)
     ctx = context_of(request)
     ctx.check_model(body.model)
     tok = ctx.require_serving()
@@ -40,7 +42,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
 
 
 @router.post("/detokenize", dependencies=[Depends(require_json)])
-async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
+async def detokenize(request: Request) -> JSONResponse:
+    body = await parse_body(request, DetokenizeRequest)
     ctx = context_of(request)
     ctx.check_model(body.model)
     tok = ctx.require_serving()

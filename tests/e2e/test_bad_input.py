@@ -52,8 +52,9 @@ CASES: list[tuple[str, str, Any, str, int, str]] = [
     ("truncate over the context", CHAT, {"messages": MSG, "truncate_prompt_tokens": 5000}, "json", 400, "context length"),
     ("top_k beyond int32", COMP, {"prompt": "hi", "top_k": 10**30}, "json", 400, "top_k"),
     ("token id beyond int64", COMP, {"prompt": [1, 10**30]}, "json", 400, "prompt"),
-    ("Infinity temperature", COMP, b'{"prompt": "hi", "temperature": Infinity}', "json", 400, "temperature"),
-    ("NaN top_p", COMP, b'{"prompt": "hi", "top_p": NaN}', "json", 400, "top_p"),
+    ("Infinity temperature", COMP, b'{"prompt": "hi", "temperature": Infinity}', "json", 400, "not valid JSON"),
+    ("NaN top_p", COMP, b'{"prompt": "hi", "top_p": NaN}', "json", 400, "not valid JSON"),
+    ("temperature overflowing to infinity", COMP, b'{"prompt": "hi", "temperature": 1e400}', "json", 400, "out of range"),
 ]  # fmt: skip
 
 
