@@ -117,7 +117,7 @@ def _describe_errors(doc: dict[str, Any], api_key: bool) -> None:
 
 
 def _describe_limits(doc: dict[str, Any], ctx: ServerContext, vocab: int, max_len: int) -> None:
-    names = list(ctx.config.served_model_names)
+    names = [*ctx.config.served_model_names, ""]  # "" (like null) means the first name
     max_choices = ctx.config.max_num_queued_reqs
     for schema in doc["components"]["schemas"].values():
         props = schema.get("properties", {})
