@@ -67,12 +67,13 @@ def footprint(root: int) -> dict[str, tuple[float, int]]:
         try:
             rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page / 2**20
             fds = len(os.listdir(f"/proc/{pid}/fd"))
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
         name = process_title(pid).removeprefix("headrace::") or str(pid)
         if pid == root:
             name = "launcher"
-        elif "resource_tracker" in name:
+        elif b"resource_tracker" in cmdline:
             name = "resource_tracker"
         out[name] = (rss, fds)
     return out
