@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import random
 import statistics
 import sys
@@ -124,6 +125,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--url", help="flood this running server instead of starting one")
+    parser.add_argument(
+        "--nice-load",
+        type=int,
+        default=0,
+        help="lower the load generator's CPU priority by this much (the server and the /health "
+        "timer keep theirs): tells the server's stalls from the generator's share of the cores",
+    )
     args = parser.parse_args()
 
     text = giant_text(args.words, args.seed)
@@ -140,7 +148,10 @@ def main() -> None:
             statuses: list[int] = []
 
             def send(out: list[int] = statuses) -> None:
+                before = os.nice(0)
+                os.nice(args.nice_load)  # after the timer's process started
                 out.extend(asyncio.run(flood(url, requests)))
+                os.setpriority(os.PRIO_PROCESS, 0, before)
 
             t0 = time.perf_counter()
             loaded = sample_health(url, None, send)
