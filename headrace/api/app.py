@@ -57,7 +57,7 @@ def build_app(ctx: ServerContext) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         ctx.client.start()
-        ctx.bodies.start()
+        await ctx.bodies.start()
         tasks = [
             asyncio.create_task(_load_tokenizer(ctx)),
             asyncio.create_task(_watch_loop_lag(ctx)),

@@ -60,6 +60,21 @@ def too_long_message(num_prompt: int, limits: PromptLimits, at_least: bool = Fal
     )
 
 
+def cut_text(text: str, limits: PromptLimits, max_token_chars: int) -> str:
+    """What of `text` tokenizing needs, by character count alone: with truncation only its
+    tail (no token is longer than `max_token_chars`); without, all of it, unless it is too long
+    to fit whatever it tokenizes to (PromptTooLongError). The body decoder applies this before
+    sending a request back, so a giant prompt never comes back into the API server whole."""
+    keep = limits.keep_tokens()
+    if keep is not None:
+        margin = (keep + _PROBE_MARGIN_TOKENS) * max_token_chars
+        return text[-margin:] if len(text) > margin else text
+    if len(text) > limits.max_model_len * max_token_chars:
+        at_least = math.ceil(len(text) / max_token_chars)
+        raise PromptTooLongError(too_long_message(at_least, limits, at_least=True))
+    return text
+
+
 class FrontendTokenizer:
     """The HF tokenizer behind one single-thread executor; every method is async."""
 
@@ -95,18 +110,14 @@ class FrontendTokenizer:
 
     def _encode_checked(self, text: str, limits: PromptLimits, add_special: bool) -> list[int]:
         keep = limits.keep_tokens()
+        text = cut_text(text, limits, self.max_token_chars)
         if keep is not None:
-            margin = (keep + _PROBE_MARGIN_TOKENS) * self.max_token_chars
-            ids = self._encode(text[-margin:] if len(text) > margin else text, add_special)
-            ids = ids[-keep:]
+            ids = self._encode(text, add_special)[-keep:]
             self.check_fits(len(ids), limits)
             return ids
         # Both guards look only at the prompt against the whole window; the exact check (with
         # the room for output) comes after tokenizing, so its message has exact numbers.
         max_len = limits.max_model_len
-        if len(text) > max_len * self.max_token_chars:
-            at_least = math.ceil(len(text) / self.max_token_chars)
-            raise PromptTooLongError(too_long_message(at_least, limits, at_least=True))
         probe_len = (max_len + _PROBE_MARGIN_TOKENS) * _PROBE_CHARS_PER_TOKEN
         if len(text) > probe_len:
             head = self._encode(text[:probe_len], add_special)

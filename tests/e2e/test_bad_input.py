@@ -54,7 +54,8 @@ CASES: list[tuple[str, str, Any, str, int, str]] = [
     ("token id beyond int64", COMP, {"prompt": [1, 10**30]}, "json", 400, "prompt"),
     ("Infinity temperature", COMP, b'{"prompt": "hi", "temperature": Infinity}', "json", 400, "not valid JSON"),
     ("NaN top_p", COMP, b'{"prompt": "hi", "top_p": NaN}', "json", 400, "not valid JSON"),
-    ("temperature overflowing to infinity", COMP, b'{"prompt": "hi", "temperature": 1e400}', "json", 400, "out of range"),
+    ("temperature overflowing to infinity", COMP, b'{"prompt": "hi", "temperature": 1e400}', "json", 400, "temperature"),
+    ("integral float for an integer", COMP, {"prompt": "hi", "max_tokens": 3.5}, "json", 400, "max_tokens"),
 ]  # fmt: skip
 
 
