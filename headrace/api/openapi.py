@@ -126,9 +126,11 @@ def _describe_limits(doc: dict[str, Any], ctx: ServerContext, vocab: int, max_le
         for field in _TOKEN_FIELDS:
             if field in props:
                 _bound_integers(props[field], vocab - 1)
-        for field in ("max_tokens", "max_completion_tokens", "truncate_prompt_tokens"):
+        for field in ("max_tokens", "max_completion_tokens"):  # a prompt has one token at least
             if field in props:
                 _bound_integers(props[field], max_len - 1)
+        if "truncate_prompt_tokens" in props:  # more than the window is a 400 (vLLM's rule)
+            _bound_integers(props["truncate_prompt_tokens"], max_len)
         if "data_parallel_rank" in props:
             ranks = len(ctx.client.engines)
             props["data_parallel_rank"] = {
