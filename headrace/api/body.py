@@ -11,9 +11,9 @@ So a body over `INLINE_BYTES` is streamed, chunk by chunk as it arrives, to a he
 The decoder assembles it, decodes it (msgspec), validates it (pydantic), cuts its prompts to
 what tokenizing will read (a 2 MB prompt truncated to 200 tokens comes back as a few kilobytes;
 one too long to fit at all is refused there), and sends back the validated request, pickled, or
-the 400. Smaller bodies are decoded inline, which is cheaper than
-the trip. A decoder process that dies is reported and replaced; the requests it had are decoded
-on a thread from the chunks the route still holds.
+the 400. Smaller bodies are decoded inline, which is cheaper than the trip. A decoder process
+that dies is reported and replaced; the requests it had are decoded on a thread from the chunks
+the route still holds.
 
 Errors are the 400s FastAPI's validation gave (`errors.validation_message`): bad JSON, nesting
 too deep, numbers out of range, and every field error with its path. Types are checked strictly,
@@ -53,7 +53,7 @@ M = TypeVar("M", bound=BaseModel)
 
 # API server -> decoder: (request id, kind, payload length) + payload
 _TO_DECODER = struct.Struct("<QBI")
-_CHUNK, _END, _DROP = 0, 1, 2  # END's payload: the model class, pickled (by reference)
+_CHUNK, _END, _DROP = 0, 1, 2  # END's payload: (model class, PromptBound | None), pickled
 # decoder -> API server: (request id, payload length) + pickled ("ok", model) or ("error", APIError)
 _FROM_DECODER = struct.Struct("<QI")
 

@@ -168,7 +168,6 @@ class EngineClient:
                 if in_flight[engine] == 0:  # the stall clock starts when work arrives
                     self.engines[engine].last_message_time = time.monotonic()
                 in_flight[engine] += 1
-                self.engines[engine].sent_since_report += 1
                 index = p * params.n + j
                 rid = f"{request_id}-{index}"
                 detok = new_detokenizer(self.tokenizer, prompt, params)
@@ -290,8 +289,6 @@ class EngineClient:
         while True:
             msg = self._outputs_codec.decode(await self.pull.recv())
             engine = self.engines[msg.engine_index]
-            engine.stats = msg.stats
-            engine.sent_since_report = 0
             engine.last_message_time = time.monotonic()
             to_abort = self.output.process(msg.outputs)
             if to_abort:
@@ -360,7 +357,6 @@ class EngineClient:
             message = f"engine {index} failed for good: {message}"
         logger.error("engine %d %s: %s", index, new.value, message)
         engine.phase, engine.error = new, message
-        engine.stats, engine.sent_since_report = EngineStats(), 0
         idle = EngineCoreOutputs(
             engine_index=index, outputs=[], stats=EngineStats(has_counters=False)
         )

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from headrace.wire.messages import EngineReady, EngineStats
+from headrace.wire.messages import EngineReady
 
 
 class EnginePhase(enum.StrEnum):
@@ -28,10 +28,8 @@ class EngineStatus:
     load_phase: str = "starting"
     load_fraction: float = 0.0
     info: EngineReady | None = None
-    stats: EngineStats = field(default_factory=EngineStats)
     last_message_time: float = field(default_factory=time.monotonic)
     error: str | None = None
-    sent_since_report: int = 0
 
 
 def process_alive(pid: int | None) -> bool:

@@ -60,9 +60,6 @@ class QueueRow:
     def _add(self, field: int, delta: int) -> None:
         self._a[self._base + field] += delta
 
-    def get(self, field: int) -> int:
-        return int(self._a[self._base + field])
-
     def sent(self, prompt_len: int) -> None:
         """A choice is in an engine's hands now (or on its way), still to be prefilled."""
         self._add(_IN_FLIGHT, 1)
@@ -88,5 +85,5 @@ class QueueRow:
 
 
 def local_row() -> QueueRow:
-    """A row nobody else reads (one process: unit tests, the offline engine)."""
+    """A row nobody else reads (an OutputProcessor outside an API server: unit tests)."""
     return QueueBoard(1).row(0)
