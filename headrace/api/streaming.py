@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -20,8 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from headrace.api.errors import APIError, error_body
 from headrace.frontend.client import EngineClient
-from headrace.frontend.output import EngineError, RequestStream, SeqDelta
-from headrace.wire.messages import TokenLogprobs
+from headrace.frontend.output import Choice, EngineError, RequestStream, SeqDelta
 
 logger = logging.getLogger("headrace.api")
 
@@ -31,18 +29,6 @@ DONE = b"data: [DONE]\n\n"
 
 def sse_event(payload: Any) -> bytes:
     return b"data: " + _json.encode(payload) + b"\n\n"
-
-
-@dataclass(slots=True)
-class Choice:
-    """A finished choice, accumulated from its deltas (non-streaming responses)."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
 def usage(stream: RequestStream, completion_tokens: int) -> dict[str, Any]:
@@ -66,13 +52,7 @@ async def collect(request: Request, client: EngineClient, stream: RequestStream)
             if d.restart:
                 choices[d.index] = Choice(d.index)
                 continue
-            c = choices[d.index]
-            c.text += d.text
-            c.token_ids.extend(d.token_ids)
-            if d.logprobs:
-                c.logprobs.extend(d.logprobs)
-            if d.finish_reason is not None:
-                c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+            choices[d.index].add(d)
 
     consumer = asyncio.ensure_future(consume())
     watcher = asyncio.ensure_future(_wait_disconnect(request))

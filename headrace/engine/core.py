@@ -51,7 +51,11 @@ class EngineCore:
         room = max_len - num_prompt
         requested = msg.sampling_params.max_tokens
         max_tokens = room if requested is None else min(requested, room)
-        self.scheduler.add_request(Request.from_wire(msg, max_tokens))
+        req = Request.from_wire(msg, max_tokens)
+        spec = msg.sampling_params.structured_outputs
+        if spec is not None:
+            req.grammar = self.runner.grammars.attach(spec)
+        self.scheduler.add_request(req)
 
     def abort(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return self.scheduler.abort(request_ids)
@@ -59,10 +63,14 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def blocked(self) -> bool:
+        """Every request waits for its grammar to compile: a step now would do nothing."""
+        return self.scheduler.blocked_on_grammars()
+
     def step(self) -> list[EngineCoreOutput]:
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return []
+            return plan.failed
         self._step_tokens = plan.total_tokens
         self._step_prompt_tokens = sum(
             max(0, min(n, r.num_prompt_tokens - r.num_computed_tokens))
@@ -70,7 +78,7 @@ class EngineCore:
         )
         result = self.runner.execute(plan)
         self._step_generated = len(result.sampled)
-        return self.scheduler.update(plan, result)
+        return plan.failed + self.scheduler.update(plan, result)
 
     def stats(self) -> EngineStats:
         """Load now; counters since the last call (tokens of the last step, if not reported)."""

@@ -15,6 +15,7 @@ from headrace.config import CacheConfig, ModelConfig
 from headrace.engine.request import Request
 from headrace.engine.sampler import plain_greedy, sample
 from headrace.engine.scheduler import RunnerOutput, SchedulePlan
+from headrace.engine.structured import Grammars
 from headrace.model.attention import AttentionMetadata, AttnGroup, build_group
 from headrace.model.kernels import cpu_kernels
 from headrace.model.loader import ProgressFn, load_model, read_arch, resolve_model_path
@@ -108,6 +109,7 @@ class ModelRunner:
             max_len = num_blocks * self.block_size
         self.num_blocks = num_blocks
         self.max_model_len = max_len
+        self.grammars = Grammars(path, arch.vocab_size, arch.eos_token_ids)
         shape = (2, num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
@@ -159,7 +161,8 @@ class ModelRunner:
         else:
             last = hidden[torch.tensor(sample_rows, device=dev)]
         argmax = self.kernels.argmax if self.kernels is not None else None
-        if plain_greedy(sample_reqs):
+        constrained = [i for i, r in enumerate(sample_reqs) if r.grammar is not None]
+        if plain_greedy(sample_reqs) and not constrained:
             # the LM head's own argmax where it has one (no logits written), else the logits'
             greedy = self.model.greedy_tokens(last)
             if greedy is None:
@@ -170,6 +173,9 @@ class ModelRunner:
                 sampled={r.request_id: t for r, t in zip(sample_reqs, tokens, strict=True)}
             )
         logits = self.model.compute_logits(last)
+        if constrained:
+            states = [sample_reqs[i].grammar for i in constrained]
+            self.grammars.mask(logits, constrained, states)  # type: ignore[arg-type]
         tokens, logprobs = sample(logits, sample_reqs, self.arch.eos_token_ids, argmax)
         return RunnerOutput(
             sampled={r.request_id: t for r, t in zip(sample_reqs, tokens, strict=True)},

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("headrace.engine")
 
 _PROGRESS_INTERVAL_S = 0.25
+_GRAMMAR_POLL_S = 0.002  # how often a step waiting only on grammar compiles looks again
 HEARTBEAT_INTERVAL_S = 0.5  # EngineLoad is re-sent this often when nothing changes
 
 
@@ -179,15 +180,23 @@ class _EngineProc:
     # -- steady state --------------------------------------------------------------------------
     def _busy_loop(self, core: EngineCore) -> None:
         while True:
-            outputs = self._take_inputs(core, block=not core.has_unfinished_requests())
+            # Only grammars compiling: wait for input a little, not spin on empty steps.
+            blocked = core.has_unfinished_requests() and core.blocked()
+            outputs = self._take_inputs(
+                core, block=blocked or not core.has_unfinished_requests(),
+                timeout=_GRAMMAR_POLL_S if blocked else None,
+            )  # fmt: skip
             if core.has_unfinished_requests():
                 outputs.extend(core.step())
-            self._send(outputs, core)
+            if outputs or not blocked:
+                self._send(outputs, core)
 
-    def _take_inputs(self, core: EngineCore, block: bool) -> list[EngineCoreOutput]:
+    def _take_inputs(
+        self, core: EngineCore, block: bool, timeout: float | None = None
+    ) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
         try:
-            item = self.inputs.get(block=block)
+            item = self.inputs.get(block=block, timeout=timeout)
         except queue.Empty:
             return outputs
         while True:

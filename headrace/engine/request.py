@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from headrace.engine.structured import GrammarState
 from headrace.wire.messages import EngineCoreRequest, FinishReason, SamplingParams
 
 
@@ -42,6 +45,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
+    grammar: GrammarState | None = None  # structured output: masks its logits every step
     queued_time: float = 0.0  # engine monotonic clock
     scheduled_time: float | None = None
     first_token_time: float | None = None

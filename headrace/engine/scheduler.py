@@ -32,6 +32,7 @@ class SchedulePlan:
 
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    failed: list[EngineCoreOutput] = field(default_factory=list)  # grammars that did not compile
 
     @property
     def is_empty(self) -> bool:
@@ -133,9 +134,23 @@ class Scheduler:
                 i += 1
         return preempted
 
+    def blocked_on_grammars(self) -> bool:
+        """Nothing runs and every waiting request's grammar is still compiling."""
+        return not self.running and all(
+            r.grammar is not None and not r.grammar.ready for r in self.waiting
+        )
+
     def _schedule_waiting(self, plan: SchedulePlan, budget: int) -> None:
+        compiling: list[Request] = []  # skipped, not blocking: they keep their place in line
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
+            if req.grammar is not None and not req.grammar.ready:
+                compiling.append(self.waiting.popleft())
+                continue
+            if req.grammar is not None and req.grammar.error is not None:
+                self.waiting.popleft()
+                plan.failed.append(self._fail(req, req.grammar.error))
+                continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(req, num_hit + n, hit_blocks):
@@ -152,6 +167,16 @@ class Scheduler:
             self.running.append(req)
             plan.add(req, n)
             budget -= n
+        self.waiting.extendleft(reversed(compiling))
+
+    def _fail(self, req: Request, message: str) -> EngineCoreOutput:
+        self._finish(req, FinishReason.ERROR)
+        return EngineCoreOutput(
+            request_id=req.request_id,
+            new_token_ids=[],
+            finish_reason=FinishReason.ERROR,
+            stop_reason=message,
+        )
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -193,6 +218,8 @@ class Scheduler:
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         params = req.params
         num_out = len(req.output_token_ids)
+        if req.grammar is not None and (not req.grammar.accept([token]) or req.grammar.finished):
+            return FinishReason.STOP  # the grammar is complete (its stop token was sampled)
         if num_out >= params.min_tokens:
             if token in self.eos_token_ids and not params.ignore_eos:
                 return FinishReason.STOP

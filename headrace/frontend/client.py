@@ -27,6 +27,7 @@ from headrace.frontend.output import (
     OutputProcessor,
     RequestStream,
     SeqState,
+    fan_out,
     new_detokenizer,
 )
 from headrace.frontend.queue_board import QueueRow
@@ -37,7 +38,6 @@ from headrace.wire.messages import (
     AddRequest,
     ApiServerHello,
     EngineCoreOutputs,
-    EngineCoreRequest,
     EngineFailed,
     EngineLoading,
     EngineReady,
@@ -154,33 +154,24 @@ class EngineClient:
         in_flight = [self.output.num_in_flight(e.index) for e in self.engines]
         want_logprobs = params.logprobs is not None
         sends: list[tuple[int, AddRequest]] = []
-        now = time.time()
-        for p, prompt in enumerate(prompts):
-            for j in range(params.n):
-                child = params
-                if params.n > 1 and params.seed is not None:
-                    child = msgspec.structs.replace(params, seed=params.seed + j)
-                try:
-                    engine = self.balancer.pick(ready, in_flight, pinned)
-                except NoEngineError as exc:
-                    self.abort(stream)
-                    raise EngineError(str(exc)) from None
-                if in_flight[engine] == 0:  # the stall clock starts when work arrives
-                    self.engines[engine].last_message_time = time.monotonic()
-                in_flight[engine] += 1
-                index = p * params.n + j
-                rid = f"{request_id}-{index}"
-                detok = new_detokenizer(self.tokenizer, prompt, params)
-                seq = SeqState(rid, index, engine, detok, stream, want_logprobs, len(prompt))
-                room = self.max_model_len - len(prompt)
-                seq.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-                seq.params_max_tokens = params.max_tokens
-                msg = EngineCoreRequest(
-                    request_id=rid, prompt_token_ids=prompt, sampling_params=child, arrival_time=now
-                )
-                seq.wire, seq.pinned = msg, pinned is not None
-                self.output.add(seq)
-                sends.append((engine, AddRequest(request=msg)))
+        for index, msg in fan_out(request_id, prompts, params, time.time()):
+            try:
+                engine = self.balancer.pick(ready, in_flight, pinned)
+            except NoEngineError as exc:
+                self.abort(stream)
+                raise EngineError(str(exc)) from None
+            if in_flight[engine] == 0:  # the stall clock starts when work arrives
+                self.engines[engine].last_message_time = time.monotonic()
+            in_flight[engine] += 1
+            prompt = msg.prompt_token_ids
+            detok = new_detokenizer(self.tokenizer, prompt, params)
+            seq = SeqState(msg.request_id, index, engine, detok, stream, want_logprobs, len(prompt))
+            room = self.max_model_len - len(prompt)
+            seq.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+            seq.params_max_tokens = params.max_tokens
+            seq.wire, seq.pinned = msg, pinned is not None
+            self.output.add(seq)
+            sends.append((engine, AddRequest(request=msg)))
         for engine, add in sends:
             await self._send(engine, add)
         return stream

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
+
 from headrace.frontend.detokenize import IncrementalDetokenizer
 from headrace.frontend.queue_board import QueueRow, local_row
 from headrace.wire.messages import (
@@ -45,6 +47,49 @@ class SeqDelta:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     restart: bool = False  # the choice starts over (re-sent): drop what came before
+
+
+@dataclass(slots=True)
+class Choice:
+    """A choice accumulated from its deltas (non-streaming answers, the offline `LLM`)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, d: SeqDelta) -> None:
+        self.text += d.text
+        self.token_ids.extend(d.token_ids)
+        if d.logprobs:
+            self.logprobs.extend(d.logprobs)
+        if d.finish_reason is not None:
+            self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason
+
+
+def fan_out(
+    request_id: str, prompts: list[list[int]], params: SamplingParams, arrival_time: float
+) -> list[tuple[int, EngineCoreRequest]]:
+    """The engine requests of one API request: `n` per prompt, choice index = prompt * n + j,
+    engine request id `{request_id}-{index}`; with a seed, choice j samples with seed + j (so
+    the `n` choices differ, and each is reproducible)."""
+    out = []
+    for p, prompt in enumerate(prompts):
+        for j in range(params.n):
+            child = params
+            if params.n > 1 and params.seed is not None:
+                child = msgspec.structs.replace(params, seed=params.seed + j)
+            index = p * params.n + j
+            msg = EngineCoreRequest(
+                request_id=f"{request_id}-{index}",
+                prompt_token_ids=prompt,
+                sampling_params=child,
+                arrival_time=arrival_time,
+            )
+            out.append((index, msg))
+    return out
 
 
 @dataclass(slots=True)

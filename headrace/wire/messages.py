@@ -7,6 +7,8 @@ another machine states `WIRE_VERSION` in its hello; the head refuses any other v
 from __future__ import annotations
 
 import enum
+import json
+from typing import Any
 
 import msgspec
 
@@ -20,6 +22,47 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"
     ABORT = "abort"
     ERROR = "error"
+
+
+class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One constraint on a request's output, vLLM's `structured_outputs`: exactly one of a JSON
+    schema (`json`, a dict or its JSON text), any JSON object (`json_object`), a regular
+    expression, a list of `choice` strings, an EBNF `grammar`, or an xgrammar `structural_tag`
+    (JSON text). The engine compiles it once per distinct value (the text is the cache key)."""
+
+    json: str | dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False  # JSON without free whitespace between tokens
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):  # key order kept: it is the order properties appear in
+            self.json = json.dumps(self.json)
+        given = [
+            k
+            for k in ("json", "regex", "choice", "grammar", "structural_tag")
+            if getattr(self, k) is not None
+        ] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs needs exactly one of json, json_object, regex, choice, "
+                f"grammar or structural_tag; got {', '.join(given) or 'none'}"
+            )
+        if self.choice is not None and not self.choice:
+            raise ValueError("structured_outputs.choice must list at least one string")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint: json, json_object, regex, choice, grammar or structural_tag."""
+        if self.json_object:
+            return "json_object"
+        return next(
+            k for k in ("json", "regex", "choice", "grammar", "structural_tag")
+            if getattr(self, k) is not None
+        )  # fmt: skip
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -43,6 +86,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     skip_special_tokens: bool = True
     logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
