@@ -7,9 +7,11 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 
 from headrace import envs
 from headrace.config import (
+    TOOL_CALL_PARSERS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -207,6 +209,35 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated paths left out of the access log (e.g. /health,/metrics)",
     )
     p.add_argument("--uvicorn-log-level", default="info")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template (a file, or the template itself) used instead of the model's",
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide when to call tools (tool_choice "auto"); needs '
+        "--tool-call-parser",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="how tool calls are read out of the model's text with --enable-auto-tool-choice",
+    )
+
+
+def _chat_template(value: str | None) -> str | None:
+    """vLLM's rule: a path to a file, or else the template's text itself."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return path.read_text()
+    if not any(c in value for c in "{}"):
+        raise SystemExit(f"headrace serve: --chat-template {value!r} is neither a file nor Jinja")
+    return value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -233,7 +264,12 @@ def _serve(args: argparse.Namespace) -> int:
         max_num_queued_reqs=args.max_num_queued_reqs,
         max_num_queued_tokens=args.max_num_queued_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
+        chat_template=_chat_template(args.chat_template),
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
     )
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SystemExit("headrace serve: --enable-auto-tool-choice needs --tool-call-parser")
     try:
         parallel = ParallelConfig(
             api_server_count=args.api_server_count,

@@ -56,6 +56,9 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be >= 1")
 
 
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # --tool-call-parser (read in api/tools.py)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """What an API server process needs (engine settings travel separately, to engines)."""
@@ -77,6 +80,9 @@ class ServerConfig:
     max_num_queued_tokens: int | None = None  # prompt tokens not yet prefilled (503 over it)
     enable_prefix_caching: bool = True
     uvicorn_log_level: str = "info"
+    chat_template: str | None = None  # the template's text (--chat-template), else the model's
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # hermes or llama3_json (api/tools.py)
 
 
 @dataclass(frozen=True, slots=True)

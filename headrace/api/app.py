@@ -143,7 +143,7 @@ async def _load_tokenizer(ctx: ServerContext) -> None:
     if ctx.tokenizer is not None:
         return
     try:
-        tok = await FrontendTokenizer.load(ctx.config.model)
+        tok = await FrontendTokenizer.load(ctx.config.model, ctx.config.chat_template)
     except Exception as exc:
         logger.exception("tokenizer failed to load")
         ctx.tokenizer_error = f"{type(exc).__name__}: {exc}"

@@ -6,14 +6,27 @@ import time
 import uuid
 from typing import Any
 
+import msgspec
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from headrace.api.body import parse_body
+from headrace.api.context import ServerContext
 from headrace.api.errors import APIError
 from headrace.api.protocol import ChatCompletionRequest
-from headrace.api.streaming import collect, sse_response, usage
+from headrace.api.responses import Answer
+from headrace.api.tools import (
+    ToolCallStream,
+    ToolMode,
+    merged,
+    named_tool,
+    parse_tool_calls,
+    tool_constraint,
+    tool_mode,
+)
 from headrace.api.validation import (
+    check_constraint,
+    constraint_field,
     context_of,
     pinned_rank,
     prompt_limits,
@@ -21,9 +34,9 @@ from headrace.api.validation import (
     sampling_params,
     start,
 )
-from headrace.frontend.output import SeqDelta
+from headrace.frontend.output import Choice, SeqDelta
 from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits, PromptTooLongError
-from headrace.wire.messages import TokenLogprobs
+from headrace.wire.messages import SamplingParams, StructuredOutputsParams, TokenLogprobs
 
 router = APIRouter()
 
@@ -40,87 +53,122 @@ async def create_chat_completion(request: Request) -> Response:
     pinned = pinned_rank(ctx, request, body.data_parallel_rank)
     max_tokens = body.requested_max_tokens
     limits = prompt_limits(ctx, max_tokens, body.truncate_prompt_tokens)
+    mode = tool_mode(body)
+    parser = _tool_parser(ctx, mode)
     params = sampling_params(body, max_tokens, body.num_logprobs)
+    constrained = tool_constraint(body, mode)
+    params = _with_tool_constraint(params, mode, constrained)
+    await check_constraint(params, "tools" if constrained else constraint_field(body))
     with ctx.admission.admit(body.n):
         prompt = await _render(tok, body, limits)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await start(ctx, request_id, [prompt], params, arrival, pinned)
-    stream.streaming = body.stream
-    base = {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-    }
+    answer = Answer(request_id, model, "chat.completion", "chat.completion.chunk")
     echo = ""
     if body.echo and body.messages[-1].role == "assistant":
         echo = body.messages[-1].as_template_input()["content"]
+    named = named_tool(body)
 
-    if not body.stream:
-        choices = await collect(request, ctx.client, stream)
-        return JSONResponse(
-            {
-                **base,
-                "choices": [
-                    {
-                        "index": c.index,
-                        "message": {"role": "assistant", "content": echo + c.text},
-                        "logprobs": _logprobs(tok, c.logprobs) if body.logprobs else None,
-                        "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason,
-                    }
-                    for c in choices
-                ],
-                "usage": usage(stream, sum(len(c.token_ids) for c in choices)),
-            }
-        )
+    def choice_json(c: Choice) -> dict[str, Any]:
+        content, calls = parse_tool_calls(mode, parser, c.text, named)
+        message: dict[str, Any] = {"role": "assistant", "content": _joined(echo, content)}
+        if calls:
+            message["tool_calls"] = calls
+        return {
+            "index": c.index,
+            "message": message,
+            "logprobs": _logprobs(tok, c.logprobs) if body.logprobs else None,
+            "finish_reason": _finish_reason(c.finish_reason, bool(calls)),
+            "stop_reason": c.stop_reason,
+        }
 
-    chunk_base = {**base, "object": "chat.completion.chunk"}
+    readers = {i: ToolCallStream(mode, parser, named) for i in range(body.n)}
+
+    def delta_json(d: SeqDelta) -> dict[str, Any] | None:
+        reader = readers[d.index]
+        content, calls = reader.feed(d.text)
+        if d.finish_reason is not None:
+            tail, more = reader.finish()
+            content, calls = content + tail, merged(calls + more)
+        delta: dict[str, Any] = {}
+        if content or (d.finish_reason is None and not reader.parses):
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = calls
+        if not delta and d.finish_reason is None and not d.logprobs:
+            return None  # held back: part of a tag, or of a call not yet named
+        return {
+            "index": d.index,
+            "delta": delta,
+            "logprobs": _logprobs(tok, d.logprobs) if d.logprobs else None,
+            "finish_reason": _finish_reason(d.finish_reason, reader.called),
+            "stop_reason": d.stop_reason,
+        }
+
     first = [
         {
-            **chunk_base,
-            "choices": [
-                {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": echo},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ],
+            "index": i,
+            "delta": {"role": "assistant", "content": echo},
+            "logprobs": None,
+            "finish_reason": None,
         }
         for i in range(body.n)
     ]
-    counted = [0]
+    return await answer.respond(
+        request, ctx, stream, body.stream, body.include_usage, choice_json, delta_json, first
+    )
 
-    def chunk_for(d: SeqDelta) -> list[dict[str, Any]]:
-        counted[0] += len(d.token_ids)
-        choice = {
-            "index": d.index,
-            "delta": {"content": d.text} if d.text or d.finish_reason is None else {},
-            "logprobs": _logprobs(tok, d.logprobs) if d.logprobs else None,
-            "finish_reason": d.finish_reason,
-            "stop_reason": d.stop_reason,
-        }
-        return [{**chunk_base, "choices": [choice]}]
 
-    def final_chunks() -> list[dict[str, Any]]:
-        if not body.include_usage:
-            return []
-        return [{**chunk_base, "choices": [], "usage": usage(stream, counted[0])}]
+def _tool_parser(ctx: ServerContext, mode: ToolMode) -> str | None:
+    """The parser for `auto`; 400 if the server was not started to choose tools itself."""
+    cfg = ctx.config
+    if mode == "auto" and not (cfg.enable_auto_tool_choice and cfg.tool_call_parser):
+        raise APIError(
+            400,
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be '
+            "set",
+            param="tool_choice",
+        )
+    return cfg.tool_call_parser if mode == "auto" else None
 
-    return sse_response(ctx.client, stream, chunk_for, final_chunks, first)
+
+def _with_tool_constraint(
+    params: SamplingParams, mode: ToolMode, constraint: StructuredOutputsParams | None
+) -> SamplingParams:
+    if constraint is None:
+        return params
+    if params.structured_outputs is not None:
+        raise APIError(
+            400,
+            f'tool_choice "{mode}" constrains the output itself: it cannot be combined with '
+            "response_format or structured_outputs",
+            param="tool_choice",
+        )
+    return msgspec.structs.replace(params, structured_outputs=constraint)
+
+
+def _joined(echo: str, content: str | None) -> str | None:
+    if content is None:
+        return echo or None
+    return echo + content
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 async def _render(
     tok: FrontendTokenizer, body: ChatCompletionRequest, limits: PromptLimits
 ) -> list[int]:
     messages = [m.as_template_input() for m in body.messages]
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     try:
         text = await tok.render_chat(
             messages,
             body.add_generation_prompt,
             body.continue_final_message,
             body.chat_template_kwargs,
+            tools,
         )
     except Exception as exc:  # jinja errors: the template refused these messages
         raise APIError(400, f"the chat template could not render these messages: {exc}") from None

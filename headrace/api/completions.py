@@ -7,13 +7,15 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from headrace.api.body import parse_body
 from headrace.api.errors import APIError
 from headrace.api.protocol import CompletionRequest
-from headrace.api.streaming import Choice, collect, sse_response, usage
+from headrace.api.responses import Answer
 from headrace.api.validation import (
+    check_constraint,
+    constraint_field,
     context_of,
     pinned_rank,
     prompt_limits,
@@ -21,7 +23,7 @@ from headrace.api.validation import (
     sampling_params,
     start,
 )
-from headrace.frontend.output import SeqDelta
+from headrace.frontend.output import Choice, SeqDelta
 from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits
 from headrace.wire.messages import TokenLogprobs
 
@@ -41,52 +43,30 @@ async def create_completion(request: Request) -> Response:
     explicit_max = body.max_tokens if "max_tokens" in body.model_fields_set else None
     limits = prompt_limits(ctx, explicit_max, body.truncate_prompt_tokens)
     params = sampling_params(body, body.max_tokens, body.logprobs)
+    await check_constraint(params, constraint_field(body))
     with ctx.admission.admit(body.n * body.num_prompts):
         prompts, texts = await _tokenize(tok, body, limits)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         stream = await start(ctx, request_id, prompts, params, arrival, pinned)
-    created = int(time.time())
-    stream.streaming = body.stream
-    base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
+    answer = Answer(request_id, model, "text_completion", "text_completion")
     n = body.n
     echo = {i: texts[i // n] for i in range(len(prompts) * n)} if body.echo else {}
-
-    if not body.stream:
-        choices = await collect(request, ctx.client, stream)
-        completion_tokens = sum(len(c.token_ids) for c in choices)
-        return JSONResponse(
-            {
-                **base,
-                "choices": [_choice(tok, c, echo.get(c.index, "")) for c in choices],
-                "usage": usage(stream, completion_tokens),
-            }
-        )
-
-    counted = [0]
     offsets: dict[int, int] = {}
 
-    def chunk_for(d: SeqDelta) -> list[dict[str, Any]]:
-        counted[0] += len(d.token_ids)
-        text = echo.pop(d.index, "") + d.text
+    def choice_json(c: Choice) -> dict[str, Any]:
+        logprobs = _logprobs(tok, c.logprobs, 0) if c.logprobs else None
+        return _choice(c.index, echo.get(c.index, "") + c.text, logprobs, c)
+
+    def delta_json(d: SeqDelta) -> dict[str, Any]:
         logprobs = None
         if d.logprobs:
             logprobs = _logprobs(tok, d.logprobs, offsets.get(d.index, 0))
             offsets[d.index] = offsets.get(d.index, 0) + sum(len(t) for t in logprobs["tokens"])
-        choice = {
-            "index": d.index,
-            "text": text,
-            "logprobs": logprobs,
-            "finish_reason": d.finish_reason,
-            "stop_reason": d.stop_reason,
-        }
-        return [{**base, "choices": [choice]}]
+        return _choice(d.index, echo.pop(d.index, "") + d.text, logprobs, d)
 
-    def final_chunks() -> list[dict[str, Any]]:
-        if not body.include_usage:
-            return []
-        return [{**base, "choices": [], "usage": usage(stream, counted[0])}]
-
-    return sse_response(ctx.client, stream, chunk_for, final_chunks)
+    return await answer.respond(
+        request, ctx, stream, body.stream, body.include_usage, choice_json, delta_json
+    )
 
 
 async def _tokenize(
@@ -115,13 +95,15 @@ async def _tokenize(
     return prompts, texts
 
 
-def _choice(tok: FrontendTokenizer, c: Choice, echo: str) -> dict[str, Any]:
+def _choice(
+    index: int, text: str, logprobs: dict[str, Any] | None, end: Choice | SeqDelta
+) -> dict[str, Any]:
     return {
-        "index": c.index,
-        "text": echo + c.text,
-        "logprobs": _logprobs(tok, c.logprobs, 0) if c.logprobs else None,
-        "finish_reason": c.finish_reason,
-        "stop_reason": c.stop_reason,
+        "index": index,
+        "text": text,
+        "logprobs": logprobs,
+        "finish_reason": end.finish_reason,
+        "stop_reason": end.stop_reason,
     }
 
 

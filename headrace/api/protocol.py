@@ -6,12 +6,13 @@ ignored, as vLLM does, so clients written for other servers keep working.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from headrace.wire.messages import SamplingParams
+from headrace.wire.messages import SamplingParams, StructuredOutputsParams
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Text = Annotated[str, Field(min_length=1)]
@@ -23,6 +24,61 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint on the output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: Text | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: Text | None = None
+    structural_tag: Text | None = None
+    disable_any_whitespace: bool = False
+
+    def params(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(
+            json=self.json_,
+            json_object=bool(self.json_object),
+            regex=self.regex,
+            choice=self.choice,
+            grammar=self.grammar,
+            structural_tag=self.structural_tag,
+            disable_any_whitespace=self.disable_any_whitespace,
+        )
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (
+            self.json_schema is None or not self.json_schema.schema_
+        ):
+            raise ValueError('response_format of type "json_schema" needs json_schema.schema')
+        return self
+
+    def params(self) -> StructuredOutputsParams | None:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.type == "json_schema":
+            assert self.json_schema is not None and self.json_schema.schema_ is not None
+            return StructuredOutputsParams(json=self.json_schema.schema_)
+        return None
 
 
 class SamplingFields(BaseModel):
@@ -52,6 +108,13 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     data_parallel_rank: int | None = None  # vLLM's: pin to this engine (as X-data-parallel-rank)
+    structured_outputs: StructuredOutputs | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's older names for structured_outputs' fields (still sent by many clients)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: Text | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -65,6 +128,31 @@ class SamplingFields(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
         return self
+
+    def constraint(self) -> tuple[str, StructuredOutputsParams] | None:
+        """The output constraint the request asks for and the field that names it; several at
+        once are a ValueError (400)."""
+        found: list[tuple[str, StructuredOutputsParams]] = []
+        if self.structured_outputs is not None:
+            found.append(("structured_outputs", self.structured_outputs.params()))
+        if self.response_format is not None and (rf := self.response_format.params()) is not None:
+            found.append(("response_format", rf))
+        guided = {
+            "guided_json": StructuredOutputsParams(json=self.guided_json)
+            if self.guided_json is not None else None,
+            "guided_regex": StructuredOutputsParams(regex=self.guided_regex)
+            if self.guided_regex is not None else None,
+            "guided_choice": StructuredOutputsParams(choice=self.guided_choice)
+            if self.guided_choice is not None else None,
+            "guided_grammar": StructuredOutputsParams(grammar=self.guided_grammar)
+            if self.guided_grammar is not None else None,
+        }  # fmt: skip
+        found.extend((k, v) for k, v in guided.items() if v is not None)
+        if len(found) > 1:
+            raise ValueError(
+                "only one output constraint per request: got " + ", ".join(k for k, _ in found)
+            )
+        return found[0] if found else None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -87,6 +175,7 @@ class SamplingFields(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
+            structured_outputs=c[1] if (c := self.constraint()) else None,
         )
 
     @property
@@ -132,6 +221,17 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -139,6 +239,7 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content
@@ -149,6 +250,18 @@ class ChatMessage(BaseModel):
             out["name"] = self.name
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:  # templates read arguments as a mapping (vLLM's convention)
+            out["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": c.type,
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": _loads(c.function.arguments),
+                    },
+                }
+                for c in self.tool_calls
+            ]
         return out
 
     def num_chars(self) -> int:
@@ -157,8 +270,32 @@ class ChatMessage(BaseModel):
         return len(self.content or "")
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text"]
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(BaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -174,16 +311,21 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = Field(default=None, json_schema_extra={"maxItems": 0})
-    tool_choice: Literal["none", "auto"] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.tools:
-            raise ValueError("tool calling is not supported by this server")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise ValueError("tool_choice other than none needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+            t.function.name for t in self.tools or []
+        }:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         return self

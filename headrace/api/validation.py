@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import msgspec
@@ -10,6 +11,7 @@ from fastapi import Request
 from headrace.api.context import ServerContext
 from headrace.api.errors import APIError
 from headrace.api.protocol import SamplingFields
+from headrace.engine import structured
 from headrace.frontend.output import EngineError, RequestStream
 from headrace.frontend.tokenize import PromptLimits
 from headrace.wire.messages import SamplingParams
@@ -39,6 +41,25 @@ def sampling_params(
         return body.sampling_params(max_tokens, logprobs)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
+
+
+async def check_constraint(params: SamplingParams, field: str) -> None:
+    """400 naming what is wrong with a bad schema, regex, grammar or structural tag given in
+    `field` (checked on a worker thread: a large schema takes milliseconds to convert)."""
+    spec = params.structured_outputs
+    if spec is None:
+        return
+    try:
+        await asyncio.to_thread(structured.check_constraint, spec)
+    except ValueError as exc:
+        raise APIError(400, f"{field}: {exc}", param=field) from None
+    except RuntimeError as exc:  # xgrammar is not installed
+        raise APIError(500, str(exc)) from None
+
+
+def constraint_field(body: SamplingFields) -> str:
+    found = body.constraint()
+    return found[0] if found else "structured_outputs"
 
 
 def prompt_limits(ctx: ServerContext, max_tokens: int | None, truncate: int | None) -> PromptLimits:

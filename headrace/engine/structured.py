@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from headrace.wire.messages import StructuredOutputsParams
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
+
+_XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[01:54:55] /project/x.cc:94: "
+_CACHE_SIZE = 512  # compiled grammars kept (a JSON schema's is tens of KiB to a few MiB)
 
 
 def import_xgrammar() -> Any:
@@ -80,7 +85,8 @@ def check_constraint(spec: StructuredOutputsParams) -> None:
     try:
         to_grammar(xgr, spec)
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
-        raise ValueError(f"invalid structured_outputs.{spec.kind}: {exc}") from None
+        message = _XGRAMMAR_PREFIX.sub("", str(exc)).strip()
+        raise ValueError(f"invalid {spec.kind} constraint: {message}") from None
 
 
 def _cache_key(spec: StructuredOutputsParams) -> str:
@@ -91,9 +97,8 @@ def _cache_key(spec: StructuredOutputsParams) -> str:
 class GrammarState:
     """One request's grammar: compiling until `ready`, then a matcher that follows its output."""
 
-    def __init__(self, future: Future[Any], xgr: Any) -> None:
+    def __init__(self, future: Future[Any]) -> None:
         self.future = future
-        self.xgr = xgr
         self.matcher: Any = None
         self.error: str | None = None
 
@@ -106,7 +111,7 @@ class GrammarState:
             return False
         try:
             compiled = self.future.result()
-            self.matcher = self.xgr.GrammarMatcher(compiled)
+            self.matcher = import_xgrammar().GrammarMatcher(compiled)  # imported: it compiled
         except Exception as exc:  # a constraint the API server's check let through
             self.error = f"the structured output constraint did not compile: {exc}"
         return True
@@ -136,18 +141,19 @@ class Grammars:
 
     def attach(self, spec: StructuredOutputsParams) -> GrammarState:
         """Start compiling (or reuse the compiled grammar of the same constraint)."""
-        if self.xgr is None:
-            self.xgr = import_xgrammar()
         key = _cache_key(spec)
         with self._lock:
             future = self._cache.get(key)
             if future is None or (future.done() and future.exception() is not None):
                 future = self._executor.submit(self._compile, spec)
                 self._cache[key] = future
-        return GrammarState(future, self.xgr)
+                if len(self._cache) > _CACHE_SIZE:  # the oldest constraint goes
+                    del self._cache[next(iter(self._cache))]
+        return GrammarState(future)
 
     def _compile(self, spec: StructuredOutputsParams) -> Any:
-        if self._compiler is None:
+        if self._compiler is None:  # importing xgrammar takes ~2 s: here, not on the step loop
+            self.xgr = import_xgrammar()
             from headrace.model.loader import load_tokenizer
 
             info = self.xgr.TokenizerInfo.from_huggingface(

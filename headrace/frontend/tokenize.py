@@ -78,8 +78,11 @@ def cut_text(text: str, limits: PromptLimits, max_token_chars: int) -> str:
 class FrontendTokenizer:
     """The HF tokenizer behind one single-thread executor; every method is async."""
 
-    def __init__(self, tokenizer: Any, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, tokenizer: Any, executor: ThreadPoolExecutor, chat_template: str | None = None
+    ) -> None:
         self.hf = tokenizer
+        self.chat_template = chat_template  # None: the model's own
         self.backend = tokenizer.backend_tokenizer
         self.executor = executor
         vocab = self.backend.get_vocab()
@@ -87,13 +90,13 @@ class FrontendTokenizer:
         self.vocab_size = len(tokenizer)
 
     @classmethod
-    async def load(cls, model: str | None) -> FrontendTokenizer:
+    async def load(cls, model: str | None, chat_template: str | None = None) -> FrontendTokenizer:
         from headrace.model.loader import load_tokenizer, resolve_model_path
 
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         loop = asyncio.get_running_loop()
         hf = await loop.run_in_executor(executor, lambda: load_tokenizer(resolve_model_path(model)))
-        return await loop.run_in_executor(executor, lambda: cls(hf, executor))
+        return await loop.run_in_executor(executor, lambda: cls(hf, executor, chat_template))
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -151,11 +154,14 @@ class FrontendTokenizer:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         def render() -> str:
             return str(
                 self.hf.apply_chat_template(
                     messages,
+                    tools=tools,
+                    chat_template=self.chat_template,
                     tokenize=False,
                     add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final_message,

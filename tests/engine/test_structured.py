@@ -33,7 +33,7 @@ class _Compiling(GrammarState):
     """A grammar whose compile has not finished until the test resolves its future."""
 
     def __init__(self) -> None:
-        super().__init__(Future(), xgr=None)
+        super().__init__(Future())
 
 
 def test_a_compiling_grammar_waits_without_blocking_the_line() -> None:
