@@ -64,28 +64,57 @@ async def create_chat_completion(request: Request) -> Response:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await start(ctx, request_id, [prompt], params, arrival, pinned)
     answer = Answer(request_id, model, "chat.completion", "chat.completion.chunk")
-    echo = ""
-    if body.echo and body.messages[-1].role == "assistant":
-        echo = body.messages[-1].as_template_input()["content"]
-    named = named_tool(body)
+    choices = _ChatChoices(tok, body, mode, parser)
+    return await answer.respond(
+        request, ctx, stream, body.stream, body.include_usage, choices.whole, choices.delta,
+        choices.first(),
+    )  # fmt: skip
 
-    def choice_json(c: Choice) -> dict[str, Any]:
-        content, calls = parse_tool_calls(mode, parser, c.text, named)
-        message: dict[str, Any] = {"role": "assistant", "content": _joined(echo, content)}
+
+class _ChatChoices:
+    """How one request's choices read: whole (`message`) or streamed (`delta`), with tool calls
+    read out of the text by one `ToolCallStream` per choice."""
+
+    def __init__(
+        self,
+        tok: FrontendTokenizer,
+        body: ChatCompletionRequest,
+        mode: ToolMode,
+        parser: str | None,
+    ) -> None:
+        self.tok, self.body, self.mode, self.parser = tok, body, mode, parser
+        self.named = named_tool(body)
+        self.echo = ""
+        if body.echo and body.messages[-1].role == "assistant":
+            self.echo = body.messages[-1].as_template_input()["content"]
+        self.readers = {i: ToolCallStream(mode, parser, self.named) for i in range(body.n)}
+
+    def first(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": self.echo},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for i in range(self.body.n)
+        ]
+
+    def whole(self, c: Choice) -> dict[str, Any]:
+        content, calls = parse_tool_calls(self.mode, self.parser, c.text, self.named)
+        message: dict[str, Any] = {"role": "assistant", "content": _joined(self.echo, content)}
         if calls:
             message["tool_calls"] = calls
         return {
             "index": c.index,
             "message": message,
-            "logprobs": _logprobs(tok, c.logprobs) if body.logprobs else None,
+            "logprobs": _logprobs(self.tok, c.logprobs) if self.body.logprobs else None,
             "finish_reason": _finish_reason(c.finish_reason, bool(calls)),
             "stop_reason": c.stop_reason,
         }
 
-    readers = {i: ToolCallStream(mode, parser, named) for i in range(body.n)}
-
-    def delta_json(d: SeqDelta) -> dict[str, Any] | None:
-        reader = readers[d.index]
+    def delta(self, d: SeqDelta) -> dict[str, Any] | None:
+        reader = self.readers[d.index]
         content, calls = reader.feed(d.text)
         if d.finish_reason is not None:
             tail, more = reader.finish()
@@ -100,23 +129,10 @@ async def create_chat_completion(request: Request) -> Response:
         return {
             "index": d.index,
             "delta": delta,
-            "logprobs": _logprobs(tok, d.logprobs) if d.logprobs else None,
+            "logprobs": _logprobs(self.tok, d.logprobs) if d.logprobs else None,
             "finish_reason": _finish_reason(d.finish_reason, reader.called),
             "stop_reason": d.stop_reason,
         }
-
-    first = [
-        {
-            "index": i,
-            "delta": {"role": "assistant", "content": echo},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        for i in range(body.n)
-    ]
-    return await answer.respond(
-        request, ctx, stream, body.stream, body.include_usage, choice_json, delta_json, first
-    )
 
 
 def _tool_parser(ctx: ServerContext, mode: ToolMode) -> str | None:

@@ -6,7 +6,8 @@ FastAPI's document is generated from the pydantic models; on top of it:
   route, 404 for an unknown model, 413 for a body over the cap, 503 while not serving;
 - `model` is one of the served names; token ids are below the vocabulary's size; `max_tokens`
   fits the context window; `data_parallel_rank` is a rank of this server; `n` is at most
-  `--max-num-queued-reqs` when that is set.
+  `--max-num-queued-reqs` when that is set; `tools` need a `tool_choice` other than `auto`
+  unless the server runs with `--enable-auto-tool-choice`.
 The limits are known once the tokenizer and an engine are loaded; until then the document is
 built without them and not cached.
 """
@@ -119,6 +120,17 @@ def _describe_errors(doc: dict[str, Any], api_key: bool) -> None:
 def _describe_limits(doc: dict[str, Any], ctx: ServerContext, vocab: int, max_len: int) -> None:
     names = [*ctx.config.served_model_names, ""]  # "" (like null) means the first name
     max_choices = ctx.config.max_num_queued_reqs
+    if not (ctx.config.enable_auto_tool_choice and ctx.config.tool_call_parser):
+        # tools without a tool_choice mean "auto", which this server was not started for
+        doc["components"]["schemas"]["ChatCompletionRequest"].setdefault("allOf", []).append(
+            {
+                "if": {"required": ["tools"]},
+                "then": {
+                    "required": ["tool_choice"],
+                    "properties": {"tool_choice": {"not": {"const": "auto"}}},
+                },
+            }
+        )
     for schema in doc["components"]["schemas"].values():
         props = schema.get("properties", {})
         if "model" in props:

@@ -26,17 +26,25 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+_ONE_CONSTRAINT: dict[str, Any] = {
+    "oneOf": [
+        *({"required": [k]} for k in ("json", "regex", "choice", "grammar", "structural_tag")),
+        {"required": ["json_object"], "properties": {"json_object": {"const": True}}},
+    ]
+}
+
+
 class StructuredOutputs(BaseModel):
     """vLLM's `structured_outputs`: exactly one constraint on the output."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_CONSTRAINT)
 
-    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
-    json_object: bool | None = None
-    regex: Text | None = None
-    choice: Annotated[list[str], Field(min_length=1)] | None = None
-    grammar: Text | None = None
-    structural_tag: Text | None = None
+    json_: dict[str, Any] | str | SkipJsonSchema[None] = Field(default=None, alias="json")
+    json_object: bool | SkipJsonSchema[None] = None
+    regex: Text | SkipJsonSchema[None] = None
+    choice: Annotated[list[str], Field(min_length=1)] | SkipJsonSchema[None] = None
+    grammar: Text | SkipJsonSchema[None] = None
+    structural_tag: Text | SkipJsonSchema[None] = None
     disable_any_whitespace: bool = False
 
     def params(self) -> StructuredOutputsParams:
@@ -54,20 +62,30 @@ class StructuredOutputs(BaseModel):
 class JsonSchemaFormat(BaseModel):
     name: str = "response"
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_: dict[str, Any] | SkipJsonSchema[None] = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
 class ResponseFormat(BaseModel):
     """OpenAI's `response_format`: free text, any JSON object, or JSON following a schema."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {
+                "required": ["json_schema"],
+                "properties": {"json_schema": {"type": "object", "required": ["schema"]}},
+            },
+        }
+    )
+
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+    json_schema: JsonSchemaFormat | SkipJsonSchema[None] = None
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and (
-            self.json_schema is None or not self.json_schema.schema_
+            self.json_schema is None or self.json_schema.schema_ is None
         ):
             raise ValueError('response_format of type "json_schema" needs json_schema.schema')
         return self
@@ -81,10 +99,49 @@ class ResponseFormat(BaseModel):
         return None
 
 
+_TEXT_ONLY = {"properties": {"response_format": {"properties": {"type": {"const": "text"}}}}}
+# Rules across fields, as the validators enforce them, for /openapi.json.
+_SAMPLING_RULES: list[Any] = [
+    {
+        "if": {
+            "required": ["stream_options"],
+            "properties": {"stream_options": {"type": "object"}},
+        },
+        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+    },
+    {"if": {"required": ["structured_outputs"]}, "then": _TEXT_ONLY},  # one constraint at most
+]
+_CHAT_RULES: list[Any] = [
+    *_SAMPLING_RULES,
+    {
+        "if": {
+            "required": ["tool_choice"],
+            "properties": {"tool_choice": {"not": {"const": "none"}}},
+        },
+        "then": {"required": ["tools"]},
+    },
+    {  # required and named tool choices are constraints themselves
+        "if": {
+            "required": ["tool_choice"],
+            "properties": {"tool_choice": {"anyOf": [{"const": "required"}, {"type": "object"}]}},
+        },
+        "then": {"not": {"required": ["structured_outputs"]}, **_TEXT_ONLY},
+    },
+    {
+        "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+    },
+]
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="ignore",
+        allow_inf_nan=False,
+        json_schema_extra={"allOf": _SAMPLING_RULES},
+    )
 
     model: str | None = None
     n: int = Field(default=1, ge=1, le=128)
@@ -110,11 +167,12 @@ class SamplingFields(BaseModel):
     data_parallel_rank: int | None = None  # vLLM's: pin to this engine (as X-data-parallel-rank)
     structured_outputs: StructuredOutputs | None = None
     response_format: ResponseFormat | None = None
-    # vLLM's older names for structured_outputs' fields (still sent by many clients)
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: Text | None = None
-    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
-    guided_grammar: Text | None = None
+    # vLLM's older names for structured_outputs' fields (still sent by many clients; left out
+    # of /openapi.json, which describes the current names)
+    guided_json: SkipJsonSchema[dict[str, Any] | str | None] = None
+    guided_regex: SkipJsonSchema[str | None] = None
+    guided_choice: SkipJsonSchema[list[str] | None] = None
+    guided_grammar: SkipJsonSchema[str | None] = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -301,6 +359,8 @@ class NamedToolChoice(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": _CHAT_RULES})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
@@ -311,8 +371,8 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: Annotated[list[Tool], Field(min_length=1)] | SkipJsonSchema[None] = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | SkipJsonSchema[None] = None
     parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
