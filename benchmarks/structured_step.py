@@ -5,7 +5,7 @@
 
 A batch of `--seqs` chat requests decodes in four modes, alternated `--rounds` times so drift
 on a shared machine hits all alike: greedy and temperature-1 sampling, each free and with every
-sequence constrained to a JSON schema (an array of at least 30 person objects, so no request
+sequence constrained to a JSON schema (an array of at least 30 book objects, so no request
 ends inside the window). Reported: the median step of each mode over all rounds, and the ratio
 constrained / free. Then: xgrammar's first compile (import and tokenizer info included), a cold
 compile of a new schema, and a cache hit.
@@ -27,17 +27,18 @@ from headrace.model.loader import resolve_model_path
 from headrace.offline import LLM
 from headrace.wire.messages import EngineCoreRequest, SamplingParams, StructuredOutputsParams
 
-PERSON = {
+BOOK = {
     "type": "object",
-    "properties": {
-        "name": {"type": "string"},
-        "age": {"type": "integer"},
-        "color": {"type": "string", "enum": ["red", "green", "blue"]},
-    },
-    "required": ["name", "age", "color"],
+    "required": ["title", "year", "genre", "pages"],
     "additionalProperties": False,
+    "properties": {
+        "title": {"type": "string"},
+        "year": {"type": "integer"},
+        "genre": {"type": "string", "enum": ["novel", "poetry", "history", "science"]},
+        "pages": {"type": "integer"},
+    },
 }
-PEOPLE = {"type": "array", "items": PERSON, "minItems": 30}
+BOOKS = {"type": "array", "items": BOOK, "minItems": 30}
 
 
 def time_mode(llm: LLM, prompt: list[int], params: SamplingParams, seqs: int, steps: int) -> float:
@@ -70,13 +71,13 @@ def compile_times(llm: LLM) -> None:
     arch = llm.engine.runner.arch
     grammars = Grammars(resolve_model_path(None), arch.vocab_size, arch.eos_token_ids)
     t = time.perf_counter()
-    grammars.attach(StructuredOutputsParams(json=PERSON)).future.result()
+    grammars.attach(StructuredOutputsParams(json=BOOK)).future.result()
     first = time.perf_counter() - t
     t = time.perf_counter()
-    grammars.attach(StructuredOutputsParams(json=PEOPLE)).future.result()
+    grammars.attach(StructuredOutputsParams(json=BOOKS)).future.result()
     cold = time.perf_counter() - t
     t = time.perf_counter()
-    state = grammars.attach(StructuredOutputsParams(json=PEOPLE))
+    state = grammars.attach(StructuredOutputsParams(json=BOOKS))
     assert state.ready
     cached = time.perf_counter() - t
     print(
@@ -92,10 +93,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     llm = LLM(max_num_seqs=args.seqs, max_model_len=1024, enable_prefix_caching=False)
-    conv = [{"role": "user", "content": "List thirty people as JSON: name, age, favourite color."}]
+    conv = [{"role": "user", "content": "List thirty books as JSON: title, year, genre, pages."}]
     text = llm.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     prompt = list(llm.tokenizer(text, add_special_tokens=False).input_ids)
-    spec = StructuredOutputsParams(json=PEOPLE)
+    spec = StructuredOutputsParams(json=BOOKS)
     modes = {
         "greedy free": SamplingParams(temperature=0.0, max_tokens=900, ignore_eos=True),
         "greedy json": SamplingParams(temperature=0.0, max_tokens=900, structured_outputs=spec),
