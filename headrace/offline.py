@@ -125,14 +125,21 @@ class LLM:
         messages: Conversation | Sequence[Conversation],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template, then generate."""
+        """Render each conversation with the chat template (the model's, or `chat_template`'s
+        text; `tools` are passed to it, as vLLM's `LLM.chat` does), then generate."""
         single = bool(messages) and isinstance(messages[0], dict)
         convs = cast(list[Conversation], [messages] if single else list(messages))
         items: list[tuple[str | None, list[int]]] = []
         for conv in convs:
             text = self.tokenizer.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=add_generation_prompt
+                conv,
+                tools=tools,
+                chat_template=chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
             )
             items.append((text, list(self.tokenizer(text, add_special_tokens=False).input_ids)))
         return self._run(items, sampling_params)

@@ -37,7 +37,8 @@ _ONE_CONSTRAINT: dict[str, Any] = {
 class StructuredOutputs(BaseModel):
     """vLLM's `structured_outputs`: exactly one constraint on the output."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_CONSTRAINT)
+    # extra="ignore": vLLM's disable_fallback, whitespace_pattern, ... mean nothing here
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_ONE_CONSTRAINT)
 
     json_: dict[str, Any] | str | SkipJsonSchema[None] = Field(default=None, alias="json")
     json_object: bool | SkipJsonSchema[None] = None

@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -129,3 +130,25 @@ def test_constrained_and_free_requests_share_a_batch(llm: LLM) -> None:
     outs = llm.chat([conv, conv, conv], [constrained, greedy, constrained])
     assert outs[1].outputs[0].text == alone
     assert outs[0].outputs[0].text.startswith("{")
+
+
+def test_chat_renders_tools_with_a_given_template(llm: LLM) -> None:
+    template = Path(__file__).parents[2] / "examples" / "tool_chat_template_smollm2_hermes.jinja"
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+    [out] = llm.chat(
+        [{"role": "user", "content": "What's the weather in Tokyo?"}],
+        SamplingParams(temperature=0.0, max_tokens=40),
+        chat_template=template.read_text(),
+        tools=[weather],
+    )
+    text = out.outputs[0].text
+    assert text.startswith("<tool_call>"), text
+    call = json.loads(text.removeprefix("<tool_call>").split("</tool_call>")[0])
+    assert call == {"name": "get_weather", "arguments": {"city": "Tokyo"}}
