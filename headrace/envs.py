@@ -59,9 +59,10 @@ def disable_amx_attention() -> bool:
 
 
 def disable_four_bit() -> bool:
-    """HEADRACE_DISABLE_FOUR_BIT=1: the AMX linears of a GGUF model with 4-bit weights hold them
-    as bf16 tiles instead of the file's 4-bit blocks (layers.AmxLinear); the same outputs,
-    three times the bytes read per decode step."""
+    """HEADRACE_DISABLE_FOUR_BIT=1: the linears of a GGUF model with 4-bit weights do not read
+    the file's blocks: AMX linears hold bf16 tiles (layers.AmxLinear; the same outputs, three
+    times the bytes read per decode step), float32 ones their float32 weight alone
+    (layers.Q4Linear; five times the bytes)."""
     return _switch("HEADRACE_DISABLE_FOUR_BIT")
 
 

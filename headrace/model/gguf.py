@@ -85,6 +85,25 @@ def q4_blocks(
     return scale.reshape(n, k // 32), offset.reshape(n, k // 32), q.reshape(n, k)
 
 
+# A Q8_0 weight [N, K] as (scale, q): W[n, k] = scale[n, k // 32] * q[n, k]; scale float32
+# [N, K/32], q int8 [N, K]
+Q8Blocks = tuple[torch.Tensor, torch.Tensor]
+
+
+def q8_blocks(
+    raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
+) -> Q8Blocks | None:
+    """A Q8_0 matrix as its blocks (Q8Blocks), or None for other types."""
+    if qtype != Q.Q8_0 or len(shape) != 2:
+        return None
+    n, k = shape
+    raw = np.array(raw, copy=True)
+    blocks = torch.from_numpy(raw.view(np.uint8).reshape(-1, _BLOCK_BYTES[qtype]))
+    scale = _f16(blocks[:, :2]).reshape(n, k // 32)
+    q = blocks[:, 2:].contiguous().view(torch.int8).reshape(n, k)
+    return scale.contiguous(), q
+
+
 # -- file parsing ----------------------------------------------------------------------------------
 # gguf.GGUFReader builds a numpy view per array element (~5 s for a 49k-token vocabulary), so the
 # header is parsed here with struct over one bytes read; tensor data stays memory-mapped.
@@ -274,6 +293,14 @@ class GGUFWeights:
             return parts
         scale, offset, q = (_unpermute_rope_rows(x, heads) for x in parts)
         return scale, offset, q
+
+    def q8_blocks(self, name: str) -> Q8Blocks | None:
+        """`get(name)` as Q8_0 blocks, or None where the tensor is not Q8_0 or is a rotary
+        projection (whose rows the loader reorders)."""
+        t = self.tensors[name]
+        if self._rope_heads(name) is not None:
+            return None
+        return q8_blocks(t.data, t.qtype, t.shape)
 
     def _rope_heads(self, name: str) -> int | None:
         """The head count whose Q/K row interleave llama.cpp applied to tensor `name`, or None."""

@@ -15,6 +15,8 @@ And, on CPUs with AMX-BF16, the bf16 linear layers for batches of up to 128 rows
 decode steps in one call (decode_layers, model/fused.py), reading GGUF 4-bit weights as they are
 stored (amx_pack_q4); and prompt-chunk attention over a bf16 cache on AMX tiles (1.3-1.9x the
 float32-FMA kernel's speed, the longer the prompt the more).
+Without AMX, float32 linears of a GGUF model read its 4-bit blocks for decode-sized batches
+(q4_linear, csrc/q4_linear.c: AVX2 + FMA, or plain C; layers.Q4Linear).
 No compiler, or a failed build: a warning, and the model keeps its pure-torch ops (with a float32
 KV cache on CPU). HEADRACE_DISABLE_KERNELS=1 forces that path.
 """
@@ -32,7 +34,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -40,7 +42,7 @@ from headrace import envs
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
+SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.c")))  # one shared object
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11")
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -79,6 +81,14 @@ class DecodeLayer(ctypes.Structure):
     ]  # fmt: skip
 
 
+class Q4Packed(NamedTuple):
+    """A weight for q4_linear: nibbles [N, K/32, 16] uint8, scale and offset [N, K/32]."""
+
+    nibbles: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+
 class Kernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         i32, f32 = ctypes.c_int, ctypes.c_float
@@ -109,9 +119,50 @@ class Kernels:
         )  # fmt: skip
         self._decode_layers_scratch = lib.decode_layers_scratch
         self._decode_layers_scratch.argtypes, self._decode_layers_scratch.restype = [_i64] * 6, _i64
+        self._q4_linear = _bind(lib, "q4_linear", [_ptr] * 6 + [_i64] * 3 + [i32])
+        self._q8_linear = _bind(lib, "q8_linear", [_ptr] * 5 + [_i64] * 3 + [i32])
+        lib.q4_linear_vectorized.restype = ctypes.c_int
+        self.q4_vectorized = bool(lib.q4_linear_vectorized())
         lib.amx_available.restype = ctypes.c_int
         self.amx = bool(lib.amx_available())
         self.amx_attention = self.amx and not envs.disable_amx_attention()
+
+    @staticmethod
+    def q4_pack(scale: torch.Tensor, offset: torch.Tensor, q: torch.Tensor) -> Q4Packed:
+        """Q4Blocks (float32 scale/offset [N, K/32], uint8 q [N, K]) in q4_linear's layout:
+        two weights a byte, as the GGUF file holds them."""
+        n, k = q.shape
+        blocks = q.reshape(n, k // 32, 2, 16)
+        nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).contiguous()
+        return Q4Packed(nibbles, scale.float().contiguous(), offset.float().contiguous())
+
+    def q4_linear(self, x: torch.Tensor, w: Q4Packed, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [M, K] float32 @ W.T (+ bias) with W read from its 4-bit blocks; float32 [M, N]."""
+        x = x.contiguous()
+        m, k = x.shape
+        n = w.nibbles.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        self._q4_linear(
+            x.data_ptr(), w.nibbles.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr(),
+            None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return y
+
+    def q8_linear(
+        self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [M, K] float32 @ W.T (+ bias), W = scale (per 32) * q, q int8 [N, K]: Q8_0."""
+        x = x.contiguous()
+        m, k = x.shape
+        n = q.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        self._q8_linear(
+            x.data_ptr(), q.data_ptr(), scale.data_ptr(),
+            None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return y
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x.argmax(dim=-1) for [N, V] float32 or bfloat16 (first index of the maximum, a NaN
@@ -446,7 +497,7 @@ def _build() -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
-    source = SOURCE.read_bytes()
+    source = b"\0".join(p.read_bytes() for p in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
     key = hashlib.sha256(
         b"\0".join([source, version.stdout.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()])
@@ -460,7 +511,10 @@ def _build() -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, check=True
+            [cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         os.replace(tmp, target)
     finally:

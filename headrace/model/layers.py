@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headrace.model.gguf import Q4Blocks
+from headrace.model.gguf import Q4Blocks, Q8Blocks
 from headrace.model.kernels import W_Q4, Kernels, weight_format
 
 
@@ -189,6 +189,77 @@ class AmxLinear(nn.Module):
     def four_bit(self) -> bool:
         """Whether the AMX kernel reads this weight as 4-bit blocks."""
         return weight_format(self.packed) == W_Q4
+
+
+class _BlockLinear(nn.Module):
+    """A float32 CPU linear holding its weight twice: as float32, for torch's matmul on more than
+    `max_rows` rows, and as GGUF blocks that a C kernel reads for fewer."""
+
+    max_rows = 16  # measured: at 32 rows torch's float32 matmul is faster again
+
+    def __init__(self, linear: nn.Linear, kernels: Kernels) -> None:
+        super().__init__()
+        self.kernels = kernels
+        self.weight = linear.weight
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= self.max_rows:
+            return self.from_blocks(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Q4Linear(_BlockLinear):
+    """A linear that reads the GGUF file's 4-bit blocks (csrc/q4_linear.c: AVX2 + FMA, or plain
+    C) for decode-sized batches.
+
+    Why: without bf16 hardware the weights are float32, 4 bytes each, and a decode step reads
+    every one; the blocks are 0.75 bytes a weight, so few-row steps, bound by memory, read under
+    a fifth of the bytes. The values are the same (the blocks are what the weight was
+    dequantized from); only the order of the float32 sums differs.
+    """
+
+    def __init__(self, linear: nn.Linear, kernels: Kernels, q4: Q4Blocks) -> None:
+        super().__init__(linear, kernels)
+        self.q4 = kernels.q4_pack(*q4)
+
+    def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.q4_linear(x, self.q4, self.bias)
+
+
+class Q8Linear(_BlockLinear):
+    """Q4Linear's twin for a weight stored as Q8_0 (int8 and a scale per 32: 1.06 bytes a weight
+    against float32's 4): the bundled model's LM head, tied to the embedding."""
+
+    def __init__(self, linear: nn.Linear, kernels: Kernels, q8: Q8Blocks) -> None:
+        super().__init__(linear, kernels)
+        self.scale, self.q = q8[0].float().contiguous(), q8[1].contiguous()
+
+    def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.q8_linear(x, self.q, self.scale, self.bias)
+
+
+def use_q4_linears(
+    module: nn.Module,
+    kernels: Kernels,
+    q4: Callable[[str], Q4Blocks | None],
+    prefix: str = "",
+) -> int:
+    """Swap every float32 nn.Linear below `module` whose GGUF blocks `q4` has (by qualified
+    name) for a Q4Linear; returns how many."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            blocks = q4(prefix + name)
+            if blocks is not None and child.weight.dtype == torch.float32:
+                setattr(module, name, Q4Linear(child, kernels, blocks))
+                count += 1
+        else:
+            count += use_q4_linears(child, kernels, q4, f"{prefix}{name}.")
+    return count
 
 
 def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:

@@ -20,7 +20,14 @@ from headrace import envs
 from headrace.model.fused import FusedDecode
 from headrace.model.gguf import GGUFWeights, Q4Blocks
 from headrace.model.kernels import cpu_kernels
-from headrace.model.layers import AmxLinear, can_pack_linears, pack_linears
+from headrace.model.layers import (
+    AmxLinear,
+    Q4Linear,
+    Q8Linear,
+    can_pack_linears,
+    pack_linears,
+    use_q4_linears,
+)
 from headrace.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from headrace.model.registry import ArchConfig, UnsupportedModelError, arch_from_hf_config
 
@@ -211,8 +218,35 @@ def load_model(
         model.fused_decode = FusedDecode.build(model, kernels)
         if model.fused_decode is not None:
             logger.info("decode steps of up to %d requests run as one call", AmxLinear.max_rows)
+    elif _reads_q4(dtype, device, source):
+        kernels = cpu_kernels()
+        if kernels is not None:
+            assert isinstance(source, GGUFWeights)
+            count = use_q4_linears(model, kernels, _q4_blocks(source))
+            head = "lm_head.weight" if "lm_head.weight" in source.names() else None
+            if arch.tie_word_embeddings or head is None:
+                head = "model.embed_tokens.weight"
+            q8 = source.q8_blocks(head) if head in source.names() else None
+            if q8 is not None and model.lm_head.weight.dtype == torch.float32:
+                model.lm_head = Q8Linear(model.lm_head, kernels, q8)  # type: ignore[assignment]
+            logger.info(
+                "%d float32 linear layers read their 4-bit GGUF blocks, and the LM head %s, for "
+                "up to %d rows (%s)",
+                count, "its 8-bit ones" if q8 is not None else "float32", Q4Linear.max_rows,
+                "AVX2" if kernels.q4_vectorized else "plain C",
+            )  # fmt: skip
     model.eval()
     return LoadedModel(model, arch, path, dtype)
+
+
+def _reads_q4(dtype: torch.dtype, device: torch.device, source: object) -> bool:
+    """float32 weights on CPU from a GGUF file: Q4Linear can read the file's 4-bit blocks."""
+    return (
+        dtype == torch.float32
+        and device.type == "cpu"
+        and isinstance(source, GGUFWeights)
+        and not envs.disable_four_bit()
+    )
 
 
 # a fused linear's GGUF tensors, by the suffix of its qualified name

@@ -1,0 +1,237 @@
+/* q4_linear: y[M, N] = x[M, K] . W[N, K]^T (+ bias) for float32 x and a weight kept as the GGUF
+ * file's 4-bit blocks, for decode-sized batches on any x86 CPU (AVX2 + FMA; plain C elsewhere).
+ * q8_linear: the same for Q8_0 blocks (32 int8 and a scale), the bundled model's LM head.
+ *
+ * Why: a decode step reads every weight once. As float32 that is 4 bytes a weight; as Q4 blocks
+ * (16 bytes of nibbles plus a float32 scale and offset per 32 weights) 0.75, so a step bound by
+ * memory reads under a fifth of the bytes. The arithmetic stays float32: per block,
+ *     sum_j x_j (scale q_j + offset) = scale * sum_j x_j q_j + offset * sum_j x_j,
+ * the same products as the dequantized weight's, summed in another order.
+ *
+ * Layout (kernels.q4_pack): nibbles [N, K/32, 16] uint8, byte j = weight j (low nibble) and
+ * weight j + 16 (high nibble) of its block, GGUF's order; scale, offset [N, K/32] float32.
+ * K is a multiple of 32. Rows of W are split among the threads.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#define Q4_ROWS 8 /* rows of x per pass over a block of W (each decoded block serves them all) */
+
+/* The sum of each block of 32 of x's values: the offset's share of every dot product. */
+static void block_sums(const float *x, int64_t M, int64_t K, float *sums) {
+    const int64_t nb = K / 32;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            float s = 0.0f;
+            for (int j = 0; j < 32; j++)
+                s += x[m * K + b * 32 + j];
+            sums[m * nb + b] = s;
+        }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* A block's 32 weights (as four vectors) times 32 values of x, as 8 partial sums. */
+static inline __m256 dot32(__m256 q0, __m256 q1, __m256 q2, __m256 q3, const float *xb) {
+    __m256 t = _mm256_mul_ps(q0, _mm256_loadu_ps(xb));
+    __m256 u = _mm256_mul_ps(q1, _mm256_loadu_ps(xb + 8));
+    t = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xb + 16), t);
+    u = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb + 24), u);
+    return _mm256_add_ps(t, u);
+}
+
+/* Rows m0 .. m0 + R - 1 of y's column n, from x in q4_permute's order. R is a constant in each
+ * caller (q4_row's switch), so the accumulators live in registers.
+ *
+ * Decoding without int -> float conversions: each nibble q becomes the bf16 bits of 1 + q/16
+ * (0x3F80 | q << 3, exact), and interleaving those 16-bit halves with zeros makes float32s. So
+ * the block's sum is over x_j (1 + q_j / 16), and
+ *     scale * sum x_j q_j + offset * sum x_j = 16 scale * sum x_j (1 + q_j/16)
+ *                                              + (offset - 16 scale) * sum x_j.
+ * The interleave works within 128-bit halves, which orders each block's weights as
+ * 0-3 8-11 | 4-7 12-15 | 16-19 24-27 | 20-23 28-31; q4_permute puts x in that order once. */
+static inline __attribute__((always_inline)) void
+q4_rows(const float *x, const uint8_t *nib, const float *scale, const float *offset,
+        const float *sums, int64_t m0, const int R, int64_t K, float *out) {
+    const int64_t nb = K / 32;
+    __m256 acc[Q4_ROWS];
+    for (int r = 0; r < R; r++)
+        acc[r] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi16(0x000F), high4 = _mm256_set1_epi16(0x0078);
+    const __m256i one = _mm256_set1_epi16(0x3F80), zero = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(nib + b * 16)));
+        const __m256i lo = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, low4), 3), one);
+        const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 1), high4), one);
+        const __m256 q0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, lo));
+        const __m256 q1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, lo));
+        const __m256 q2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, hi));
+        const __m256 q3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, hi));
+        const __m256 s = _mm256_set1_ps(16.0f * scale[b]);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(s, dot32(q0, q1, q2, q3, x + (m0 + r) * K + b * 32), acc[r]);
+    }
+    for (int r = 0; r < R; r++) {
+        const float *sr = sums + (m0 + r) * nb;
+        float off = 0.0f;
+        for (int64_t b = 0; b < nb; b++)
+            off += (offset[b] - 16.0f * scale[b]) * sr[b];
+        out[r] = hsum8(acc[r]) + off;
+    }
+}
+
+/* x [M, K] in the order q4_rows reads each block of 32 (see above). */
+static float *q4_permute(const float *x, int64_t M, int64_t K) {
+    static const int order[32] = {0,  1,  2,  3,  8,  9,  10, 11, 4,  5,  6,  7,  12, 13, 14, 15,
+                                  16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31};
+    float *out = malloc(sizeof(float) * (size_t)(M * K));
+    if (out == NULL)
+        abort();
+    for (int64_t i = 0; i < M * K; i += 32)
+        for (int j = 0; j < 32; j++)
+            out[i + j] = x[i + order[j]];
+    return out;
+}
+
+static void q4_row(const float *x, const uint8_t *nib, const float *scale, const float *offset,
+                   const float *sums, int64_t m0, int rows, int64_t K, float *out) {
+    switch (rows) {
+#define Q4_CASE(R)                                                                                 \
+    case R:                                                                                        \
+        q4_rows(x, nib, scale, offset, sums, m0, R, K, out);                                       \
+        break;
+        Q4_CASE(1) Q4_CASE(2) Q4_CASE(3) Q4_CASE(4) Q4_CASE(5) Q4_CASE(6) Q4_CASE(7) Q4_CASE(8)
+#undef Q4_CASE
+    }
+}
+#else
+static void q4_row(const float *x, const uint8_t *nib, const float *scale, const float *offset,
+                   const float *sums, int64_t m0, int rows, int64_t K, float *out) {
+    const int64_t nb = K / 32;
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (m0 + r) * K;
+        float total = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = nib + b * 16;
+            float t = 0.0f;
+            for (int j = 0; j < 16; j++)
+                t += xr[b * 32 + j] * (float)(p[j] & 0x0F) + xr[b * 32 + 16 + j] * (float)(p[j] >> 4);
+            total += scale[b] * t + offset[b] * sums[(m0 + r) * nb + b];
+        }
+        out[r] = total;
+    }
+}
+#endif
+
+/* Whether this build has the vector path (else the plain C one): for the log. */
+int q4_linear_vectorized(void) {
+#if defined(__AVX2__) && defined(__FMA__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void q4_linear(const float *x, const uint8_t *nib, const float *scale, const float *offset,
+               const float *bias, float *y, int64_t M, int64_t N, int64_t K, int num_threads) {
+    const int64_t nb = K / 32;
+    float *sums = malloc(sizeof(float) * (size_t)(M * nb));
+    if (sums == NULL)
+        abort();
+    block_sums(x, M, K, sums);
+#if defined(__AVX2__) && defined(__FMA__)
+    float *xp = q4_permute(x, M, K);
+#else
+    const float *xp = x;
+#endif
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float out[Q4_ROWS];
+        for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS) {
+            const int rows = M - m0 < Q4_ROWS ? (int)(M - m0) : Q4_ROWS;
+            q4_row(xp, nib + n * nb * 16, scale + n * nb, offset + n * nb, sums, m0, rows, K, out);
+            for (int r = 0; r < rows; r++)
+                y[(m0 + r) * N + n] = out[r] + (bias != NULL ? bias[n] : 0.0f);
+        }
+    }
+    free(sums);
+#if defined(__AVX2__) && defined(__FMA__)
+    free(xp);
+#endif
+}
+
+/* q8_linear: W[n, k] = scale[n, k / 32] * q[n, k], q int8 [N, K], scale float32 [N, K/32]. */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __attribute__((always_inline)) void q8_rows(const float *x, const int8_t *q,
+                                                          const float *scale, int64_t m0,
+                                                          const int R, int64_t K, float *out) {
+    const int64_t nb = K / 32;
+    __m256 acc[Q4_ROWS];
+    for (int r = 0; r < R; r++)
+        acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *qb = q + b * 32;
+        const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)qb)));
+        const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 8))));
+        const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 16))));
+        const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 24))));
+        const __m256 s = _mm256_set1_ps(scale[b]);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(s, dot32(q0, q1, q2, q3, x + (m0 + r) * K + b * 32), acc[r]);
+    }
+    for (int r = 0; r < R; r++)
+        out[r] = hsum8(acc[r]);
+}
+
+static void q8_row(const float *x, const int8_t *q, const float *scale, int64_t m0, int rows,
+                   int64_t K, float *out) {
+    switch (rows) {
+#define Q8_CASE(R)                                                                                 \
+    case R:                                                                                        \
+        q8_rows(x, q, scale, m0, R, K, out);                                                       \
+        break;
+        Q8_CASE(1) Q8_CASE(2) Q8_CASE(3) Q8_CASE(4) Q8_CASE(5) Q8_CASE(6) Q8_CASE(7) Q8_CASE(8)
+#undef Q8_CASE
+    }
+}
+#else
+static void q8_row(const float *x, const int8_t *q, const float *scale, int64_t m0, int rows,
+                   int64_t K, float *out) {
+    const int64_t nb = K / 32;
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (m0 + r) * K;
+        float total = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            float t = 0.0f;
+            for (int j = 0; j < 32; j++)
+                t += xr[b * 32 + j] * (float)q[b * 32 + j];
+            total += scale[b] * t;
+        }
+        out[r] = total;
+    }
+}
+#endif
+
+void q8_linear(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
+               int64_t M, int64_t N, int64_t K, int num_threads) {
+    const int64_t nb = K / 32;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float out[Q4_ROWS];
+        for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS) {
+            const int rows = M - m0 < Q4_ROWS ? (int)(M - m0) : Q4_ROWS;
+            q8_row(x, q + n * K, scale + n * nb, m0, rows, K, out);
+            for (int r = 0; r < rows; r++)
+                y[(m0 + r) * N + n] = out[r] + (bias != NULL ? bias[n] : 0.0f);
+        }
+    }
+}

@@ -1,0 +1,80 @@
+"""q4_linear (csrc/q4_linear.c) against torch's float32 linear over the dequantized weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headrace.model.kernels import cpu_kernels
+from headrace.model.layers import Q4Linear, Q8Linear
+
+kernels = cpu_kernels()
+pytestmark = pytest.mark.skipif(kernels is None, reason="no C compiler: no CPU kernels")
+
+
+def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(n * 7 + k)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, k // 32, generator=g) * 0.02
+    offset = -8 * scale + torch.randn(n, k // 32, generator=g) * 1e-3
+    w = q.float().reshape(n, k // 32, 32) * scale[..., None] + offset[..., None]
+    return scale, offset, q, w.reshape(n, k)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_equals_the_dequantized_linear(rows: int, bias: bool) -> None:
+    assert kernels is not None
+    n, k = 96, 576
+    scale, offset, q, w = _weight(n, k)
+    b = torch.randn(n) if bias else None
+    x = torch.randn(rows, k)
+    got = kernels.q4_linear(x, kernels.q4_pack(scale, offset, q), b)
+    want = F.linear(x, w, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_module_uses_the_blocks_for_few_rows_and_torch_for_many() -> None:
+    assert kernels is not None
+    n, k = 64, 128
+    scale, offset, q, w = _weight(n, k)
+    linear = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    layer = Q4Linear(linear, kernels, (scale, offset, q))
+    for rows in (1, Q4Linear.max_rows, Q4Linear.max_rows + 1, 64):
+        x = torch.randn(rows, k)
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 16])
+def test_q8_equals_the_dequantized_linear(rows: int) -> None:
+    assert kernels is not None
+    n, k = 80, 576
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, k // 32, generator=g) * 0.01
+    w = (q.float().reshape(n, k // 32, 32) * scale[..., None]).reshape(n, k)
+    x = torch.randn(rows, k, generator=g)
+    b = torch.randn(n, generator=g)
+    got = kernels.q8_linear(x, q, scale, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_the_bundled_model_reads_its_blocks_in_float32() -> None:
+    """float32 on CPU from the bundled GGUF: every decoder linear is a Q4Linear and the LM head
+    a Q8Linear, each giving what its float32 weight gives."""
+    from headrace.config import ModelConfig
+    from headrace.model.loader import load_model, read_arch, resolve_model_path
+
+    path = resolve_model_path(ModelConfig().model)
+    arch, source = read_arch(path)
+    model = load_model(path, arch, source, torch.float32, torch.device("cpu"), 256).model
+    q4 = [m for m in model.modules() if isinstance(m, Q4Linear)]
+    assert len(q4) == 4 * arch.num_layers
+    assert isinstance(model.lm_head, Q8Linear)
+    for layer in (q4[0], q4[-1], model.lm_head):
+        x = torch.randn(3, layer.weight.shape[1])
+        want = F.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
