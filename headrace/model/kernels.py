@@ -91,6 +91,7 @@ class Q4Packed(NamedTuple):
 
 class Kernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
         i32, f32 = ctypes.c_int, ctypes.c_float
         self._decode = _bind(
             lib, "paged_decode_attention", [_ptr] * 6 + [_i64] * 6 + [f32, i32, i32]
@@ -449,8 +450,8 @@ def cpu_kernels() -> Kernels | None:
     if envs.disable_kernels():
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
-        kernels = Kernels(lib)
+        kernels = build_kernels()
+        lib = kernels.lib
     except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
         detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
         logger.warning("CPU kernels unavailable, using the torch path: %s", detail)
@@ -462,6 +463,12 @@ def cpu_kernels() -> Kernels | None:
             "cores", ours, torchs,
         )  # fmt: skip
     return kernels
+
+
+def build_kernels(extra_flags: tuple[str, ...] = ()) -> Kernels:
+    """Compile (or take from the cache) and load the kernels; `extra_flags` after -march=native,
+    e.g. ("-mno-avx2", "-mno-fma") to build the plain-C twins of the vector paths for tests."""
+    return Kernels(ctypes.CDLL(str(_build(extra_flags))))
 
 
 class _DlInfo(ctypes.Structure):
@@ -493,14 +500,15 @@ def openmp_runtimes(lib: ctypes.CDLL) -> tuple[str | None, str | None]:
     return file_of(lib), file_of(torch_lib)
 
 
-def _build() -> Path:
+def _build(extra_flags: tuple[str, ...] = ()) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
     source = b"\0".join(p.read_bytes() for p in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
+    flags = (*FLAGS, *extra_flags)
     key = hashlib.sha256(
-        b"\0".join([source, version.stdout.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()])
+        b"\0".join([source, version.stdout.encode(), " ".join(flags).encode(), _cpu_id().encode()])
     ).hexdigest()[:16]
     target = envs.cache_dir() / "kernels" / key / "cpu_kernels.so"
     if target.exists():
@@ -511,7 +519,7 @@ def _build() -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
+            [cc, *flags, *map(str, SOURCES), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             check=True,

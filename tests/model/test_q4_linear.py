@@ -6,11 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from headrace.model.kernels import cpu_kernels
+from headrace.model.kernels import Kernels, build_kernels, cpu_kernels
 from headrace.model.layers import Q4Linear, Q8Linear
 
 kernels = cpu_kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason="no C compiler: no CPU kernels")
+
+
+@pytest.fixture(scope="module", params=["native", "plain C"])
+def built(request: pytest.FixtureRequest) -> Kernels:
+    """The kernels as built for this CPU, and their plain-C twins (built without AVX2/FMA)."""
+    assert kernels is not None
+    if request.param == "native":
+        return kernels
+    plain = build_kernels(("-mno-avx2", "-mno-fma"))
+    assert not plain.q4_vectorized
+    return plain
 
 
 def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -24,13 +35,12 @@ def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_equals_the_dequantized_linear(rows: int, bias: bool) -> None:
-    assert kernels is not None
+def test_equals_the_dequantized_linear(built: Kernels, rows: int, bias: bool) -> None:
     n, k = 96, 576
     scale, offset, q, w = _weight(n, k)
     b = torch.randn(n) if bias else None
     x = torch.randn(rows, k)
-    got = kernels.q4_linear(x, kernels.q4_pack(scale, offset, q), b)
+    got = built.q4_linear(x, built.q4_pack(scale, offset, q), b)
     want = F.linear(x, w, b)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -49,8 +59,7 @@ def test_module_uses_the_blocks_for_few_rows_and_torch_for_many() -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 8, 9, 16])
-def test_q8_equals_the_dequantized_linear(rows: int) -> None:
-    assert kernels is not None
+def test_q8_equals_the_dequantized_linear(built: Kernels, rows: int) -> None:
     n, k = 80, 576
     g = torch.Generator().manual_seed(rows)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
@@ -58,7 +67,7 @@ def test_q8_equals_the_dequantized_linear(rows: int) -> None:
     w = (q.float().reshape(n, k // 32, 32) * scale[..., None]).reshape(n, k)
     x = torch.randn(rows, k, generator=g)
     b = torch.randn(n, generator=g)
-    got = kernels.q8_linear(x, q, scale, b)
+    got = built.q8_linear(x, q, scale, b)
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
