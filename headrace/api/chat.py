@@ -26,7 +26,6 @@ from headrace.api.tools import (
 )
 from headrace.api.validation import (
     check_constraint,
-    constraint_field,
     context_of,
     pinned_rank,
     prompt_limits,
@@ -58,7 +57,7 @@ async def create_chat_completion(request: Request) -> Response:
     params = sampling_params(body, max_tokens, body.num_logprobs)
     constrained = tool_constraint(body, mode)
     params = _with_tool_constraint(params, mode, constrained)
-    await check_constraint(params, "tools" if constrained else constraint_field(body))
+    await check_constraint(params, body, from_tools=constrained is not None)
     with ctx.admission.admit(body.n):
         prompt = await _render(tok, body, limits)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -15,7 +15,6 @@ from headrace.api.protocol import CompletionRequest
 from headrace.api.responses import Answer
 from headrace.api.validation import (
     check_constraint,
-    constraint_field,
     context_of,
     pinned_rank,
     prompt_limits,
@@ -43,7 +42,7 @@ async def create_completion(request: Request) -> Response:
     explicit_max = body.max_tokens if "max_tokens" in body.model_fields_set else None
     limits = prompt_limits(ctx, explicit_max, body.truncate_prompt_tokens)
     params = sampling_params(body, body.max_tokens, body.logprobs)
-    await check_constraint(params, constraint_field(body))
+    await check_constraint(params, body)
     with ctx.admission.admit(body.n * body.num_prompts):
         prompts, texts = await _tokenize(tok, body, limits)
         request_id = f"cmpl-{uuid.uuid4().hex}"

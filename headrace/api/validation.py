@@ -43,23 +43,22 @@ def sampling_params(
         raise APIError(400, str(exc)) from None
 
 
-async def check_constraint(params: SamplingParams, field: str) -> None:
-    """400 naming what is wrong with a bad schema, regex, grammar or structural tag given in
-    `field` (checked on a worker thread: a large schema takes milliseconds to convert)."""
+async def check_constraint(
+    params: SamplingParams, body: SamplingFields, from_tools: bool = False
+) -> None:
+    """400 naming what is wrong with a bad schema, regex, grammar or structural tag, and the
+    field that gave it (checked on a worker thread: a large schema takes milliseconds)."""
     spec = params.structured_outputs
     if spec is None:
         return
     try:
         await asyncio.to_thread(structured.check_constraint, spec)
     except ValueError as exc:
+        found = None if from_tools else body.constraint()
+        field = "tools" if from_tools else found[0] if found else "structured_outputs"
         raise APIError(400, f"{field}: {exc}", param=field) from None
     except RuntimeError as exc:  # xgrammar is not installed
         raise APIError(500, str(exc)) from None
-
-
-def constraint_field(body: SamplingFields) -> str:
-    found = body.constraint()
-    return found[0] if found else "structured_outputs"
 
 
 def prompt_limits(ctx: ServerContext, max_tokens: int | None, truncate: int | None) -> PromptLimits:
