@@ -218,8 +218,8 @@ class Scheduler:
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         params = req.params
         num_out = len(req.output_token_ids)
-        if req.grammar is not None and (not req.grammar.accept([token]) or req.grammar.finished):
-            return FinishReason.STOP  # the grammar is complete (its stop token was sampled)
+        if req.grammar is not None and req.grammar.ends_with(token):
+            return FinishReason.STOP
         if num_out >= params.min_tokens:
             if token in self.eos_token_ids and not params.ignore_eos:
                 return FinishReason.STOP

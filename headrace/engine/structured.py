@@ -3,7 +3,7 @@
     add_request --> Grammars.attach: compile on the grammar thread (cached by constraint)
     schedule    --> a request whose grammar is still compiling waits (the rest of the batch runs)
     execute     --> Grammars.mask: each constrained row's bitmask, applied to its logits in place
-    update      --> GrammarState.accept(token); a grammar that finished ends the request (stop)
+    update      --> GrammarState.ends_with(token): a grammar that is complete ends the request
 
 Compiling runs on one background thread (xgrammar's compiler releases the GIL), so a slow schema
 delays only its own request. The tokenizer info is built on that thread at the first
@@ -116,12 +116,13 @@ class GrammarState:
             self.error = f"the structured output constraint did not compile: {exc}"
         return True
 
-    def accept(self, tokens: list[int]) -> bool:
-        """Advance past output tokens (a preempted request replays none: its state is kept)."""
-        return all(self.matcher.accept_token(t) for t in tokens)
-
-    @property
-    def finished(self) -> bool:
+    def ends_with(self, token: int) -> bool:
+        """Advance past a sampled token (a preempted request replays none: its matcher keeps
+        its place); True when the request ends here: the grammar is complete (its stop token
+        was accepted), or the token was one the mask forbids, which is logged."""
+        if not self.matcher.accept_token(token):
+            logger.error("a constrained request sampled token %d, which its grammar forbids", token)
+            return True
         return bool(self.matcher.is_terminated())
 
 
