@@ -223,9 +223,7 @@ def load_model(
         if kernels is not None:
             assert isinstance(source, GGUFWeights)
             count = use_q4_linears(model, kernels, _q4_blocks(source))
-            head = "lm_head.weight" if "lm_head.weight" in source.names() else None
-            if arch.tie_word_embeddings or head is None:
-                head = "model.embed_tokens.weight"
+            head = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
             q8 = source.q8_blocks(head) if head in source.names() else None
             if q8 is not None and model.lm_head.weight.dtype == torch.float32:
                 model.lm_head = Q8Linear(model.lm_head, kernels, q8)  # type: ignore[assignment]
