@@ -6,7 +6,7 @@
 Each shape NxL is N random prompts of L tokens, prefilled in one step (max_num_batched_tokens is
 raised to fit) with max_tokens=1. The runs alternate between prompt-chunk attention on AMX tiles
 (paged_prefill_attention_amx, the default with a bf16 cache on an AMX CPU) and the float32-FMA
-kernel (as HEADRACE_DISABLE_AMX_ATTENTION=1 sets), in one process so both see the same machine;
+kernel (as the avx512 backend runs it), in one process so both see the same machine;
 the first round is a warm-up. Prints the median step time of each and their ratio.
 """
 

@@ -17,43 +17,11 @@ from headrace.engine.sampler import plain_greedy, sample
 from headrace.engine.scheduler import RunnerOutput, SchedulePlan
 from headrace.engine.structured import Grammars
 from headrace.model.attention import AttentionMetadata, AttnGroup, build_group
-from headrace.model.kernels import cpu_kernels
+from headrace.model.backend import select_backend
 from headrace.model.loader import ProgressFn, load_model, read_arch, resolve_model_path
 from headrace.model.registry import ArchConfig
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 where the hardware has fast bf16 matrix units (CUDA, AVX512-BF16/AMX
-    CPUs), else float32."""
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16
-    caps = torch.backends.cpu.get_cpu_capability()
-    return torch.bfloat16 if caps in ("AVX512", "AMX") and _cpu_has_bf16() else torch.float32
-
-
-def kv_cache_dtype(dtype: torch.dtype, device: torch.device, cpu_kernel: bool) -> torch.dtype:
-    """The KV cache's dtype: the weights' dtype, except on CPU without the C decode kernel
-    (model/kernels.py), where it is float32. Attention itself computes in float32 on CPU either
-    way (torch's CPU attention is several times slower in bf16); the cache's dtype decides how
-    many bytes each decode step reads, and a bf16 cache halves them."""
-    if device.type == "cpu" and not cpu_kernel:
-        return torch.float32
-    return dtype
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +48,19 @@ class ModelRunner:
         path = resolve_model_path(model_cfg.model)
         arch, source = read_arch(path)
         max_len = _max_model_len(model_cfg.max_model_len, arch)
-        self.dtype = resolve_dtype(model_cfg.dtype, self.device)
+        self.backend = select_backend(self.device)
+        logger.info("compute backend %s: %s", self.backend.name, self.backend.why)
+        self.dtype = self.backend.dtype(model_cfg.dtype)
         torch.manual_seed(model_cfg.seed)
-        loaded = load_model(path, arch, source, self.dtype, self.device, max_len, progress)
+        loaded = load_model(path, arch, source, self.dtype, self.backend, max_len, progress)
         self.model, self.arch = loaded.model, loaded.arch
         self.block_size = cache_cfg.block_size
-        self.kernels = cpu_kernels() if self.device.type == "cpu" else None
+        self.kernels = self.backend.kernels
         # prompt chunks: the C kernel reads lengths; the torch path needs them padded and masked
         self.padded_attention = self.kernels is None or not self.kernels.handles_prefill(
             self.arch.head_dim
         )
-        self.kv_dtype = kv_cache_dtype(self.dtype, self.device, self.kernels is not None)
+        self.kv_dtype = self.backend.kv_cache_dtype(self.dtype)
         per_block = (
             2
             * arch.num_layers

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from headrace import envs
 from headrace.model.attention import AttentionMetadata
 from headrace.model.kernels import DecodeLayer, Kernels, weight_format
 from headrace.model.layers import AmxLinear
@@ -61,10 +60,7 @@ class FusedDecode:
     @staticmethod
     def build(model: LlamaForCausalLM, kernels: Kernels | None) -> FusedDecode | None:
         """A FusedDecode for `model`, or None where decode_layers cannot run it (no AMX kernels,
-        a linear that is not an AmxLinear with bf16 output, a head size not a multiple of 16)
-        or HEADRACE_DISABLE_FUSED_DECODE is set."""
-        if envs.disable_fused_decode():
-            return None
+        a linear that is not an AmxLinear with bf16 output, a head size not a multiple of 16)."""
         if kernels is None or not kernels.amx or model.cfg.head_dim % 16:
             return None
         if model.embed_tokens.weight.dtype != torch.bfloat16:

@@ -17,14 +17,12 @@ stored (amx_pack_q4); and prompt-chunk attention over a bf16 cache on AMX tiles 
 float32-FMA kernel's speed, the longer the prompt the more).
 Without AMX, float32 linears of a GGUF model read its 4-bit blocks for decode-sized batches
 (q4_linear, csrc/q4_linear.c: AVX2 + FMA, or plain C; layers.Q4Linear).
-No compiler, or a failed build: a warning, and the model keeps its pure-torch ops (with a float32
-KV cache on CPU). HEADRACE_DISABLE_KERNELS=1 forces that path.
+Which build a process loads, if any, is the compute backend's choice (model/backend.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -126,7 +124,6 @@ class Kernels:
         self.q4_vectorized = bool(lib.q4_linear_vectorized())
         lib.amx_available.restype = ctypes.c_int
         self.amx = bool(lib.amx_available())
-        self.amx_attention = self.amx and not envs.disable_amx_attention()
 
     @staticmethod
     def q4_pack(scale: torch.Tensor, offset: torch.Tensor, q: torch.Tensor) -> Q4Packed:
@@ -405,9 +402,8 @@ class Kernels:
     def prefill_on_amx(self, kv_dtype: torch.dtype, head_dim: int) -> bool:
         """Whether prompt chunks take paged_prefill_attention_amx: a bf16 cache (the tiles
         multiply bf16; Q and the softmax weights go in as hi + lo bf16 pairs, so results stay
-        within ~1e-5 of the float32 kernel), AMX usable here and not switched off
-        (HEADRACE_DISABLE_AMX_ATTENTION), head_dim % 32 == 0."""
-        return self.amx_attention and kv_dtype == torch.bfloat16 and head_dim % 32 == 0
+        within ~1e-5 of the float32 kernel), AMX usable here, head_dim % 32 == 0."""
+        return self.amx and kv_dtype == torch.bfloat16 and head_dim % 32 == 0
 
     def paged_prefill_attention(
         self,
@@ -444,30 +440,9 @@ class Kernels:
         return out
 
 
-@functools.cache
-def cpu_kernels() -> Kernels | None:
-    """The compiled kernels, or None where they cannot be built (logged once)."""
-    if envs.disable_kernels():
-        return None
-    try:
-        kernels = build_kernels()
-        lib = kernels.lib
-    except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
-        detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
-        logger.warning("CPU kernels unavailable, using the torch path: %s", detail)
-        return None
-    ours, torchs = openmp_runtimes(lib)
-    if ours != torchs:  # a torch build whose OpenMP has another soname (libiomp, mangled)
-        logger.warning(
-            "the CPU kernels run on OpenMP runtime %s, torch on %s: two thread pools share the "
-            "cores", ours, torchs,
-        )  # fmt: skip
-    return kernels
-
-
 def build_kernels(extra_flags: tuple[str, ...] = ()) -> Kernels:
     """Compile (or take from the cache) and load the kernels; `extra_flags` after -march=native,
-    e.g. ("-mno-avx2", "-mno-fma") to build the plain-C twins of the vector paths for tests."""
+    e.g. ("-mno-avx2", "-mno-fma") for the plain-C twins of the vector paths."""
     return Kernels(ctypes.CDLL(str(_build(extra_flags))))
 
 

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from torch import nn
 
 from headrace import envs
+from headrace.model.backend import Backend
 from headrace.model.fused import FusedDecode
 from headrace.model.gguf import GGUFWeights, Q4Blocks
-from headrace.model.kernels import cpu_kernels
 from headrace.model.layers import (
     AmxLinear,
     Q4Linear,
@@ -140,11 +140,15 @@ def load_model(
     arch: ArchConfig,
     source: WeightSource,
     dtype: torch.dtype,
-    device: torch.device,
+    backend: Backend,
     max_positions: int,
     progress: ProgressFn | None = None,
+    read_blocks: bool = True,
 ) -> LoadedModel:
-    """Build the module on the meta device, then fill every parameter from the weight source."""
+    """Build the module on the meta device, then fill every parameter from the weight source,
+    and give its linears the backend's kernels. read_blocks=False (tests): linears do not read
+    a GGUF file's 4-bit blocks, only the weights dequantized from them."""
+    device = backend.device
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, max_positions, dtype)
     model.rope.build(device)
@@ -207,44 +211,29 @@ def load_model(
     leftover = [n for n, prm in model.named_parameters() if prm.is_meta]
     if leftover:
         raise UnsupportedModelError(f"{path}: no weights found for {', '.join(leftover[:5])}")
+    kernels = backend.kernels
+    gguf = source if read_blocks and isinstance(source, GGUFWeights) else None
     if can_pack_linears(dtype, device):
-        kernels = None if envs.disable_amx_linear() else cpu_kernels()
         # logits unrounded where the AMX kernel computes them: bf16 logits tie near-equal tokens
-        q4 = None
-        if isinstance(source, GGUFWeights) and not envs.disable_four_bit():
-            q4 = _q4_blocks(source)
+        q4 = _q4_blocks(gguf) if gguf is not None and backend.amx else None
         packed = pack_linears(model, kernels, float_out=("lm_head",), q4=q4)
         logger.info("packed linear layers: %s", ", ".join(f"{n} {k}" for k, n in packed.items()))
         model.fused_decode = FusedDecode.build(model, kernels)
         if model.fused_decode is not None:
             logger.info("decode steps of up to %d requests run as one call", AmxLinear.max_rows)
-    elif _reads_q4(dtype, device, source):
-        kernels = cpu_kernels()
-        if kernels is not None:
-            assert isinstance(source, GGUFWeights)
-            count = use_q4_linears(model, kernels, _q4_blocks(source))
-            head = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
-            q8 = source.q8_blocks(head) if head in source.names() else None
-            if q8 is not None and model.lm_head.weight.dtype == torch.float32:
-                model.lm_head = Q8Linear(model.lm_head, kernels, q8)  # type: ignore[assignment]
-            logger.info(
-                "%d float32 linear layers read their 4-bit GGUF blocks, and the LM head %s, for "
-                "up to %d rows (%s)",
-                count, "its 8-bit ones" if q8 is not None else "float32", Q4Linear.max_rows,
-                "AVX2" if kernels.q4_vectorized else "plain C",
-            )  # fmt: skip
+    elif kernels is not None and gguf is not None and dtype == torch.float32:
+        count = use_q4_linears(model, kernels, _q4_blocks(gguf))
+        head = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
+        q8 = gguf.q8_blocks(head) if head in names else None
+        if q8 is not None and model.lm_head.weight.dtype == torch.float32:
+            model.lm_head = Q8Linear(model.lm_head, kernels, q8)  # type: ignore[assignment]
+        logger.info(
+            "%d float32 linear layers read their 4-bit GGUF blocks, and the LM head %s, for up "
+            "to %d rows", count, "its 8-bit ones" if q8 is not None else "float32",
+            Q4Linear.max_rows,
+        )  # fmt: skip
     model.eval()
     return LoadedModel(model, arch, path, dtype)
-
-
-def _reads_q4(dtype: torch.dtype, device: torch.device, source: object) -> bool:
-    """float32 weights on CPU from a GGUF file: Q4Linear can read the file's 4-bit blocks."""
-    return (
-        dtype == torch.float32
-        and device.type == "cpu"
-        and isinstance(source, GGUFWeights)
-        and not envs.disable_four_bit()
-    )
 
 
 # a fused linear's GGUF tensors, by the suffix of its qualified name

@@ -11,6 +11,7 @@ import torch
 from headrace.model.loader import bundled_model_path
 from headrace.offline import LLM
 from headrace.wire.messages import SamplingParams
+from tests.backends import RUNNABLE
 
 MAX_TOKENS = 32
 QUESTIONS = [
@@ -94,8 +95,12 @@ def _check_all(llm: LLM, reference: Reference, outputs: list[Any]) -> None:
         reference.assert_same(out.prompt_token_ids, out.outputs[0].token_ids)
 
 
-def test_alone_and_batched(reference: Reference) -> None:
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_alone_and_batched(reference: Reference, backend: str, monkeypatch) -> None:
+    """On every compute backend this CPU runs (HEADRACE_CPU_BACKEND)."""
+    monkeypatch.setenv("HEADRACE_CPU_BACKEND", backend)
     llm = LLM(dtype="float32", enable_prefix_caching=False)
+    assert llm.engine.runner.backend.name == backend
     for q in QUESTIONS[:4]:
         _check_all(llm, reference, llm.chat(_conv(q), GREEDY))
     outputs = llm.chat([_conv(q) for q in QUESTIONS], GREEDY)

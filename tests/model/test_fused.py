@@ -11,9 +11,10 @@ from transformers import LlamaForCausalLM as HFLlama
 from transformers import Qwen2ForCausalLM as HFQwen2
 
 from headrace.model.attention import AttentionMetadata, build_group
-from headrace.model.kernels import cpu_kernels
+from headrace.model.backend import select_backend
 from headrace.model.layers import AmxLinear
 from headrace.model.loader import bundled_model_path, load_model, read_arch
+from tests.backends import amx_kernels
 
 BLOCK = 4
 CASES = {
@@ -40,7 +41,8 @@ def _load(tmp_path: Path, name: str):
                 p.normal_(0, 0.5)
     hf.save_pretrained(tmp_path / name, safe_serialization=True)
     arch, source = read_arch(tmp_path / name)
-    model = load_model(tmp_path / name, arch, source, torch.bfloat16, torch.device("cpu"), 256)
+    amx = select_backend(torch.device("cpu"), "amx")
+    model = load_model(tmp_path / name, arch, source, torch.bfloat16, amx, 256)
     return model.model, arch
 
 
@@ -52,9 +54,7 @@ def _meta(q_lens, ctx_lens, tables, groups, kernels):
 @pytest.mark.parametrize("requests", [1, 19, 100])  # past a 16-row tile; past 64 rows
 @pytest.mark.parametrize("name", list(CASES))
 def test_fused_decode_gives_the_layer_by_layer_bits(tmp_path: Path, name: str, requests: int):
-    kernels = cpu_kernels()
-    if kernels is None or not kernels.amx:
-        pytest.skip("no AMX-BF16 kernel here")
+    kernels = amx_kernels()
     model, arch = _load(tmp_path, name)
     fused = model.fused_decode
     assert fused is not None
@@ -98,19 +98,16 @@ def _fused_and_layer_by_layer(model, arch, kernels, requests):
     return hidden, caches
 
 
-def test_four_bit_weights_give_the_bf16_bits(monkeypatch) -> None:
+def test_four_bit_weights_give_the_bf16_bits() -> None:
     """The bundled GGUF's Q4_1 linears, kept 4-bit (AmxLinear.four_bit), give the hidden states
-    and caches of the same model with bf16 tiles (HEADRACE_DISABLE_FOUR_BIT) to the bit, fused
-    and layer by layer."""
-    kernels = cpu_kernels()
-    if kernels is None or not kernels.amx:
-        pytest.skip("no AMX-BF16 kernel here")
+    and caches of the same model with bf16 tiles (read_blocks=False) to the bit, fused and layer
+    by layer."""
+    kernels = amx_kernels()
     path = bundled_model_path()
     arch, source = read_arch(path)
-    cpu = torch.device("cpu")
+    cpu = select_backend(torch.device("cpu"), "amx")
     four = load_model(path, arch, source, torch.bfloat16, cpu, 256).model
-    monkeypatch.setenv("HEADRACE_DISABLE_FOUR_BIT", "1")
-    plain = load_model(path, arch, source, torch.bfloat16, cpu, 256).model
+    plain = load_model(path, arch, source, torch.bfloat16, cpu, 256, read_blocks=False).model
     amx = [[m for m in model.modules() if isinstance(m, AmxLinear)] for model in (four, plain)]
     assert sum(m.four_bit for m in amx[0]) == 4 * arch.num_layers  # all but the LM head (Q8_0)
     assert not any(m.four_bit for m in amx[1])
@@ -123,9 +120,7 @@ def test_four_bit_weights_give_the_bf16_bits(monkeypatch) -> None:
 
 
 def test_fused_decode_skips_prompts_and_large_batches(tmp_path: Path) -> None:
-    kernels = cpu_kernels()
-    if kernels is None or not kernels.amx:
-        pytest.skip("no AMX-BF16 kernel here")
+    kernels = amx_kernels()
     model, arch = _load(tmp_path, "qwen2-d16")
     fused = model.fused_decode
     assert fused is not None

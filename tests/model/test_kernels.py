@@ -11,17 +11,29 @@ import pytest
 import torch
 
 from headrace.model.attention import AttentionMetadata, build_group, paged_attention
-from headrace.model.kernels import Kernels, _build, cpu_kernels, openmp_runtimes
+from headrace.model.backend import backend_kernels, select_backend
+from headrace.model.kernels import openmp_runtimes
 from headrace.model.layers import RMSNorm, RotaryEmbedding
+from tests.backends import KERNEL_BUILDS, amx_kernels
 
 BLOCK = 16
 
 
+@pytest.fixture(scope="module", params=KERNEL_BUILDS)
+def kernels(request):
+    """Each kernel build this CPU runs (amx, avx512, avx2, c): every vector path and its twin."""
+    return backend_kernels(request.param)
+
+
 @pytest.fixture(scope="module")
-def kernels():
-    k = cpu_kernels()
-    assert k is not None, "the C kernel did not build (is a C compiler installed?)"
-    return k
+def amx():
+    """The AMX build: its tile kernels (skipped where the CPU has none)."""
+    return amx_kernels()
+
+
+def test_a_kernel_build_runs_here():
+    assert KERNEL_BUILDS, "no kernel build ran here (is a C compiler installed?)"
+    assert "c" in KERNEL_BUILDS  # the plain-C twins build on any CPU
 
 
 def _random_case(
@@ -113,20 +125,23 @@ def _causal_reference(q, cache, tables, q_lens, ctx_lens, scale):
 # of two chunks; Qwen2-0.5B's 7 query heads per KV head; head_dim 80 (not a multiple of 16, nor
 # of 32: no AMX kernel)
 PREFILL_SHAPES = [(9, 3, 64, 16), (4, 4, 128, 8), (8, 1, 64, 32), (14, 2, 64, 16), (6, 3, 80, 16)]
-# the float32-FMA kernel for both cache dtypes; the AMX one for bf16, under the same tolerance
-# (its Q and softmax weights go in as hi + lo bf16 pairs)
-PREFILL_CASES = [
-    (dtype, amx, *shape)
-    for dtype, amx in [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
-    for shape in PREFILL_SHAPES
-    if not amx or shape[2] % 32 == 0
-]
 
 
-@pytest.mark.parametrize("dtype,amx,heads,kv_heads,d,block", PREFILL_CASES)
-def test_prefill_kernel_matches_torch(kernels, dtype, amx, heads, kv_heads, d, block):
-    if amx and not kernels.amx:
-        pytest.skip("this CPU has no AMX-BF16 (or the kernel did not grant its tiles)")
+# the float32-FMA kernel for both cache dtypes (every build)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,d,block", PREFILL_SHAPES)
+def test_prefill_kernel_matches_torch(kernels, dtype, heads, kv_heads, d, block):
+    _check_prefill(kernels, False, dtype, heads, kv_heads, d, block)
+
+
+# the AMX one for a bf16 cache, under the same tolerance (its Q and softmax weights go in as
+# hi + lo bf16 pairs)
+@pytest.mark.parametrize("heads,kv_heads,d,block", [s for s in PREFILL_SHAPES if s[2] % 32 == 0])
+def test_amx_prefill_kernel_matches_torch(amx, heads, kv_heads, d, block):
+    _check_prefill(amx, True, torch.bfloat16, heads, kv_heads, d, block)
+
+
+def _check_prefill(kernels, amx, dtype, heads, kv_heads, d, block):
     # whole prompts, chunks after a cached prefix (ctx > q), one token, tile and block edges
     q_lens = [1, 5, 16, 17, 40, 128, 3, 33]
     ctx_lens = [1, 20, 16, 50, 40, 300, 3, 33]
@@ -151,12 +166,10 @@ def test_prefill_kernel_matches_torch(kernels, dtype, amx, heads, kv_heads, d, b
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-def test_amx_attention_follows_the_cpu_and_its_switch(kernels, monkeypatch):
+def test_amx_attention_follows_the_build(kernels):
     assert kernels.prefill_on_amx(torch.bfloat16, 64) == kernels.amx
     assert not kernels.prefill_on_amx(torch.float32, 64)  # the tiles take a bf16 cache only
     assert not kernels.prefill_on_amx(torch.bfloat16, 80)
-    monkeypatch.setenv("HEADRACE_DISABLE_AMX_ATTENTION", "1")
-    assert not Kernels(ctypes.CDLL(str(_build()))).prefill_on_amx(torch.bfloat16, 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -202,12 +215,15 @@ def test_decode_group_without_padding_lays_out_the_same(block):
 def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("HEADRACE_CACHE_DIR", str(tmp_path))
-    cpu_kernels.cache_clear()
+    backend_kernels.cache_clear()
     try:
-        assert cpu_kernels() is None
-        assert "using the torch path" in caplog.text
+        backend = select_backend(torch.device("cpu"), "auto")
+        assert backend.name == "torch" and backend.kernels is None
+        assert "using torch ops alone" in caplog.text
+        with pytest.raises(ValueError, match="HEADRACE_CPU_BACKEND=c: its kernels did not build"):
+            select_backend(torch.device("cpu"), "c")  # asked for: an error, not a fallback
     finally:
-        cpu_kernels.cache_clear()
+        backend_kernels.cache_clear()
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
@@ -293,28 +309,27 @@ def test_kernels_share_torchs_openmp_runtime():
     their own); here the system's libgomp, loaded by path, plays that part."""
     found = glob.glob("/usr/lib/*/libgomp.so.1") + glob.glob("/usr/lib64/libgomp.so.1")
     others = [ctypes.CDLL(p) for p in found]
-    ours, torchs = openmp_runtimes(ctypes.CDLL(str(_build())))
+    ours, torchs = openmp_runtimes(backend_kernels(KERNEL_BUILDS[0]).lib)
     assert ours is not None and ours == torchs
     assert all(openmp_runtimes(o)[0] != torchs for o in others)  # the lookup tells them apart
 
 
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 32, 33, 48, 49, 64, 65, 150])  # tile edges
 @pytest.mark.parametrize(("n", "k", "bias"), [(48, 64, True), (160, 96, False), (960, 576, True)])
-def test_amx_linear_matches_float32_math(kernels, rows, n, k, bias):
+def test_amx_linear_matches_float32_math(amx, rows, n, k, bias):
     """Against the same bf16 operands multiplied in float32: only the output's bf16 rounding
     (and float32 summation order) may differ. Rows cover 1-4 A tiles, partial tiles and more
     than one 64-row slice; n = 48 gives the threads unequal shares of column blocks."""
-    if not kernels.amx_fits(n, k):
-        pytest.skip("this CPU or kernel has no AMX-BF16")
+    assert amx.amx_fits(n, k)
     gen = torch.Generator().manual_seed(rows * n)
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
     b = torch.randn(n, generator=gen) if bias else None
     want = x.float() @ w.float().T + (b if b is not None else 0.0)
-    got = kernels.amx_linear(x, kernels.amx_pack(w), b)
+    got = amx.amx_linear(x, amx.amx_pack(w), b)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=8e-3)
-    exact = kernels.amx_linear(x, kernels.amx_pack(w), b, torch.float32)  # no bf16 rounding
+    exact = amx.amx_linear(x, amx.amx_pack(w), b, torch.float32)  # no bf16 rounding
     assert exact.dtype == torch.float32
     torch.testing.assert_close(exact, want, atol=1e-4, rtol=1e-5)
 
@@ -330,12 +345,11 @@ def test_amx_pack_order(kernels):
 
 
 @pytest.mark.parametrize("rows", [1, 17, 64, 100])
-def test_amx_linear_argmax_matches_the_logits_argmax(kernels, rows):
+def test_amx_linear_argmax_matches_the_logits_argmax(amx, rows):
     """The LM head's fused argmax equals torch's argmax over amx_linear's float32 rows: ties to
     the lower index (within a thread's lanes and across the threads' column ranges), a NaN as
     the maximum (the first one), an all -inf row to index 0."""
-    if not kernels.amx_fits(4096, 64):
-        pytest.skip("this CPU or kernel has no AMX-BF16")
+    assert amx.amx_fits(4096, 64)
     gen = torch.Generator().manual_seed(rows)
     n, k = 4096, 64
     w = torch.randn(n, k, generator=gen)
@@ -347,18 +361,18 @@ def test_amx_linear_argmax_matches_the_logits_argmax(kernels, rows):
     if rows > 2:
         x[1] = 0.0  # every logit 0: index 0
         x[2, 0] = float("inf")  # inf * w[:, 0]: +inf and -inf, NaN where w is 0 (column 90)
-    packed = kernels.amx_pack(wb)
-    logits = kernels.amx_linear(x, packed, None, torch.float32)
+    packed = amx.amx_pack(wb)
+    logits = amx.amx_linear(x, packed, None, torch.float32)
     want = logits.argmax(dim=-1)
-    assert torch.equal(kernels.amx_linear_argmax(x, packed), want)
+    assert torch.equal(amx.amx_linear_argmax(x, packed), want)
     if rows > 2:
         assert want[1] == 0 and want[2] == 90
     # a NaN in the weights: that column's NaN sums win in every row; the first NaN column of two
     nan_w = wb.clone()
     nan_w[2101, 5] = nan_w[2100, 7] = float("nan")
-    nan_packed = kernels.amx_pack(nan_w)
-    want = kernels.amx_linear(x, nan_packed, None, torch.float32).argmax(dim=-1)
-    assert torch.equal(kernels.amx_linear_argmax(x, nan_packed), want)
+    nan_packed = amx.amx_pack(nan_w)
+    want = amx.amx_linear(x, nan_packed, None, torch.float32).argmax(dim=-1)
+    assert torch.equal(amx.amx_linear_argmax(x, nan_packed), want)
     expect = torch.full_like(want, 2100)
     if rows > 2:
         expect[2] = 90  # that row's NaN at column 90 comes first
@@ -380,22 +394,21 @@ def _q4_weight(gen, n, k, q4_0):
 @pytest.mark.parametrize("rows", [1, 17, 64, 100])  # partial tiles, 4 A tiles, two 64-row slices
 @pytest.mark.parametrize(("n", "k", "bias"), [(48, 64, True), (960, 576, False)])
 @pytest.mark.parametrize("q4_0", [False, True])
-def test_amx_linear_four_bit_gives_the_bf16_bits(kernels, rows, n, k, bias, q4_0):
+def test_amx_linear_four_bit_gives_the_bf16_bits(amx, rows, n, k, bias, q4_0):
     """A weight kept as 4-bit blocks (amx_pack_q4) gives exactly the outputs of its bf16
     rounding packed as bf16 tiles (amx_pack): the kernel makes the same bf16 values."""
-    if not kernels.amx_fits(n, k):
-        pytest.skip("this CPU or kernel has no AMX-BF16")
+    assert amx.amx_fits(n, k)
     gen = torch.Generator().manual_seed(rows * n + q4_0)
     scale, offset, q, w = _q4_weight(gen, n, k, q4_0)
-    four = kernels.amx_pack_q4(scale, offset, q)
+    four = amx.amx_pack_q4(scale, offset, q)
     assert four is not None and four.shape == (n // 16, k // 32, 320)
-    plain = kernels.amx_pack(w)  # rounds to bf16 as the model's weights are
+    plain = amx.amx_pack(w)  # rounds to bf16 as the model's weights are
     x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
     b = torch.randn(n, generator=gen) if bias else None
     for out_dtype in (torch.bfloat16, torch.float32):
-        want = kernels.amx_linear(x, plain, b, out_dtype)
-        assert torch.equal(kernels.amx_linear(x, four, b, out_dtype), want)
-    assert torch.equal(kernels.amx_linear_argmax(x, four), kernels.amx_linear_argmax(x, plain))
+        want = amx.amx_linear(x, plain, b, out_dtype)
+        assert torch.equal(amx.amx_linear(x, four, b, out_dtype), want)
+    assert torch.equal(amx.amx_linear_argmax(x, four), amx.amx_linear_argmax(x, plain))
 
 
 def test_amx_pack_q4_order_and_refusal(kernels):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from headrace.model.kernels import cpu_kernels
 from headrace.model.layers import AmxLinear, PackedLinear, can_pack_linears, pack_linears
+from tests.backends import amx_kernels
 
 
 @pytest.mark.skipif(
@@ -34,13 +34,8 @@ def test_pack_linears_swaps_every_linear() -> None:
 def test_amx_linear_switches_to_onednn_past_one_slice() -> None:
     """Shapes the AMX kernel takes get an AmxLinear (others a PackedLinear); it gives
     F.linear's result on both sides of max_rows."""
-    kernels = cpu_kernels()
-    if (
-        kernels is None
-        or not kernels.amx
-        or not can_pack_linears(torch.bfloat16, torch.device("cpu"))
-    ):
-        pytest.skip("no AMX-BF16 kernel here")
+    kernels = amx_kernels()
+    assert can_pack_linears(torch.bfloat16, torch.device("cpu"))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96, bias=True), nn.Linear(96, 40)).to(torch.bfloat16)
     ref = [nn.Linear(64, 96, bias=True).to(torch.bfloat16), nn.Linear(96, 40).to(torch.bfloat16)]

@@ -12,8 +12,9 @@ from transformers import MistralForCausalLM as HFMistral
 from transformers import Qwen2ForCausalLM as HFQwen2
 
 from headrace.model.attention import AttentionMetadata, build_group
-from headrace.model.kernels import cpu_kernels
+from headrace.model.backend import select_backend
 from headrace.model.loader import load_model, read_arch
+from tests.backends import RUNNABLE, amx_kernels
 
 BLOCK = 4
 COMMON = dict(
@@ -62,22 +63,28 @@ def _save(tmp_path: Path, name: str) -> tuple[Path, torch.nn.Module]:
     return out, model
 
 
-def _meta(lens: list[int], starts: list[int], tables: list[list[int]], groups: int):
-    group, slots = build_group(
-        0, lens, [s + n for s, n in zip(starts, lens, strict=True)], tables, BLOCK, groups
-    )
-    return AttentionMetadata(slots, [group])
+def _meta(lens, starts, tables, groups, kernels=None):
+    ctx = [s + n for s, n in zip(starts, lens, strict=True)]
+    group, slots = build_group(0, lens, ctx, tables, BLOCK, groups, padded=kernels is None)
+    return AttentionMetadata(slots, [group], kernels)
 
 
+def _cpu(name: str):
+    return select_backend(torch.device("cpu"), name)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
 @pytest.mark.parametrize("name", list(CASES))
-def test_logits_match_transformers(tmp_path: Path, name: str) -> None:
+def test_logits_match_transformers(tmp_path: Path, name: str, backend: str) -> None:
+    """Every backend this CPU runs (HEADRACE_CPU_BACKEND's choices), prompt and decode."""
+    cpu = _cpu(backend)
     path, hf = _save(tmp_path, name)
     arch, source = read_arch(path)
     assert arch.qkv_bias == (name == "qwen2")
     if name == "llama3-rope-tied":
         assert arch.rope_scaling is not None and arch.rope_scaling["rope_type"] == "llama3"
         assert arch.tie_word_embeddings
-    ours = load_model(path, arch, source, torch.float32, torch.device("cpu"), 256).model
+    ours = load_model(path, arch, source, torch.float32, cpu, 256).model
     g = arch.num_heads // arch.num_kv_heads
     shape = (2, 64, BLOCK, arch.num_kv_heads, arch.head_dim)
     caches = [torch.zeros(shape) for _ in range(arch.num_layers)]
@@ -87,11 +94,11 @@ def test_logits_match_transformers(tmp_path: Path, name: str) -> None:
     # Prefill all three at once (mixed lengths, one attention group), then one decode step each.
     with torch.inference_mode():
         lens = [len(s) - 1 for s in seqs]
-        meta = _meta(lens, [0, 0, 0], tables, g)
+        meta = _meta(lens, [0, 0, 0], tables, g, cpu.kernels)
         ids = torch.tensor([t for s in seqs for t in s[:-1]])
         pos = torch.tensor([p for n in lens for p in range(n)])
         prefill = ours.compute_logits(ours(ids, pos, caches, meta))
-        meta = _meta([1, 1, 1], lens, tables, g)
+        meta = _meta([1, 1, 1], lens, tables, g, cpu.kernels)
         last = torch.tensor([s[-1] for s in seqs])
         decode = ours.compute_logits(ours(last, torch.tensor(lens), caches, meta))
         offset = 0
@@ -103,18 +110,14 @@ def test_logits_match_transformers(tmp_path: Path, name: str) -> None:
             torch.testing.assert_close(decode[i], ref[-1], atol=1e-4, rtol=0)
 
 
-def test_bf16_linears_on_amx_or_onednn_alone(tmp_path: Path, monkeypatch) -> None:
-    """Where the AMX kernel runs, bf16 linears are AmxLinear, and HEADRACE_DISABLE_AMX_LINEAR
-    keeps them on oneDNN alone; both give transformers' float32 logits to bf16 accuracy."""
-    kernels = cpu_kernels()
-    if kernels is None or not kernels.amx:
-        pytest.skip("no AMX-BF16 kernel here")
+def test_bf16_linears_on_amx_or_onednn_alone(tmp_path: Path) -> None:
+    """On the amx backend bf16 linears are AmxLinear, on avx512 (the same CPU) oneDNN's alone;
+    both give transformers' float32 logits to bf16 accuracy."""
+    amx_kernels()  # (skips without AMX)
     path, hf = _save(tmp_path, "qwen2")  # q/k/v biases: the kernel's bias path too
     arch, source = read_arch(path)
-    cpu = torch.device("cpu")
-    amx = load_model(path, arch, source, torch.bfloat16, cpu, 256).model
-    monkeypatch.setenv("HEADRACE_DISABLE_AMX_LINEAR", "1")
-    onednn = load_model(path, arch, source, torch.bfloat16, cpu, 256).model
+    amx = load_model(path, arch, source, torch.bfloat16, _cpu("amx"), 256).model
+    onednn = load_model(path, arch, source, torch.bfloat16, _cpu("avx512"), 256).model
     kinds = [
         {type(m).__name__ for n, m in model.named_modules() if not n.endswith(".onednn")}
         for model in (amx, onednn)

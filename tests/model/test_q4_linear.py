@@ -6,22 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from headrace.model.kernels import Kernels, build_kernels, cpu_kernels
+from headrace.model.backend import Backend, backend_kernels
+from headrace.model.kernels import Kernels
 from headrace.model.layers import Q4Linear, Q8Linear
+from tests.backends import KERNEL_BUILDS
 
-kernels = cpu_kernels()
-pytestmark = pytest.mark.skipif(kernels is None, reason="no C compiler: no CPU kernels")
+pytestmark = pytest.mark.skipif(not KERNEL_BUILDS, reason="no C compiler: no CPU kernels")
 
 
-@pytest.fixture(scope="module", params=["native", "plain C"])
+@pytest.fixture(scope="module", params=KERNEL_BUILDS)
 def built(request: pytest.FixtureRequest) -> Kernels:
-    """The kernels as built for this CPU, and their plain-C twins (built without AVX2/FMA)."""
-    assert kernels is not None
-    if request.param == "native":
-        return kernels
-    plain = build_kernels(("-mno-avx2", "-mno-fma"))
-    assert not plain.q4_vectorized
-    return plain
+    """Each kernel build this CPU runs: the vector paths and their plain-C twins (`c`)."""
+    kernels = backend_kernels(request.param)
+    assert kernels.q4_vectorized == (request.param != "c")
+    return kernels
 
 
 def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,14 +43,13 @@ def test_equals_the_dequantized_linear(built: Kernels, rows: int, bias: bool) ->
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_module_uses_the_blocks_for_few_rows_and_torch_for_many() -> None:
-    assert kernels is not None
+def test_module_uses_the_blocks_for_few_rows_and_torch_for_many(built: Kernels) -> None:
     n, k = 64, 128
     scale, offset, q, w = _weight(n, k)
     linear = torch.nn.Linear(k, n)
     with torch.no_grad():
         linear.weight.copy_(w)
-    layer = Q4Linear(linear, kernels, (scale, offset, q))
+    layer = Q4Linear(linear, built, (scale, offset, q))
     for rows in (1, Q4Linear.max_rows, Q4Linear.max_rows + 1, 64):
         x = torch.randn(rows, k)
         torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
@@ -71,7 +68,8 @@ def test_q8_equals_the_dequantized_linear(built: Kernels, rows: int) -> None:
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
-def test_the_bundled_model_reads_its_blocks_in_float32() -> None:
+@pytest.mark.parametrize("name", KERNEL_BUILDS)
+def test_the_bundled_model_reads_its_blocks_in_float32(name: str) -> None:
     """float32 on CPU from the bundled GGUF: every decoder linear is a Q4Linear and the LM head
     a Q8Linear, each giving what its float32 weight gives."""
     from headrace.config import ModelConfig
@@ -79,7 +77,8 @@ def test_the_bundled_model_reads_its_blocks_in_float32() -> None:
 
     path = resolve_model_path(ModelConfig().model)
     arch, source = read_arch(path)
-    model = load_model(path, arch, source, torch.float32, torch.device("cpu"), 256).model
+    backend = Backend(name, torch.device("cpu"), backend_kernels(name), "test")
+    model = load_model(path, arch, source, torch.float32, backend, 256).model
     q4 = [m for m in model.modules() if isinstance(m, Q4Linear)]
     assert len(q4) == 4 * arch.num_layers
     assert isinstance(model.lm_head, Q8Linear)
