@@ -10,7 +10,7 @@ cache's dtype, and which C kernels (if any) the model's layers call:
 - `avx512` (CPUs with AVX-512): kernels built without AMX; bf16 linears on oneDNN where the CPU
   has AVX512-BF16, else as `avx2`.
 - `avx2` (AVX2 + FMA): kernels built without AVX-512; float32 weights; linears of decode-sized
-  batches read the GGUF's 4-bit blocks.
+  batches read the GGUF's 4-bit blocks; a decode step's layers in one call.
 - `c` (any CPU with a C compiler): as `avx2`, from the kernels' plain-C twins.
 - `torch` (any device, CUDA included): torch ops alone, no C kernels.
 

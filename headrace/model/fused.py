@@ -1,5 +1,5 @@
 """A decode step's decoder layers in one C call (csrc: decode_layers), where every linear is an
-AmxLinear.
+AmxLinear (bf16, AMX tiles) or every one a Q4Linear (float32, the GGUF's 4-bit blocks).
 
 Layer by layer, a decode step makes ~9 kernel calls per layer from Python, each its own OpenMP
 parallel region. With the engine's OMP_WAIT_POLICY=PASSIVE (idle threads sleep, leaving the
@@ -9,8 +9,9 @@ layers in one region, its phases separated by a barrier that spins briefly befor
 The arithmetic is the separate kernels', in the same order: the hidden states are the same bits
 as the layer-by-layer path (tests/model/test_fused.py).
 
-It takes steps of decodes only (one new token per request), up to AmxLinear.max_rows of them;
-any other step, and models whose linears are not all AmxLinear, keep the layer-by-layer path.
+It takes steps of decodes only (one new token per request), up to the linears' max_rows of them
+(128 AMX, 16 Q4); any other step, and models whose linears are neither, keep the layer-by-layer
+path.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from headrace.model.attention import AttentionMetadata
-from headrace.model.kernels import DecodeLayer, Kernels, weight_format
-from headrace.model.layers import AmxLinear
+from headrace.model.kernels import W_Q4F32, DecodeLayer, Kernels, Q4Weight, weight_format
+from headrace.model.layers import AmxLinear, Q4Linear
 
 if TYPE_CHECKING:
     from headrace.model.llama import LlamaDecoderLayer, LlamaForCausalLM
@@ -41,7 +42,7 @@ class FusedDecode:
     """The model's decode steps through decode_layers: it holds the layer table (weight and
     cache addresses) and the scratch the C function works in."""
 
-    def __init__(self, model: LlamaForCausalLM, kernels: Kernels) -> None:
+    def __init__(self, model: LlamaForCausalLM, kernels: Kernels, max_rows: int) -> None:
         cfg = model.cfg
         self.model = model
         self.kernels = kernels
@@ -51,34 +52,38 @@ class FusedDecode:
         )  # fmt: skip
         self.scale = cfg.head_dim**-0.5
         self.eps = model.norm.eps
+        self.max_rows = max_rows
+        self.f32 = model.embed_tokens.weight.dtype == torch.float32  # Q4Linears
         self._layers: ctypes.Array[DecodeLayer] | None = None
+        self._q4: list[Q4Weight] = []  # what the layer table points to for Q4Linears
         self._caches_key: tuple[int, ...] = ()
-        # for the most rows `takes` lets through (~4.6 MB for SmolLM2)
-        most = kernels.decode_layers_scratch(AmxLinear.max_rows, *self.dims)
+        # for the most rows `takes` lets through (~4.6 MB for SmolLM2 on AMX)
+        most = kernels.decode_layers_scratch(max_rows, *self.dims, self.f32)
         self._scratch = torch.empty(most, dtype=torch.uint8)
 
     @staticmethod
     def build(model: LlamaForCausalLM, kernels: Kernels | None) -> FusedDecode | None:
-        """A FusedDecode for `model`, or None where decode_layers cannot run it (no AMX kernels,
-        a linear that is not an AmxLinear with bf16 output, a head size not a multiple of 16)."""
-        if kernels is None or not kernels.amx or model.cfg.head_dim % 16:
+        """A FusedDecode for `model`, or None where decode_layers cannot run it: no kernels, a
+        head size not a multiple of 16, or linears that are not all AmxLinear with bf16 output
+        (bf16 weights, AMX kernels) nor all Q4Linear (float32 weights)."""
+        if kernels is None or model.cfg.head_dim % 16:
             return None
-        if model.embed_tokens.weight.dtype != torch.bfloat16:
-            return None
-        for layer in _decoder_layers(model):
-            if not all(
-                isinstance(x, AmxLinear) and x.out_dtype == torch.bfloat16 for x in _linears(layer)
-            ):
-                return None
-        return FusedDecode(model, kernels)
+        linears = [x for layer in _decoder_layers(model) for x in _linears(layer)]
+        dtype = model.embed_tokens.weight.dtype
+        amx = all(isinstance(x, AmxLinear) and x.out_dtype == dtype for x in linears)
+        if dtype == torch.bfloat16 and kernels.amx and amx:
+            return FusedDecode(model, kernels, AmxLinear.max_rows)
+        if dtype == torch.float32 and all(isinstance(x, Q4Linear) for x in linears):
+            return FusedDecode(model, kernels, Q4Linear.max_rows)
+        return None
 
     def takes(self, meta: AttentionMetadata, num_tokens: int) -> bool:
-        """Whether this step is decodes only, few enough for the AMX linears."""
+        """Whether this step is decodes only, few enough for the linears' kernels."""
         return (
             meta.kernels is not None
             and len(meta.groups) == 1
             and meta.groups[0].q_lens is None
-            and num_tokens <= AmxLinear.max_rows
+            and num_tokens <= self.max_rows
         )
 
     def __call__(
@@ -120,18 +125,28 @@ class FusedDecode:
 
         table = (DecodeLayer * len(kv_caches))()
         layers = _decoder_layers(self.model)
+        self._q4 = []
+
+        def weight(x: torch.nn.Module) -> tuple[int | None, int]:
+            """A linear's weight address and format for the table."""
+            if isinstance(x, Q4Linear):
+                q4 = Q4Weight(addr(x.q4.nibbles), addr(x.q4.scale), addr(x.q4.offset))
+                self._q4.append(q4)
+                return ctypes.addressof(q4), W_Q4F32
+            assert isinstance(x, AmxLinear)
+            return addr(x.packed), weight_format(x.packed)
+
         for entry, layer, cache in zip(table, layers, kv_caches, strict=True):
             assert cache.dtype in (torch.float32, torch.bfloat16) and cache.is_contiguous()
-            qkv, o, gate_up, down = (cast(AmxLinear, x) for x in _linears(layer))
+            qkv, o, gate_up, down = (cast("AmxLinear | Q4Linear", x) for x in _linears(layer))
             entry.input_norm = addr(layer.input_layernorm.weight)
             entry.post_norm = addr(layer.post_attention_layernorm.weight)
-            entry.qkv, entry.qkv_bias = addr(qkv.packed), addr(qkv.bias)
-            entry.o, entry.o_bias = addr(o.packed), addr(o.bias)
-            entry.gate_up, entry.gate_up_bias = addr(gate_up.packed), addr(gate_up.bias)
-            entry.down, entry.down_bias = addr(down.packed), addr(down.bias)
+            entry.qkv, entry.qkv_fmt = weight(qkv)
+            entry.o, entry.o_fmt = weight(o)
+            entry.gate_up, entry.gate_up_fmt = weight(gate_up)
+            entry.down, entry.down_fmt = weight(down)
+            entry.qkv_bias, entry.o_bias = addr(qkv.bias), addr(o.bias)
+            entry.gate_up_bias, entry.down_bias = addr(gate_up.bias), addr(down.bias)
             entry.k_cache, entry.v_cache = addr(cache[0]), addr(cache[1])
-            entry.qkv_fmt, entry.o_fmt = weight_format(qkv.packed), weight_format(o.packed)
-            entry.gate_up_fmt = weight_format(gate_up.packed)
-            entry.down_fmt = weight_format(down.packed)
         self._layers, self._caches_key = table, key
         return table

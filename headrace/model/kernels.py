@@ -1,23 +1,28 @@
 """CPU kernels in C (model/csrc), compiled on first use with the host's C compiler and loaded
 with ctypes.
 
-Why C and not a torch extension: the file needs no torch headers, so it builds in about a
+Why C and not a torch extension: the files need no torch headers, so they build in about a
 second instead of a minute, and the shared object is cached (HEADRACE_CACHE_DIR/kernels, keyed
-by source, compiler, flags and CPU), so later starts only load it. It is compiled for this CPU
-(`-march=native`) and links `libgomp.so.1`, which resolves to the OpenMP runtime torch has
-already loaded: the kernels run on torch's thread pool, not a second one.
+by sources, compiler, flags and CPU), so later starts only load it. It is compiled for this CPU
+(`-march=native`, less what the compute backend turns off: model/backend.py) and links
+`libgomp.so.1`, which resolves to the OpenMP runtime torch has already loaded: the kernels run
+on torch's thread pool, not a second one.
 
-What they replace: attention's gathered, padded copy of the cache (decodes, and prompt chunks
-with their mask), and runs of tiny torch ops (residual add + RMSNorm, RoPE + the cache write,
-SwiGLU's activation) that at decode sizes cost their thread wake-ups more than their arithmetic.
-And, on CPUs with AMX-BF16, the bf16 linear layers for batches of up to 128 rows
-(layers.AmxLinear), where oneDNN reads the weights at about half the rate, and with them whole
-decode steps in one call (decode_layers, model/fused.py), reading GGUF 4-bit weights as they are
-stored (amx_pack_q4); and prompt-chunk attention over a bf16 cache on AMX tiles (1.3-1.9x the
-float32-FMA kernel's speed, the longer the prompt the more).
-Without AMX, float32 linears of a GGUF model read its 4-bit blocks for decode-sized batches
-(q4_linear, csrc/q4_linear.c: AVX2 + FMA, or plain C; layers.Q4Linear).
-Which build a process loads, if any, is the compute backend's choice (model/backend.py).
+One source file per kernel family, each with its methods here:
+- decode_attention.c, prefill_attention.c: attention read through the block table where K and V
+  lie, instead of a gathered, padded and masked copy of the cache;
+- elementwise.c: residual add + RMSNorm, RoPE + the cache write, SwiGLU's activation, greedy's
+  argmax: runs of tiny torch ops that at decode sizes cost their thread wake-ups more than their
+  arithmetic;
+- amx_linear.c, amx_attention.c (tile primitives in amx.h): on CPUs with AMX-BF16, bf16 linears
+  of up to 128 rows (layers.AmxLinear) at up to twice oneDNN's rate, reading GGUF 4-bit weights
+  as stored (amx_pack_q4), and prompt-chunk attention over a bf16 cache on tiles;
+- q4_linear.c: without AMX, float32 linears of up to 16 rows reading a GGUF's 4-bit blocks (and
+  the LM head its 8-bit ones): AVX2 + FMA, or plain C (layers.Q4Linear, Q8Linear);
+- decode_step.c: a decode step's decoder layers in one call over either kind of linear
+  (model/fused.py).
+api.h declares what Python calls; `bind` types every function from it (common.h holds what the
+C files share among themselves).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import types
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,23 +46,66 @@ from headrace import envs
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.c")))  # one shared object
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11")
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(sorted(CSRC.glob("*.c")))  # one shared object; HEADERS are part of its key
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
+FLAGS = (
+    "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden", "-shared",
+    "-fPIC", "-std=gnu11",
+)  # fmt: skip
 
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _DTYPES = (torch.float32, torch.bfloat16)  # what every kernel reads and writes
+API_HEADER = CSRC / "api.h"
+_C_TYPES: dict[str, Any] = {
+    "void": None, "int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float,
+}  # fmt: skip
 
 
-def _bind(lib: ctypes.CDLL, name: str, argtypes: Sequence[type]) -> Any:
-    """The C function `name`, typed (every kernel returns void)."""
-    fn = lib[name]
-    fn.argtypes, fn.restype = list(argtypes), None
-    return fn
+class CApi(NamedTuple):
+    """What csrc/api.h declares: functions (return type, argument types), structs (fields) and
+    integer constants, as ctypes types."""
+
+    functions: dict[str, tuple[Any, list[Any]]]
+    structs: dict[str, list[tuple[str, Any]]]
+    constants: dict[str, int]
 
 
-# amx_linear's weight formats (csrc: W_BF16, W_Q4): what amx_pack and amx_pack_q4 return
-W_BF16, W_Q4 = 0, 1
-Q4_TILE_BYTES = 320
+def _c_decl(decl: str) -> tuple[str, Any]:
+    """`const float *q` -> ("q", c_void_p); `int64_t B` -> ("B", c_int64). Any pointer is an
+    address; a type this binding does not know is an error, not a guess."""
+    m = re.fullmatch(r"(?:const )?(\w+) ?(\**) ?(\w+)", " ".join(decl.split()))
+    if m is None or (not m[2] and m[1] not in _C_TYPES):
+        raise ValueError(f"api.h: no ctypes type for {decl.strip()!r}")
+    return m[3], ctypes.c_void_p if m[2] else _C_TYPES[m[1]]
+
+
+def read_api(text: str) -> CApi:
+    """Parse api.h's text (its plain subset of C: one-line #defines of integers, typedef'd
+    structs of pointers and scalars, HR_API prototypes)."""
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    constants = {m[1]: int(m[2]) for m in re.finditer(r"^\s*#define (\w+) (\d+)\s*$", text, re.M)}
+    structs = {}
+    for body, name in re.findall(r"typedef struct \{(.*?)\} (\w+);", text, re.S):
+        fields = []
+        for decl in filter(str.strip, body.split(";")):
+            first, *more = decl.split(",")
+            fields.append(_c_decl(first))
+            base = first.strip().rsplit(" ", 1)[0].rstrip("*").strip()
+            fields += [_c_decl(f"{base} {other}") for other in more]
+        structs[name] = fields
+    functions = {}
+    for ret, name, params in re.findall(r"HR_API (\w+) (\w+)\((.*?)\);", text, re.S):
+        args = [] if params.strip() == "void" else [_c_decl(p)[1] for p in params.split(",")]
+        functions[name] = (_C_TYPES[ret], args)
+    return CApi(functions, structs, constants)
+
+
+API = read_api(API_HEADER.read_text())
+# amx_linear's weight formats: what amx_pack and amx_pack_q4 return; and decode_layers'
+# W_Q4F32, a Q4Packed weight (q4_linear's) behind a Q4Weight
+W_BF16, W_Q4, W_Q4F32, Q4_TILE_BYTES = (
+    API.constants[n] for n in ("W_BF16", "W_Q4", "W_Q4F32", "Q4_TILE_BYTES")
+)
 
 
 def weight_format(packed: torch.Tensor) -> int:
@@ -65,18 +114,27 @@ def weight_format(packed: torch.Tensor) -> int:
 
 
 class DecodeLayer(ctypes.Structure):
-    """csrc's decode_layer: one decoder layer's norm weights, AMX-packed linears (biases or
-    NULL) and K/V caches, as addresses, and the linears' formats."""
+    """api.h's decode_layer: one decoder layer's norm weights, linears (biases or NULL) and K/V
+    caches, as addresses, and the linears' formats."""
 
-    _fields_ = [
-        (name, ctypes.c_void_p)
-        for name in (
-            "input_norm", "post_norm", "qkv", "o", "gate_up", "down",
-            "qkv_bias", "o_bias", "gate_up_bias", "down_bias", "k_cache", "v_cache",
-        )
-    ] + [
-        (name, ctypes.c_int) for name in ("qkv_fmt", "o_fmt", "gate_up_fmt", "down_fmt")
-    ]  # fmt: skip
+    _fields_ = API.structs["decode_layer"]
+
+
+class Q4Weight(ctypes.Structure):
+    """api.h's q4_weight: a Q4Packed weight's addresses, as decode_layers reads a W_Q4F32
+    linear."""
+
+    _fields_ = API.structs["q4_weight"]
+
+
+def bind(lib: ctypes.CDLL) -> Any:
+    """Every function api.h declares, typed, as attributes of one object."""
+    fns = {}
+    for name, (restype, argtypes) in API.functions.items():
+        fn = lib[name]
+        fn.restype, fn.argtypes = restype, argtypes
+        fns[name] = fn
+    return types.SimpleNamespace(**fns)
 
 
 class Q4Packed(NamedTuple):
@@ -88,104 +146,117 @@ class Q4Packed(NamedTuple):
 
 
 class Kernels:
+    """The typed functions of one build of the kernels, and the Python around each call."""
+
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
-        i32, f32 = ctypes.c_int, ctypes.c_float
-        self._decode = _bind(
-            lib, "paged_decode_attention", [_ptr] * 6 + [_i64] * 6 + [f32, i32, i32]
-        )
-        self._add_rms_norm = _bind(
-            lib, "add_rms_norm", [_ptr, i32, _ptr, _ptr, f32, _ptr, _ptr, i32, _i64, _i64, i32]
-        )
-        self._rope_write_kv = _bind(
-            lib, "rope_write_kv", [_ptr, i32] + [_ptr] * 7 + [i32] + [_i64] * 4 + [i32]
-        )
-        self._silu_mul = _bind(lib, "silu_mul", [_ptr, _ptr, i32, _i64, _i64, i32])
-        self._argmax_rows = _bind(lib, "argmax_rows", [_ptr, i32, _i64, _i64, _ptr, i32])
-        prefill_args = [_ptr] * 7 + [_i64] * 6 + [f32, i32, i32]
-        self._prefill = _bind(lib, "paged_prefill_attention", prefill_args)
-        self._prefill_amx = _bind(lib, "paged_prefill_attention_amx", prefill_args)
-        self._amx_linear = _bind(
-            lib, "amx_linear", [_ptr, _ptr, i32, _ptr, _ptr, i32] + [_i64] * 3 + [i32]
-        )
-        self._amx_linear_argmax = _bind(
-            lib, "amx_linear_argmax", [_ptr, _ptr, i32, _ptr] + [_i64] * 3 + [i32]
-        )
-        self._decode_layers = _bind(
-            lib, "decode_layers",
-            [_ptr, _i64, _ptr, _ptr, f32] + [_ptr] * 6 + [_i64, _ptr] + [_i64] * 7 + [f32, i32]
-            + [_ptr, i32],
+        self.c = bind(lib)
+        self.q4_vectorized = bool(self.c.q4_linear_vectorized())
+        self.amx = bool(self.c.amx_available())
+
+    # ---- decode_attention.c ----
+
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        ctx_lens: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [B, H, D] float32; kv_cache [2, blocks, block_size, KH, D] float32 or bfloat16;
+        block_table [B, W] and ctx_lens [B] int64 (1 <= ctx_lens <= W * block_size).
+        Returns [B, H, D] float32."""
+        b, h, d = q.shape
+        _, _, block_size, kh, _ = kv_cache.shape
+        q = q.contiguous()
+        assert q.dtype == torch.float32 and kv_cache.is_contiguous()
+        assert kv_cache.dtype in _DTYPES
+        assert block_table.dtype == ctx_lens.dtype == torch.int64
+        assert block_table.is_contiguous() and ctx_lens.is_contiguous()
+        out = torch.empty_like(q)
+        self.c.paged_decode_attention(
+            q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+            block_table.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
+            b, block_table.shape[1], h, kh, d, block_size, scale,
+            int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
-        self._decode_layers_scratch = lib.decode_layers_scratch
-        self._decode_layers_scratch.argtypes, self._decode_layers_scratch.restype = [_i64] * 6, _i64
-        self._q4_linear = _bind(lib, "q4_linear", [_ptr] * 6 + [_i64] * 3 + [i32])
-        self._q8_linear = _bind(lib, "q8_linear", [_ptr] * 5 + [_i64] * 3 + [i32])
-        lib.q4_linear_vectorized.restype = ctypes.c_int
-        self.q4_vectorized = bool(lib.q4_linear_vectorized())
-        lib.amx_available.restype = ctypes.c_int
-        self.amx = bool(lib.amx_available())
+        return out
+
+    # ---- prefill_attention.c, amx_attention.c ----
 
     @staticmethod
-    def q4_pack(scale: torch.Tensor, offset: torch.Tensor, q: torch.Tensor) -> Q4Packed:
-        """Q4Blocks (float32 scale/offset [N, K/32], uint8 q [N, K]) in q4_linear's layout:
-        two weights a byte, as the GGUF file holds them."""
-        n, k = q.shape
-        blocks = q.reshape(n, k // 32, 2, 16)
-        nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).contiguous()
-        return Q4Packed(nibbles, scale.float().contiguous(), offset.float().contiguous())
+    def handles_prefill(head_dim: int) -> bool:
+        """Whether paged_prefill_attention takes this head size (its loops go 8 dims at a
+        time); elsewhere prompt chunks keep the torch path."""
+        return head_dim % 8 == 0
 
-    def q4_linear(self, x: torch.Tensor, w: Q4Packed, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [M, K] float32 @ W.T (+ bias) with W read from its 4-bit blocks; float32 [M, N]."""
-        x = x.contiguous()
-        m, k = x.shape
-        n = w.nibbles.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32)
-        self._q4_linear(
-            x.data_ptr(), w.nibbles.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr(),
-            None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
-            torch.get_num_threads(),
-        )  # fmt: skip
-        return y
+    def prefill_on_amx(self, kv_dtype: torch.dtype, head_dim: int) -> bool:
+        """Whether prompt chunks take paged_prefill_attention_amx: a bf16 cache (the tiles
+        multiply bf16; Q and the softmax weights go in as hi + lo bf16 pairs, so results stay
+        within ~1e-5 of the float32 kernel), AMX usable here, head_dim % 32 == 0."""
+        return self.amx and kv_dtype == torch.bfloat16 and head_dim % 32 == 0
 
-    def q8_linear(
-        self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    def paged_prefill_attention(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        q_lens: torch.Tensor,
+        ctx_lens: torch.Tensor,
+        scale: float,
+        amx: bool | None = None,
     ) -> torch.Tensor:
-        """x [M, K] float32 @ W.T (+ bias), W = scale (per 32) * q, q int8 [N, K]: Q8_0."""
-        x = x.contiguous()
-        m, k = x.shape
-        n = q.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32)
-        self._q8_linear(
-            x.data_ptr(), q.data_ptr(), scale.data_ptr(),
-            None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
-            torch.get_num_threads(),
-        )  # fmt: skip
-        return y
-
-    def argmax(self, x: torch.Tensor) -> torch.Tensor:
-        """x.argmax(dim=-1) for [N, V] float32 or bfloat16 (first index of the maximum, a NaN
-        counting as the maximum, as torch): one read of the logits, no upcast copy."""
-        x = x.contiguous()
-        rows, n = x.shape
-        assert x.dtype in _DTYPES
-        out = torch.empty(rows, dtype=torch.int64)
-        self._argmax_rows(
-            x.data_ptr(), int(x.dtype == torch.bfloat16), rows, n, out.data_ptr(),
-            torch.get_num_threads(),
-        )  # fmt: skip
-        return out
-
-    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up for x = [gate | up] [T, 2I] float32 or bfloat16 -> [T, I], x's dtype."""
-        x = x.contiguous()
-        t, two_i = x.shape
-        assert x.dtype in _DTYPES and two_i % 2 == 0
-        out = torch.empty(t, two_i // 2, dtype=x.dtype)
-        self._silu_mul(
-            x.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16), t, two_i // 2,
-            torch.get_num_threads(),
+        """Causal attention of several query tokens per request over the cache (their own K/V
+        already in it). q [sum(q_lens), H, D] float32, request b's rows after request b-1's;
+        its query i sits at position ctx_lens[b] - q_lens[b] + i. kv_cache as for decode;
+        block_table [B, W], q_lens and ctx_lens [B] int64. Returns [sum(q_lens), H, D]
+        float32. amx: None picks by prefill_on_amx; False forces the float32 kernel."""
+        _, h, d = q.shape
+        _, _, block_size, kh, _ = kv_cache.shape
+        q = q.contiguous()
+        assert q.dtype == torch.float32 and kv_cache.is_contiguous() and self.handles_prefill(d)
+        assert kv_cache.dtype in _DTYPES
+        assert block_table.dtype == q_lens.dtype == ctx_lens.dtype == torch.int64
+        assert block_table.is_contiguous() and q_lens.is_contiguous() and ctx_lens.is_contiguous()
+        if amx is None:
+            amx = self.prefill_on_amx(kv_cache.dtype, d)
+        assert not amx or self.prefill_on_amx(kv_cache.dtype, d)
+        out = torch.empty_like(q)
+        (self.c.paged_prefill_attention_amx if amx else self.c.paged_prefill_attention)(
+            q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+            block_table.data_ptr(), q_lens.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
+            block_table.shape[0], block_table.shape[1], h, kh, d, block_size, scale,
+            int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+    # ---- elementwise.c ----
+
+    def add_rms_norm(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+        out_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual) * weight in out_dtype, x + residual in float32).
+        x [T, N] float32 or bfloat16, residual [T, N] float32 or None, weight [N] float32,
+        out_dtype float32 or bfloat16."""
+        x = x.contiguous()
+        t, n = x.shape
+        assert x.dtype in _DTYPES and out_dtype in _DTYPES and weight.dtype == torch.float32
+        assert residual is None or (residual.dtype == torch.float32 and residual.is_contiguous())
+        res_out = torch.empty(t, n, dtype=torch.float32)
+        out = torch.empty(t, n, dtype=out_dtype)
+        self.c.add_rms_norm(
+            x.data_ptr(), int(x.dtype == torch.bfloat16),
+            None if residual is None else residual.data_ptr(), weight.data_ptr(), eps,
+            res_out.data_ptr(), out.data_ptr(), int(out_dtype == torch.bfloat16), t, n,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out, res_out
 
     def rope_write_kv(
         self,
@@ -210,7 +281,7 @@ class Kernels:
         assert positions.dtype == slot_mapping.dtype == torch.int64
         positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
         q = torch.empty(t, num_heads, d, dtype=torch.float32)
-        self._rope_write_kv(
+        self.c.rope_write_kv(
             qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), positions.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), q.data_ptr(),
             kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), int(kv_cache.dtype == torch.bfloat16),
@@ -218,57 +289,32 @@ class Kernels:
         )  # fmt: skip
         return q
 
-    def add_rms_norm(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        weight: torch.Tensor,
-        eps: float,
-        out_dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(RMSNorm(x + residual) * weight in out_dtype, x + residual in float32).
-        x [T, N] float32 or bfloat16, residual [T, N] float32 or None, weight [N] float32,
-        out_dtype float32 or bfloat16."""
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for x = [gate | up] [T, 2I] float32 or bfloat16 -> [T, I], x's dtype."""
         x = x.contiguous()
-        t, n = x.shape
-        assert x.dtype in _DTYPES and out_dtype in _DTYPES and weight.dtype == torch.float32
-        assert residual is None or (residual.dtype == torch.float32 and residual.is_contiguous())
-        res_out = torch.empty(t, n, dtype=torch.float32)
-        out = torch.empty(t, n, dtype=out_dtype)
-        self._add_rms_norm(
-            x.data_ptr(), int(x.dtype == torch.bfloat16),
-            None if residual is None else residual.data_ptr(), weight.data_ptr(), eps,
-            res_out.data_ptr(), out.data_ptr(), int(out_dtype == torch.bfloat16), t, n,
+        t, two_i = x.shape
+        assert x.dtype in _DTYPES and two_i % 2 == 0
+        out = torch.empty(t, two_i // 2, dtype=x.dtype)
+        self.c.silu_mul(
+            x.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16), t, two_i // 2,
             torch.get_num_threads(),
         )  # fmt: skip
-        return out, res_out
+        return out
 
-    def paged_decode_attention(
-        self,
-        q: torch.Tensor,
-        kv_cache: torch.Tensor,
-        block_table: torch.Tensor,
-        ctx_lens: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        """q [B, H, D] float32; kv_cache [2, blocks, block_size, KH, D] float32 or bfloat16;
-        block_table [B, W] and ctx_lens [B] int64 (1 <= ctx_lens <= W * block_size).
-        Returns [B, H, D] float32."""
-        b, h, d = q.shape
-        _, _, block_size, kh, _ = kv_cache.shape
-        q = q.contiguous()
-        assert q.dtype == torch.float32 and kv_cache.is_contiguous()
-        assert kv_cache.dtype in _DTYPES
-        assert block_table.dtype == ctx_lens.dtype == torch.int64
-        assert block_table.is_contiguous() and ctx_lens.is_contiguous()
-        out = torch.empty_like(q)
-        self._decode(
-            q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
-            block_table.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
-            b, block_table.shape[1], h, kh, d, block_size, scale,
-            int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads(),
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """x.argmax(dim=-1) for [N, V] float32 or bfloat16 (first index of the maximum, a NaN
+        counting as the maximum, as torch): one read of the logits, no upcast copy."""
+        x = x.contiguous()
+        rows, n = x.shape
+        assert x.dtype in _DTYPES
+        out = torch.empty(rows, dtype=torch.int64)
+        self.c.argmax_rows(
+            x.data_ptr(), int(x.dtype == torch.bfloat16), rows, n, out.data_ptr(),
+            torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+    # ---- amx_linear.c ----
 
     def amx_fits(self, out_features: int, in_features: int) -> bool:
         """Whether amx_linear runs here (AMX-BF16, tile registers granted) for this shape."""
@@ -322,7 +368,7 @@ class Kernels:
         assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
         rows = x.reshape(-1, k).contiguous()
         out = torch.empty(rows.shape[0], n, dtype=out_dtype)
-        self._amx_linear(
+        self.c.amx_linear(
             rows.data_ptr(), packed.data_ptr(), weight_format(packed),
             None if bias is None else bias.data_ptr(), out.data_ptr(),
             int(out_dtype == torch.float32), rows.shape[0], n, k, torch.get_num_threads(),
@@ -337,18 +383,68 @@ class Kernels:
         assert x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] == k
         x = x.contiguous()
         out = torch.empty(x.shape[0], dtype=torch.int64)
-        self._amx_linear_argmax(
+        self.c.amx_linear_argmax(
             x.data_ptr(), packed.data_ptr(), weight_format(packed), out.data_ptr(), x.shape[0],
             n, k,
             torch.get_num_threads(),
         )  # fmt: skip
         return out
 
+    # ---- q4_linear.c ----
+
+    @staticmethod
+    def q4_pack(scale: torch.Tensor, offset: torch.Tensor, q: torch.Tensor) -> Q4Packed:
+        """Q4Blocks (float32 scale/offset [N, K/32], uint8 q [N, K]) in q4_linear's layout:
+        two weights a byte, as the GGUF file holds them."""
+        n, k = q.shape
+        blocks = q.reshape(n, k // 32, 2, 16)
+        nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).contiguous()
+        return Q4Packed(nibbles, scale.float().contiguous(), offset.float().contiguous())
+
+    def q4_linear(self, x: torch.Tensor, w: Q4Packed, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [M, K] float32 @ W.T (+ bias) with W read from its 4-bit blocks; float32 [M, N]."""
+        x = x.contiguous()
+        m, k = x.shape
+        n = w.nibbles.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        self.c.q4_linear(
+            x.data_ptr(), w.nibbles.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr(),
+            None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return y
+
+    def q8_linear(
+        self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [M, K] float32 @ W.T (+ bias), W = scale (per 32) * q, q int8 [N, K]: Q8_0."""
+        x = x.contiguous()
+        m, k = x.shape
+        n = q.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        self.c.q8_linear(
+            x.data_ptr(), q.data_ptr(), scale.data_ptr(),
+            None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return y
+
+    # ---- decode_step.c ----
+
     def decode_layers_scratch(
-        self, tokens: int, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int
+        self,
+        tokens: int,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        inter: int,
+        f32: bool,
     ) -> int:
-        """Bytes of scratch decode_layers needs for `tokens` tokens."""
-        return int(self._decode_layers_scratch(tokens, hidden, heads, kv_heads, head_dim, inter))
+        """Bytes of scratch decode_layers needs for `tokens` tokens (f32: W_Q4F32 linears)."""
+        return int(
+            self.c.decode_layers_scratch(tokens, hidden, heads, kv_heads, head_dim, inter, int(f32))
+        )
 
     def decode_layers(
         self,
@@ -368,74 +464,30 @@ class Kernels:
         scratch: torch.Tensor,
     ) -> torch.Tensor:
         """Every decoder layer of a decode step and the final norm in one call (csrc:
-        decode_layers): embeds [T, hidden] bf16, token t being request t's new token at
-        positions[t], written to slots[t]; block_table [T, W], ctx_lens [T] int64. dims:
+        decode_layers): embeds [T, hidden] (bf16 for AMX linears, float32 for W_Q4F32), token
+        t being request t's new token at positions[t], written to slots[t]; block_table [T, W],
+        ctx_lens [T] int64. dims:
         (hidden, heads, kv_heads, head_dim, intermediate, block_size). Returns [T, hidden]
         float32. The caller keeps `layers`' weights and caches, and `scratch` (at least
         decode_layers_scratch bytes), alive."""
         t = embeds.shape[0]
         hidden, heads, kv_heads, head_dim, inter, block_size = dims
-        assert embeds.dtype == torch.bfloat16 and embeds.is_contiguous()
+        f32 = embeds.dtype == torch.float32
+        assert embeds.dtype in _DTYPES and embeds.is_contiguous()
         assert positions.dtype == slots.dtype == block_table.dtype == ctx_lens.dtype == torch.int64
         assert block_table.is_contiguous() and ctx_lens.shape == (t,) and head_dim % 16 == 0
         assert scratch.numel() >= self.decode_layers_scratch(
-            t, hidden, heads, kv_heads, head_dim, inter
+            t, hidden, heads, kv_heads, head_dim, inter, f32
         )
         positions, slots = positions.contiguous(), slots.contiguous()
         out = torch.empty(t, hidden, dtype=torch.float32)
-        self._decode_layers(
+        self.c.decode_layers(
             ctypes.addressof(layers), len(layers), embeds.data_ptr(), final_norm.data_ptr(), eps,
             out.data_ptr(),
             positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
             block_table.data_ptr(), block_table.shape[1], ctx_lens.data_ptr(), t, hidden, heads,
             kv_heads, head_dim, inter, block_size, scale, int(kv_bf16), scratch.data_ptr(),
             torch.get_num_threads(),
-        )  # fmt: skip
-        return out
-
-    @staticmethod
-    def handles_prefill(head_dim: int) -> bool:
-        """Whether paged_prefill_attention takes this head size (its loops go 8 dims at a
-        time); elsewhere prompt chunks keep the torch path."""
-        return head_dim % 8 == 0
-
-    def prefill_on_amx(self, kv_dtype: torch.dtype, head_dim: int) -> bool:
-        """Whether prompt chunks take paged_prefill_attention_amx: a bf16 cache (the tiles
-        multiply bf16; Q and the softmax weights go in as hi + lo bf16 pairs, so results stay
-        within ~1e-5 of the float32 kernel), AMX usable here, head_dim % 32 == 0."""
-        return self.amx and kv_dtype == torch.bfloat16 and head_dim % 32 == 0
-
-    def paged_prefill_attention(
-        self,
-        q: torch.Tensor,
-        kv_cache: torch.Tensor,
-        block_table: torch.Tensor,
-        q_lens: torch.Tensor,
-        ctx_lens: torch.Tensor,
-        scale: float,
-        amx: bool | None = None,
-    ) -> torch.Tensor:
-        """Causal attention of several query tokens per request over the cache (their own K/V
-        already in it). q [sum(q_lens), H, D] float32, request b's rows after request b-1's;
-        its query i sits at position ctx_lens[b] - q_lens[b] + i. kv_cache as for decode;
-        block_table [B, W], q_lens and ctx_lens [B] int64. Returns [sum(q_lens), H, D]
-        float32. amx: None picks by prefill_on_amx; False forces the float32 kernel."""
-        _, h, d = q.shape
-        _, _, block_size, kh, _ = kv_cache.shape
-        q = q.contiguous()
-        assert q.dtype == torch.float32 and kv_cache.is_contiguous() and self.handles_prefill(d)
-        assert kv_cache.dtype in _DTYPES
-        assert block_table.dtype == q_lens.dtype == ctx_lens.dtype == torch.int64
-        assert block_table.is_contiguous() and q_lens.is_contiguous() and ctx_lens.is_contiguous()
-        if amx is None:
-            amx = self.prefill_on_amx(kv_cache.dtype, d)
-        assert not amx or self.prefill_on_amx(kv_cache.dtype, d)
-        out = torch.empty_like(q)
-        (self._prefill_amx if amx else self._prefill)(
-            q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
-            block_table.data_ptr(), q_lens.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
-            block_table.shape[0], block_table.shape[1], h, kh, d, block_size, scale,
-            int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
         return out
 
@@ -479,7 +531,7 @@ def _build(extra_flags: tuple[str, ...] = ()) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
-    source = b"\0".join(p.read_bytes() for p in SOURCES)
+    source = b"\0".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
     flags = (*FLAGS, *extra_flags)
     key = hashlib.sha256(

@@ -227,10 +227,11 @@ def load_model(
         q8 = gguf.q8_blocks(head) if head in names else None
         if q8 is not None and model.lm_head.weight.dtype == torch.float32:
             model.lm_head = Q8Linear(model.lm_head, kernels, q8)  # type: ignore[assignment]
+        model.fused_decode = FusedDecode.build(model, kernels)
         logger.info(
             "%d float32 linear layers read their 4-bit GGUF blocks, and the LM head %s, for up "
-            "to %d rows", count, "its 8-bit ones" if q8 is not None else "float32",
-            Q4Linear.max_rows,
+            "to %d rows%s", count, "its 8-bit ones" if q8 is not None else "float32",
+            Q4Linear.max_rows, "; decode steps run as one call" if model.fused_decode else "",
         )  # fmt: skip
     model.eval()
     return LoadedModel(model, arch, path, dtype)

@@ -11,10 +11,11 @@ from transformers import LlamaForCausalLM as HFLlama
 from transformers import Qwen2ForCausalLM as HFQwen2
 
 from headrace.model.attention import AttentionMetadata, build_group
-from headrace.model.backend import select_backend
-from headrace.model.layers import AmxLinear
+from headrace.model.backend import backend_kernels, select_backend
+from headrace.model.fused import FusedDecode
+from headrace.model.layers import AmxLinear, Q4Linear, use_q4_linears
 from headrace.model.loader import bundled_model_path, load_model, read_arch
-from tests.backends import amx_kernels
+from tests.backends import KERNEL_BUILDS, amx_kernels
 
 BLOCK = 4
 CASES = {
@@ -31,7 +32,30 @@ CASES = {
 }  # fmt: skip
 
 
-def _load(tmp_path: Path, name: str):
+# the fused step's two kinds of linears: AMX tiles (bf16), and the 4-bit blocks in float32 on
+# each kernel build this CPU runs (its vector path and plain-C twin)
+PATHS = ["amx", *(f"q4-{b}" for b in KERNEL_BUILDS)]
+
+
+def _quantize(model, kernels) -> None:
+    """Every decoder linear as a Q4Linear with Q4_1 blocks made from its float32 weight (as a
+    GGUF file would hold them), and the fused step over them."""
+
+    def blocks(name: str):
+        if not name.startswith("layers."):
+            return None
+        w = model.get_submodule(name).weight.reshape(-1, 32)
+        low, high = w.min(-1).values, w.max(-1).values
+        scale = (high - low).clamp_min(1e-8) / 15
+        q = ((w - low[:, None]) / scale[:, None]).round().clamp(0, 15).to(torch.uint8)
+        rows = model.get_submodule(name).weight.shape[0]
+        return scale.reshape(rows, -1), low.reshape(rows, -1), q.reshape(rows, -1)
+
+    assert use_q4_linears(model, kernels, blocks) == 4 * len(model.layers)
+    model.fused_decode = FusedDecode.build(model, kernels)
+
+
+def _load(tmp_path: Path, name: str, path: str = "amx"):
     hf_cls = HFQwen2 if name.startswith("qwen2") else HFLlama
     torch.manual_seed(0)
     hf = hf_cls(CASES[name]()).float().eval()
@@ -41,9 +65,16 @@ def _load(tmp_path: Path, name: str):
                 p.normal_(0, 0.5)
     hf.save_pretrained(tmp_path / name, safe_serialization=True)
     arch, source = read_arch(tmp_path / name)
-    amx = select_backend(torch.device("cpu"), "amx")
-    model = load_model(tmp_path / name, arch, source, torch.bfloat16, amx, 256)
-    return model.model, arch
+    cpu = select_backend(torch.device("cpu"), path.removeprefix("q4-"))
+    dtype = torch.bfloat16 if path == "amx" else torch.float32
+    model = load_model(tmp_path / name, arch, source, dtype, cpu, 256).model
+    if path != "amx":
+        _quantize(model, cpu.kernels)
+    return model, arch
+
+
+def _kernels(path: str):
+    return amx_kernels() if path == "amx" else backend_kernels(path.removeprefix("q4-"))
 
 
 def _meta(q_lens, ctx_lens, tables, groups, kernels):
@@ -51,11 +82,17 @@ def _meta(q_lens, ctx_lens, tables, groups, kernels):
     return AttentionMetadata(slots, [group], kernels)
 
 
-@pytest.mark.parametrize("requests", [1, 19, 100])  # past a 16-row tile; past 64 rows
+# requests: 8-row passes (q4), 16-row tiles, and past 64 rows (AMX, up to 128)
+@pytest.mark.parametrize(
+    "path,requests",
+    [("amx", n) for n in (1, 7, 16, 19, 100)] + [(p, n) for p in PATHS[1:] for n in (1, 7, 16)],
+)
 @pytest.mark.parametrize("name", list(CASES))
-def test_fused_decode_gives_the_layer_by_layer_bits(tmp_path: Path, name: str, requests: int):
-    kernels = amx_kernels()
-    model, arch = _load(tmp_path, name)
+def test_fused_decode_gives_the_layer_by_layer_bits(
+    tmp_path: Path, path: str, name: str, requests: int
+):
+    kernels = _kernels(path)
+    model, arch = _load(tmp_path, name, path)
     fused = model.fused_decode
     assert fused is not None
     hidden, caches = _fused_and_layer_by_layer(model, arch, kernels, requests)
@@ -74,7 +111,8 @@ def _fused_and_layer_by_layer(model, arch, kernels, requests):
     tables = [list(range(b * width, (b + 1) * width)) for b in range(requests)]
     shape = (2, requests * width, BLOCK, arch.num_kv_heads, arch.head_dim)
     g = arch.num_heads // arch.num_kv_heads
-    caches = {k: [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(arch.num_layers)]
+    dtype = model.embed_tokens.weight.dtype  # the cache has the weights' dtype
+    caches = {k: [torch.zeros(shape, dtype=dtype) for _ in range(arch.num_layers)]
               for k in ("fused", "layers")}  # fmt: skip
     prompts = [torch.randint(0, arch.vocab_size, (n,), generator=gen) for n in lens]
     hidden = {}
@@ -119,13 +157,15 @@ def test_four_bit_weights_give_the_bf16_bits() -> None:
     assert torch.equal(hidden["fused"], hidden["layers"])
 
 
-def test_fused_decode_skips_prompts_and_large_batches(tmp_path: Path) -> None:
-    kernels = amx_kernels()
-    model, arch = _load(tmp_path, "qwen2-d16")
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_decode_skips_prompts_and_large_batches(tmp_path: Path, path: str) -> None:
+    kernels = _kernels(path)
+    model, arch = _load(tmp_path, "qwen2-d16", path)
     fused = model.fused_decode
     assert fused is not None
     g = arch.num_heads // arch.num_kv_heads
     assert not fused.takes(_meta([3], [3], [[0]], g, kernels), 3)  # a prompt chunk
-    many = 129  # more rows than AmxLinear.max_rows
+    many = fused.max_rows + 1  # more rows than the linears' kernels take
+    assert fused.max_rows == (AmxLinear if path == "amx" else Q4Linear).max_rows
     assert not fused.takes(_meta([1] * many, [1] * many, [[0]] * many, g, kernels), many)
     assert not fused.takes(_meta([1], [1], [[0]], g, None), 1)  # no kernels in the metadata

@@ -12,7 +12,7 @@ import torch
 
 from headrace.model.attention import AttentionMetadata, build_group, paged_attention
 from headrace.model.backend import backend_kernels, select_backend
-from headrace.model.kernels import openmp_runtimes
+from headrace.model.kernels import API, openmp_runtimes, read_api
 from headrace.model.layers import RMSNorm, RotaryEmbedding
 from tests.backends import KERNEL_BUILDS, amx_kernels
 
@@ -428,3 +428,27 @@ def test_amx_pack_q4_order_and_refusal(kernels):
         assert byte & 0xF == q[16 * j + i // 2, k] and byte >> 4 == q[16 * j + 8 + i // 2, k]
     scale[3, 1] = 1.0 + 2.0**-20  # not a float16 value
     assert kernels.amx_pack_q4(scale, offset, q) is None
+
+
+def test_api_header_binds_what_it_declares():
+    """kernels.py types every call from csrc/api.h: pointers as addresses, the scalar types by
+    name, structs field by field; a type it does not know is an error, not a guess."""
+    api = read_api(
+        """/* a comment */
+        #define W_X 7 /* trailing */
+        typedef struct { const float *a, *b; int n, m; } pair;
+        HR_API int64_t f(const decode_layer *layers, int64_t L, float eps, int k);
+        HR_API int g(void);"""
+    )
+    assert api.constants == {"W_X": 7}
+    assert api.structs["pair"] == [
+        ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("n", ctypes.c_int), ("m", ctypes.c_int)
+    ]  # fmt: skip
+    assert api.functions["f"] == (
+        ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    )  # fmt: skip
+    assert api.functions["g"] == (ctypes.c_int, [])
+    with pytest.raises(ValueError, match="no ctypes type for 'double x'"):
+        read_api("HR_API void h(double x);")
+    built = backend_kernels(KERNEL_BUILDS[0])
+    assert set(vars(built.c)) == set(API.functions)  # every declared function is exported

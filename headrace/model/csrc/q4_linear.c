@@ -12,8 +12,9 @@
  * weight j + 16 (high nibble) of its block, GGUF's order; scale, offset [N, K/32] float32.
  * K is a multiple of 32. Rows of W are split among the threads.
  */
-#include <stdint.h>
-#include <stdlib.h>
+#include <omp.h>
+
+#include "common.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -49,7 +50,7 @@ static inline __m256 dot32(__m256 q0, __m256 q1, __m256 q2, __m256 q3, const flo
     return _mm256_add_ps(t, u);
 }
 
-/* Rows m0 .. m0 + R - 1 of y's column n, from x in q4_permute's order. R is a constant in each
+/* Rows m0 .. m0 + R - 1 of y's column n, from x in q4_prepare's order. R is a constant in each
  * caller (q4_row's switch), so the accumulators live in registers.
  *
  * Decoding without int -> float conversions: each nibble q becomes the bf16 bits of 1 + q/16
@@ -58,7 +59,7 @@ static inline __m256 dot32(__m256 q0, __m256 q1, __m256 q2, __m256 q3, const flo
  *     scale * sum x_j q_j + offset * sum x_j = 16 scale * sum x_j (1 + q_j/16)
  *                                              + (offset - 16 scale) * sum x_j.
  * The interleave works within 128-bit halves, which orders each block's weights as
- * 0-3 8-11 | 4-7 12-15 | 16-19 24-27 | 20-23 28-31; q4_permute puts x in that order once. */
+ * 0-3 8-11 | 4-7 12-15 | 16-19 24-27 | 20-23 28-31; q4_prepare puts x in that order once. */
 static inline __attribute__((always_inline)) void
 q4_rows(const float *x, const uint8_t *nib, const float *scale, const float *offset,
         const float *sums, int64_t m0, const int R, int64_t K, float *out) {
@@ -87,19 +88,6 @@ q4_rows(const float *x, const uint8_t *nib, const float *scale, const float *off
             off += (offset[b] - 16.0f * scale[b]) * sr[b];
         out[r] = hsum8(acc[r]) + off;
     }
-}
-
-/* x [M, K] in the order q4_rows reads each block of 32 (see above). */
-static float *q4_permute(const float *x, int64_t M, int64_t K) {
-    static const int order[32] = {0,  1,  2,  3,  8,  9,  10, 11, 4,  5,  6,  7,  12, 13, 14, 15,
-                                  16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31};
-    float *out = malloc(sizeof(float) * (size_t)(M * K));
-    if (out == NULL)
-        abort();
-    for (int64_t i = 0; i < M * K; i += 32)
-        for (int j = 0; j < 32; j++)
-            out[i + j] = x[i + order[j]];
-    return out;
 }
 
 static void q4_row(const float *x, const uint8_t *nib, const float *scale, const float *offset,
@@ -141,32 +129,55 @@ int q4_linear_vectorized(void) {
 #endif
 }
 
-void q4_linear(const float *x, const uint8_t *nib, const float *scale, const float *offset,
-               const float *bias, float *y, int64_t M, int64_t N, int64_t K, int num_threads) {
-    const int64_t nb = K / 32;
-    float *sums = malloc(sizeof(float) * (size_t)(M * nb));
-    if (sums == NULL)
-        abort();
-    block_sums(x, M, K, sums);
+/* What q4_columns reads of x [M, K]: xp, x in the lane order q4_rows reads each block of 32 in
+ * (a copy of x for the plain-C path), and sums [M, K/32], the sum of each block of x. Row by
+ * row, so callers may prepare rows apart. */
+void q4_prepare(const float *x, int64_t M, int64_t K, float *xp, float *sums) {
 #if defined(__AVX2__) && defined(__FMA__)
-    float *xp = q4_permute(x, M, K);
-#else
-    const float *xp = x;
+    static const int order[32] = {0,  1,  2,  3,  8,  9,  10, 11, 4,  5,  6,  7,  12, 13, 14, 15,
+                                  16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31};
 #endif
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float out[Q4_ROWS];
+    for (int64_t i = 0; i < M * K; i += 32)
+        for (int j = 0; j < 32; j++)
+#if defined(__AVX2__) && defined(__FMA__)
+            xp[i + j] = x[i + order[j]];
+#else
+            xp[i + j] = x[i + j];
+#endif
+    block_sums(x, M, K, sums);
+}
+
+/* Columns n0 .. n1 - 1 of y [M, N] = x . W^T (+ bias), from q4_prepare's xp and sums. Each
+ * column's sums are the same whichever thread computes it. */
+void q4_columns(const float *xp, const float *sums, const uint8_t *nib, const float *scale,
+                const float *offset, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                int64_t n0, int64_t n1) {
+    const int64_t nb = K / 32;
+    float out[Q4_ROWS];
+    for (int64_t n = n0; n < n1; n++)
         for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS) {
             const int rows = M - m0 < Q4_ROWS ? (int)(M - m0) : Q4_ROWS;
             q4_row(xp, nib + n * nb * 16, scale + n * nb, offset + n * nb, sums, m0, rows, K, out);
             for (int r = 0; r < rows; r++)
                 y[(m0 + r) * N + n] = out[r] + (bias != NULL ? bias[n] : 0.0f);
         }
+}
+
+void q4_linear(const float *x, const uint8_t *nib, const float *scale, const float *offset,
+               const float *bias, float *y, int64_t M, int64_t N, int64_t K, int num_threads) {
+    float *xp = malloc(sizeof(float) * (size_t)(M * K));
+    float *sums = malloc(sizeof(float) * (size_t)(M * (K / 32)));
+    if (xp == NULL || sums == NULL)
+        abort();
+    q4_prepare(x, M, K, xp, sums);
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        q4_columns(xp, sums, nib, scale, offset, bias, y, M, N, K, N * tid / nth,
+                   N * (tid + 1) / nth);
     }
-    free(sums);
-#if defined(__AVX2__) && defined(__FMA__)
     free(xp);
-#endif
+    free(sums);
 }
 
 /* q8_linear: W[n, k] = scale[n, k / 32] * q[n, k], q int8 [N, K], scale float32 [N, K/32]. */

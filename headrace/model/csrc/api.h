@@ -1,0 +1,89 @@
+/* The functions headrace/model/kernels.py calls, and the structs it passes. kernels.py reads
+ * this file to bind them (ctypes types from these C types: pointers, int64_t, int, float), and
+ * every kernel file is compiled against it, so the Python side and the C definitions cannot
+ * drift apart. Only these leave the shared object (-fvisibility=hidden elsewhere). */
+#ifndef HEADRACE_API_H
+#define HEADRACE_API_H
+#include <stdint.h>
+
+#define HR_API __attribute__((visibility("default")))
+
+/* decode_attention.c: decode attention over the paged cache (q, out [B, H, D] float32) */
+HR_API void paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
+                                   const int64_t *block_table, const int64_t *ctx_lens,
+                                   float *out, int64_t B, int64_t W, int64_t H, int64_t KH,
+                                   int64_t D, int64_t block_size, float scale, int kv_bf16,
+                                   int num_threads);
+
+/* prefill_attention.c: causal attention of prompt chunks over the paged cache */
+HR_API void paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache,
+                                    const int64_t *block_table, const int64_t *q_lens,
+                                    const int64_t *ctx_lens, float *out, int64_t B, int64_t W,
+                                    int64_t H, int64_t KH, int64_t D, int64_t block_size,
+                                    float scale, int kv_bf16, int num_threads);
+
+/* elementwise.c: the small steps around the linears, and greedy's argmax */
+HR_API void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *weight,
+                         float eps, float *res_out, void *out, int out_bf16, int64_t T, int64_t N,
+                         int num_threads);
+HR_API void rope_write_kv(const void *qkv, int qkv_bf16, const int64_t *positions,
+                          const float *cos, const float *sin, const int64_t *slots, float *q_out,
+                          void *k_cache, void *v_cache, int kv_bf16, int64_t T, int64_t H,
+                          int64_t KH, int64_t D, int num_threads);
+HR_API void silu_mul(const void *x, void *out, int io_bf16, int64_t T, int64_t I, int num_threads);
+HR_API void argmax_rows(const void *x, int bf16, int64_t rows, int64_t n, int64_t *out,
+                        int num_threads);
+
+/* amx_linear.c: bf16 linears on AMX tiles (amx_available: 1 where they run) */
+HR_API int amx_available(void);
+HR_API void amx_linear(const uint16_t *x, const void *wp, int fmt, const float *bias, void *y,
+                       int y_f32, int64_t M, int64_t N, int64_t K, int num_threads);
+HR_API void amx_linear_argmax(const uint16_t *x, const void *wp, int fmt, int64_t *out, int64_t M,
+                              int64_t N, int64_t K, int num_threads);
+
+/* amx_attention.c: paged_prefill_attention on AMX tiles, for a bf16 cache */
+HR_API void paged_prefill_attention_amx(const float *q, const void *k_cache, const void *v_cache,
+                                        const int64_t *block_table, const int64_t *q_lens,
+                                        const int64_t *ctx_lens, float *out, int64_t B,
+                                        int64_t W, int64_t H, int64_t KH, int64_t D,
+                                        int64_t block_size, float scale, int kv_bf16,
+                                        int num_threads);
+
+/* q4_linear.c: float32 linears reading GGUF 4-bit (Q4_0, Q4_1) and 8-bit (Q8_0) blocks */
+HR_API int q4_linear_vectorized(void);
+HR_API void q4_linear(const float *x, const uint8_t *nib, const float *scale, const float *offset,
+                      const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                      int num_threads);
+HR_API void q8_linear(const float *x, const int8_t *q, const float *scale, const float *bias,
+                      float *y, int64_t M, int64_t N, int64_t K, int num_threads);
+
+/* decode_step.c: every decoder layer of a decode step in one call. A W_Q4F32 linear is a
+ * q4_weight (q4_linear's layout); W_BF16 and W_Q4 are amx_linear's packed tiles. */
+#define W_BF16 0
+#define W_Q4 1
+#define W_Q4F32 2
+#define Q4_TILE_BYTES 320 /* a W_Q4 tile (amx.h) */
+typedef struct {
+    const uint8_t *nibbles;
+    const float *scale, *offset;
+} q4_weight;
+/* One decoder layer: RMSNorm weights float32 [hidden]; linears with float32 biases or NULL, and
+ * each one's format; the layer's K and V caches. */
+typedef struct {
+    const float *input_norm, *post_norm;
+    const void *qkv, *o, *gate_up, *down;
+    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;
+    void *k_cache, *v_cache;
+    int qkv_fmt, o_fmt, gate_up_fmt, down_fmt;
+} decode_layer;
+HR_API int64_t decode_layers_scratch(int64_t T, int64_t hidden, int64_t H, int64_t KH, int64_t D,
+                                     int64_t I, int f32);
+HR_API void decode_layers(const decode_layer *layers, int64_t L, const void *embeds,
+                          const float *final_norm, float eps, float *out,
+                          const int64_t *positions, const float *cos, const float *sin,
+                          const int64_t *slots, const int64_t *block_table, int64_t W,
+                          const int64_t *ctx_lens, int64_t T, int64_t hidden, int64_t H,
+                          int64_t KH, int64_t D, int64_t I, int64_t block_size, float scale,
+                          int kv_bf16, void *scratch, int num_threads);
+
+#endif /* HEADRACE_API_H */
