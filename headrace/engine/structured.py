@@ -175,6 +175,18 @@ class Grammars:
             state.matcher.fill_next_token_bitmask(bitmask, row)
         if logits.device.type == "cpu":
             self.xgr.apply_token_bitmask_inplace(logits, bitmask[:n], indices=rows)
-        else:
-            device_mask = bitmask[:n].to(logits.device, non_blocking=True)
-            self.xgr.apply_token_bitmask_inplace(logits, device_mask, indices=rows)
+        else:  # xgrammar's GPU kernels need triton, which headrace does not install
+            apply_bitmask(logits, bitmask[:n].to(logits.device, non_blocking=True), rows)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """In place, on any device with torch ops: logits[r, t] = -inf where bit t % 32 of word
+    t // 32 of bitmask[r] is 0 (xgrammar's int32 layout), for each r in rows."""
+    import torch  # (this module is imported by the API server, which needs no torch)
+
+    index = torch.tensor(rows, device=logits.device)
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    bits = (bitmask[index].unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]
+    assert bits.shape[1] * 32 >= logits.shape[1], "the bitmask covers every logit"
+    allowed = bits.flatten(1)[:, : logits.shape[1]].bool()
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))

@@ -12,6 +12,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import torch
 
 from headrace.engine.structured import GrammarState, choice_grammar
 from headrace.offline import LLM
@@ -152,3 +153,22 @@ def test_chat_renders_tools_with_a_given_template(llm: LLM) -> None:
     assert text.startswith("<tool_call>"), text
     call = json.loads(text.removeprefix("<tool_call>").split("</tool_call>")[0])
     assert call == {"name": "get_weather", "arguments": {"city": "Tokyo"}}
+
+
+def test_torch_bitmask_apply_equals_xgrammars() -> None:
+    """apply_bitmask (accelerators, where xgrammar's kernels would need triton) masks exactly
+    what xgrammar's CPU kernel masks, in the rows named, at a vocabulary that ends mid-word."""
+    from headrace.engine.structured import apply_bitmask, import_xgrammar
+
+    xgr = import_xgrammar()
+    gen = torch.Generator().manual_seed(0)
+    vocab, rows = 100, [0, 2, 3]
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (4, (vocab + 31) // 32), generator=gen)
+    bitmask = bitmask.to(torch.int32)
+    logits = torch.randn(4, vocab, generator=gen)
+    want, got = logits.clone(), logits.clone()
+    xgr.apply_token_bitmask_inplace(want, bitmask, indices=rows)
+    apply_bitmask(got, bitmask, rows)
+    assert torch.equal(got, want)
+    assert 0 < int(got[rows].isinf().sum()) < len(rows) * vocab
+    assert torch.equal(got[1], logits[1])  # rows not named are untouched
