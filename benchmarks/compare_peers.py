@@ -4,8 +4,9 @@
 
 Run by hand (not in CI). Without --llama-server it builds `llama-server` from the llama.cpp
 vendored in the `llama-cpp-python` source package on PyPI (cmake + a C++ compiler; ~8 minutes
-on 2 cores the first time, then cached under HEADRACE_CACHE_DIR/llama.cpp/; AVX-512, no AMX:
-a -march=native build dies with SIGILL where the VM does not grant AMX). Each server runs
+on 2 cores the first time, then cached under HEADRACE_CACHE_DIR/llama.cpp/) for this CPU's
+vector instructions: AVX-512 (with VNNI and BF16 where the CPU has them) or AVX2, never AMX (a
+-march=native build dies with SIGILL where the VM does not grant AMX tile state). Each server runs
 alone: headrace first (`headrace serve`, default flags), then llama-server with continuous
 batching (`-np` = users, `-t` = cores, one KV slot per user, no unified KV cache). The load is
 `headrace bench serve` logic with the bundled model's tokenizer (so both get identical
@@ -33,8 +34,13 @@ import httpx
 from headrace import envs
 from headrace.bench.report import Result
 from headrace.bench.serve import add_bench_serve_args, run_benchmark
+from headrace.model.backend import cpu_flags
 from headrace.model.loader import bundled_model_path
 from tests.e2e.server import ServerProcess, free_port
+
+
+def on(flag: bool) -> str:
+    return "ON" if flag else "OFF"
 
 
 def build_llama_server(version: str | None) -> Path:
@@ -48,7 +54,9 @@ def build_llama_server(version: str | None) -> Path:
         )  # fmt: skip
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         name = sdist.name.removesuffix(".tar.gz")
-        out = envs.cache_dir() / "llama.cpp" / f"{name}-avx512" / "llama-server"
+        flags = cpu_flags()
+        isa = "avx512" if "avx512f" in flags else "avx2"
+        out = envs.cache_dir() / "llama.cpp" / f"{name}-{isa}" / "llama-server"
         if out.is_file():
             return out
         print(f"building llama-server from {sdist.name} (several minutes)...", file=sys.stderr)
@@ -61,9 +69,11 @@ def build_llama_server(version: str | None) -> Path:
              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
              "-DLLAMA_BUILD_TESTS=OFF",
              # Not -march=native: its AMX kernels die with SIGILL in VMs that do not grant
-             # AMX tile state; AVX-512 (what torch uses here too) is the fair comparison.
+             # AMX tile state; the CPU's AVX-512 or AVX2 is the fair comparison.
              "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-             "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
+             f"-DGGML_AVX512={on(isa == 'avx512')}",
+             f"-DGGML_AVX512_VNNI={on('avx512_vnni' in flags)}",
+             f"-DGGML_AVX512_BF16={on('avx512_bf16' in flags)}",
              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"],
             check=True,
         )  # fmt: skip
@@ -146,6 +156,8 @@ def main() -> None:
     )
     ours: dict[int, Result] = {}
     srv = ServerProcess("--disable-log-requests", "--disable-log-stats").wait_ready()
+    chosen = [ln for ln in srv.log_tail(400).splitlines() if "compute backend" in ln]
+    print(f"headrace {chosen[-1].split('compute backend')[-1] if chosen else '(backend?)'}")
     try:
         for u in users:
             ours[u] = bench(srv.url, u, args)
