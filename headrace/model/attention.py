@@ -14,7 +14,7 @@ padded to its longest query and context. Query heads that share a KV head are fo
 query axis, so GQA never copies K or V: a group computes `[B, KH, G*Q, D] x [B, KH, L, D]`.
 
 On CPU both kinds of group skip the copy, the padding and the mask: C kernels
-(model/kernels.py) read K and V through the block table where they lie, one for decodes and
+(model/kernels/) read K and V through the block table where they lie, one for decodes and
 one for query chunks (causal, ragged).
 """
 
@@ -78,7 +78,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] cache slot where each new token's K/V is written
     groups: list[AttnGroup]
-    kernels: Kernels | None = None  # the CPU C kernels (model/kernels.py), None elsewhere
+    kernels: Kernels | None = None  # the CPU C kernels (model/kernels/), None elsewhere
 
 
 def build_group(

@@ -1,4 +1,4 @@
-"""A decode step's decoder layers in one C call (csrc: decode_layers), where every linear is an
+"""A decode step's decoder layers in one C call (kernels/decode_step.c), where every linear is an
 AmxLinear (bf16, AMX tiles) or every one a Q4Linear (float32, the GGUF's 4-bit blocks).
 
 Layer by layer, a decode step makes ~9 kernel calls per layer from Python, each its own OpenMP

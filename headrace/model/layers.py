@@ -133,7 +133,7 @@ class PackedLinear(nn.Module):
 
 
 class AmxLinear(nn.Module):
-    """A bf16 CPU linear that runs headrace's AMX kernel (csrc: amx_linear) for up to
+    """A bf16 CPU linear that runs headrace's AMX kernel (kernels/amx_linear.c) for up to
     `max_rows` rows and oneDNN's packed matmul for more, holding the weight in both orders.
 
     Why both: the AMX kernel reads each weight once, front to back, for up to 64 rows (beyond,
@@ -213,7 +213,7 @@ class _BlockLinear(nn.Module):
 
 
 class Q4Linear(_BlockLinear):
-    """A linear that reads the GGUF file's 4-bit blocks (csrc/q4_linear.c: AVX2 + FMA, or plain
+    """A linear that reads the GGUF file's 4-bit blocks (kernels/q4_linear.c: AVX2 + FMA, or plain
     C) for decode-sized batches.
 
     Why: without bf16 hardware the weights are float32, 4 bytes each, and a decode step reads

@@ -431,7 +431,7 @@ def test_amx_pack_q4_order_and_refusal(kernels):
 
 
 def test_api_header_binds_what_it_declares():
-    """kernels.py types every call from csrc/api.h: pointers as addresses, the scalar types by
+    """kernels/api.py types every call from api.h: pointers as addresses, the scalar types by
     name, structs field by field; a type it does not know is an error, not a guess."""
     api = read_api(
         """/* a comment */

@@ -1,4 +1,4 @@
-"""q4_linear (csrc/q4_linear.c) against torch's float32 linear over the dequantized weight."""
+"""q4_linear (kernels/q4_linear.c) against torch's float32 linear over the dequantized weight."""
 
 from __future__ import annotations
 

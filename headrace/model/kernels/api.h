@@ -1,5 +1,5 @@
-/* The functions headrace/model/kernels.py calls, and the structs it passes. kernels.py reads
- * this file to bind them (ctypes types from these C types: pointers, int64_t, int, float), and
+/* The functions headrace's Python calls, and the structs it passes. api.py reads this file to
+ * bind them (ctypes types from these C types: pointers, int64_t, int, float), and
  * every kernel file is compiled against it, so the Python side and the C definitions cannot
  * drift apart. Only these leave the shared object (-fvisibility=hidden elsewhere). */
 #ifndef HEADRACE_API_H

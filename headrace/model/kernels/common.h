@@ -1,7 +1,7 @@
 /* What the kernel files share: the bf16 conversions, exp, denormal control and other small
  * inline helpers, and the few functions one file defines for another (hidden: only api.h's
  * functions leave the shared object). Every kernel file is compiled for the same flags by
- * headrace/model/kernels.py into one object. */
+ * build.py into one object. */
 #ifndef HEADRACE_COMMON_H
 #define HEADRACE_COMMON_H
 #include <math.h>
