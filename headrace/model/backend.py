@@ -7,8 +7,8 @@ cache's dtype, and which C kernels (if any) the model's layers call:
 - `amx` (CPUs with AMX-BF16): kernels built for this CPU; bf16 weights; linears on AMX tiles
   that read the GGUF's 4-bit blocks; a decode step's layers in one call; prompt attention on
   tiles.
-- `avx512` (CPUs with AVX-512): kernels built without AMX; bf16 linears on oneDNN where the CPU
-  has AVX512-BF16, else as `avx2`.
+- `avx512` (CPUs with AVX-512): kernels built without AMX; as `avx2` for decode-sized batches,
+  and, where the CPU has AVX512-BF16, bf16 weights on oneDNN for larger ones.
 - `avx2` (AVX2 + FMA): kernels built without AVX-512; float32 weights; linears of decode-sized
   batches read the GGUF's 4-bit blocks; a decode step's layers in one call.
 - `c` (any CPU with a C compiler): as `avx2`, from the kernels' plain-C twins.

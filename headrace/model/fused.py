@@ -1,5 +1,6 @@
 """A decode step's decoder layers in one C call (kernels/decode_step.c), where every linear is an
-AmxLinear (bf16, AMX tiles) or every one a Q4Linear (float32, the GGUF's 4-bit blocks).
+AmxLinear (bf16, AMX tiles) or every one a Q4Linear (the GGUF's 4-bit blocks, float32
+activations whatever the weights' dtype).
 
 Layer by layer, a decode step makes ~9 kernel calls per layer from Python, each its own OpenMP
 parallel region. With the engine's OMP_WAIT_POLICY=PASSIVE (idle threads sleep, leaving the
@@ -33,7 +34,7 @@ def _decoder_layers(model: LlamaForCausalLM) -> list[LlamaDecoderLayer]:
     return [cast("LlamaDecoderLayer", m) for m in model.layers]
 
 
-def _linears(layer: LlamaDecoderLayer) -> tuple[torch.nn.Module, ...]:
+def layer_linears(layer: LlamaDecoderLayer) -> tuple[torch.nn.Module, ...]:
     attn, mlp = layer.self_attn, layer.mlp
     return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
 
@@ -42,7 +43,7 @@ class FusedDecode:
     """The model's decode steps through decode_layers: it holds the layer table (weight and
     cache addresses) and the scratch the C function works in."""
 
-    def __init__(self, model: LlamaForCausalLM, kernels: Kernels, max_rows: int) -> None:
+    def __init__(self, model: LlamaForCausalLM, kernels: Kernels, max_rows: int, f32: bool) -> None:
         cfg = model.cfg
         self.model = model
         self.kernels = kernels
@@ -53,7 +54,7 @@ class FusedDecode:
         self.scale = cfg.head_dim**-0.5
         self.eps = model.norm.eps
         self.max_rows = max_rows
-        self.f32 = model.embed_tokens.weight.dtype == torch.float32  # Q4Linears
+        self.f32 = f32  # Q4Linears: float32 activations (else AmxLinears: bf16)
         self._layers: ctypes.Array[DecodeLayer] | None = None
         self._q4: list[Q4Weight] = []  # what the layer table points to for Q4Linears
         self._caches_key: tuple[int, ...] = ()
@@ -65,16 +66,17 @@ class FusedDecode:
     def build(model: LlamaForCausalLM, kernels: Kernels | None) -> FusedDecode | None:
         """A FusedDecode for `model`, or None where decode_layers cannot run it: no kernels, a
         head size not a multiple of 16, or linears that are not all AmxLinear with bf16 output
-        (bf16 weights, AMX kernels) nor all Q4Linear (float32 weights)."""
+        (bf16 weights, AMX kernels) nor all Q4Linear (float32 activations, whatever the
+        weights' dtype)."""
         if kernels is None or model.cfg.head_dim % 16:
             return None
-        linears = [x for layer in _decoder_layers(model) for x in _linears(layer)]
+        linears = [x for layer in _decoder_layers(model) for x in layer_linears(layer)]
         dtype = model.embed_tokens.weight.dtype
         amx = all(isinstance(x, AmxLinear) and x.out_dtype == dtype for x in linears)
         if dtype == torch.bfloat16 and kernels.amx and amx:
-            return FusedDecode(model, kernels, AmxLinear.max_rows)
-        if dtype == torch.float32 and all(isinstance(x, Q4Linear) for x in linears):
-            return FusedDecode(model, kernels, Q4Linear.max_rows)
+            return FusedDecode(model, kernels, AmxLinear.max_rows, f32=False)
+        if all(isinstance(x, Q4Linear) for x in linears):
+            return FusedDecode(model, kernels, Q4Linear.max_rows, f32=True)
         return None
 
     def takes(self, meta: AttentionMetadata, num_tokens: int) -> bool:
@@ -96,9 +98,10 @@ class FusedDecode:
         """The final hidden states [T, hidden] float32, as LlamaForCausalLM.forward's."""
         model, group = self.model, meta.groups[0]
         kv_cache = kv_caches[0]
+        embeds = model.embed_tokens(input_ids)
         return self.kernels.decode_layers(
             self._layer_table(kv_caches),
-            model.embed_tokens(input_ids),
+            embeds.float() if self.f32 else embeds,
             model.norm.weight,
             self.eps,
             positions,
@@ -138,7 +141,7 @@ class FusedDecode:
 
         for entry, layer, cache in zip(table, layers, kv_caches, strict=True):
             assert cache.dtype in (torch.float32, torch.bfloat16) and cache.is_contiguous()
-            qkv, o, gate_up, down = (cast("AmxLinear | Q4Linear", x) for x in _linears(layer))
+            qkv, o, gate_up, down = (cast("AmxLinear | Q4Linear", x) for x in layer_linears(layer))
             entry.input_norm = addr(layer.input_layernorm.weight)
             entry.post_norm = addr(layer.post_attention_layernorm.weight)
             entry.qkv, entry.qkv_fmt = weight(qkv)

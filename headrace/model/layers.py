@@ -192,21 +192,25 @@ class AmxLinear(nn.Module):
 
 
 class _BlockLinear(nn.Module):
-    """A float32 CPU linear holding its weight twice: as float32, for torch's matmul on more than
-    `max_rows` rows, and as GGUF blocks that a C kernel reads for fewer."""
+    """A CPU linear holding its weight twice: as GGUF blocks, which a C kernel reads in float32
+    for up to `max_rows` rows, and as `large`, the nn.Linear it replaced (float32, or bf16 that
+    pack_linears then hands to oneDNN), for more. Its output has its input's dtype; a decoder
+    layer whose linears are all these computes in float32 (LlamaDecoderLayer.compute_dtype), so
+    only `large` rounds to bf16."""
 
     max_rows = 16  # measured: at 32 rows torch's float32 matmul is faster again
 
     def __init__(self, linear: nn.Linear, kernels: Kernels) -> None:
         super().__init__()
         self.kernels = kernels
-        self.weight = linear.weight
+        self.large = linear
+        self.large_dtype = linear.weight.dtype
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] <= self.max_rows:
-            return self.from_blocks(x)
-        return F.linear(x, self.weight, self.bias)
+            return self.from_blocks(x.float()).to(x.dtype)
+        return self.large(x.to(self.large_dtype)).to(x.dtype)
 
     def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -216,10 +220,11 @@ class Q4Linear(_BlockLinear):
     """A linear that reads the GGUF file's 4-bit blocks (kernels/q4_linear.c: AVX2 + FMA, or plain
     C) for decode-sized batches.
 
-    Why: without bf16 hardware the weights are float32, 4 bytes each, and a decode step reads
-    every one; the blocks are 0.75 bytes a weight, so few-row steps, bound by memory, read under
-    a fifth of the bytes. The values are the same (the blocks are what the weight was
-    dequantized from); only the order of the float32 sums differs.
+    Why: a decode step reads every weight; float32 weights are 4 bytes each (bf16 ones 2), the
+    blocks 0.75 bytes a weight, so few-row steps, bound by memory, read under a fifth (a third)
+    of the bytes. The values are the same (the blocks are what the weight was dequantized from);
+    only the order of the float32 sums differs. Used where the AMX kernel is not: on AMX,
+    AmxLinear reads the same blocks.
     """
 
     def __init__(self, linear: nn.Linear, kernels: Kernels, q4: Q4Blocks) -> None:
@@ -248,13 +253,13 @@ def use_q4_linears(
     q4: Callable[[str], Q4Blocks | None],
     prefix: str = "",
 ) -> int:
-    """Swap every float32 nn.Linear below `module` whose GGUF blocks `q4` has (by qualified
-    name) for a Q4Linear; returns how many."""
+    """Swap every nn.Linear below `module` whose GGUF blocks `q4` has (by qualified name) for a
+    Q4Linear; returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             blocks = q4(prefix + name)
-            if blocks is not None and child.weight.dtype == torch.float32:
+            if blocks is not None:
                 setattr(module, name, Q4Linear(child, kernels, blocks))
                 count += 1
         else:

@@ -18,10 +18,10 @@ from torch import nn
 
 from headrace import envs
 from headrace.model.backend import Backend
-from headrace.model.fused import FusedDecode
-from headrace.model.gguf import GGUFWeights, Q4Blocks
+from headrace.model.fused import FusedDecode, layer_linears
+from headrace.model.gguf import GGUFWeights, Q4Blocks, Q8Blocks
+from headrace.model.kernels import Kernels
 from headrace.model.layers import (
-    AmxLinear,
     Q4Linear,
     Q8Linear,
     can_pack_linears,
@@ -213,28 +213,50 @@ def load_model(
         raise UnsupportedModelError(f"{path}: no weights found for {', '.join(leftover[:5])}")
     kernels = backend.kernels
     gguf = source if read_blocks and isinstance(source, GGUFWeights) else None
-    if can_pack_linears(dtype, device):
-        # logits unrounded where the AMX kernel computes them: bf16 logits tie near-equal tokens
-        q4 = _q4_blocks(gguf) if gguf is not None and backend.amx else None
-        packed = pack_linears(model, kernels, float_out=("lm_head",), q4=q4)
-        logger.info("packed linear layers: %s", ", ".join(f"{n} {k}" for k, n in packed.items()))
-        model.fused_decode = FusedDecode.build(model, kernels)
-        if model.fused_decode is not None:
-            logger.info("decode steps of up to %d requests run as one call", AmxLinear.max_rows)
-    elif kernels is not None and gguf is not None and dtype == torch.float32:
-        count = use_q4_linears(model, kernels, _q4_blocks(gguf))
+    packs = can_pack_linears(dtype, device)  # bf16 on CPU: oneDNN, or AmxLinear on AMX
+    amx_linears = packs and backend.amx  # these read the 4-bit blocks themselves
+    if kernels is not None and gguf is not None and not amx_linears:
+        # decode-sized batches read the file's blocks, in float32
         head = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
         q8 = gguf.q8_blocks(head) if head in names else None
-        if q8 is not None and model.lm_head.weight.dtype == torch.float32:
-            model.lm_head = Q8Linear(model.lm_head, kernels, q8)  # type: ignore[assignment]
-        model.fused_decode = FusedDecode.build(model, kernels)
+        count = use_block_linears(model, kernels, _q4_blocks(gguf), q8)
         logger.info(
-            "%d float32 linear layers read their 4-bit GGUF blocks, and the LM head %s, for up "
-            "to %d rows%s", count, "its 8-bit ones" if q8 is not None else "float32",
-            Q4Linear.max_rows, "; decode steps run as one call" if model.fused_decode else "",
+            "%d linear layers read their 4-bit GGUF blocks, and the LM head %s, for up to %d "
+            "rows", count, "its 8-bit ones" if q8 is not None else "its weight",
+            Q4Linear.max_rows,
         )  # fmt: skip
+    if packs:
+        # logits unrounded where the AMX kernel computes them: bf16 logits tie near-equal tokens
+        q4 = _q4_blocks(gguf) if gguf is not None and amx_linears else None
+        packed = pack_linears(model, kernels, float_out=("lm_head",), q4=q4)
+        logger.info("packed linear layers: %s", ", ".join(f"{n} {k}" for k, n in packed.items()))
+    model.fused_decode = FusedDecode.build(model, kernels)
+    if model.fused_decode is not None:
+        logger.info(
+            "decode steps of up to %d requests run as one call", model.fused_decode.max_rows
+        )
     model.eval()
     return LoadedModel(model, arch, path, dtype)
+
+
+def use_block_linears(
+    model: LlamaForCausalLM,
+    kernels: Kernels,
+    q4: Callable[[str], Q4Blocks | None],
+    q8: Q8Blocks | None = None,
+) -> int:
+    """Give the decoder linears whose 4-bit blocks `q4` has (by qualified name) a Q4Linear, and
+    the LM head a Q8Linear where its blocks are `q8`; a decoder layer whose linears all read
+    blocks then computes in float32 (what decode_layers' W_Q4F32 step does too). Returns how
+    many Q4Linears."""
+    count = use_q4_linears(model, kernels, q4)
+    for block in model.layers:
+        layer = cast(LlamaDecoderLayer, block)
+        if all(isinstance(x, Q4Linear) for x in layer_linears(layer)):
+            layer.compute_dtype = torch.float32
+    if q8 is not None:
+        model.lm_head = Q8Linear(model.lm_head, kernels, q8)  # type: ignore[assignment]
+    return count
 
 
 # a fused linear's GGUF tensors, by the suffix of its qualified name

@@ -13,8 +13,8 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 from headrace.model.attention import AttentionMetadata, build_group
 from headrace.model.backend import backend_kernels, select_backend
 from headrace.model.fused import FusedDecode
-from headrace.model.layers import AmxLinear, Q4Linear, use_q4_linears
-from headrace.model.loader import bundled_model_path, load_model, read_arch
+from headrace.model.layers import AmxLinear, Q4Linear
+from headrace.model.loader import bundled_model_path, load_model, read_arch, use_block_linears
 from tests.backends import KERNEL_BUILDS, amx_kernels
 
 BLOCK = 4
@@ -32,26 +32,27 @@ CASES = {
 }  # fmt: skip
 
 
-# the fused step's two kinds of linears: AMX tiles (bf16), and the 4-bit blocks in float32 on
-# each kernel build this CPU runs (its vector path and plain-C twin)
-PATHS = ["amx", *(f"q4-{b}" for b in KERNEL_BUILDS)]
+# the fused step's two kinds of linears: AMX tiles (bf16), and the 4-bit blocks on each kernel
+# build this CPU runs (its vector path and plain-C twin), in a float32 model and a bf16 one
+PATHS = ["amx", *(f"q4-{b}-{t}" for b in KERNEL_BUILDS for t in ("float32", "bfloat16"))]
 
 
 def _quantize(model, kernels) -> None:
-    """Every decoder linear as a Q4Linear with Q4_1 blocks made from its float32 weight (as a
-    GGUF file would hold them), and the fused step over them."""
+    """Every decoder linear as a Q4Linear with Q4_1 blocks made from its weight (as a GGUF file
+    would hold them), as the loader gives a GGUF's, and the fused step over them."""
 
     def blocks(name: str):
         if not name.startswith("layers."):
             return None
-        w = model.get_submodule(name).weight.reshape(-1, 32)
+        w = model.get_submodule(name).weight.float().reshape(-1, 32)
         low, high = w.min(-1).values, w.max(-1).values
         scale = (high - low).clamp_min(1e-8) / 15
         q = ((w - low[:, None]) / scale[:, None]).round().clamp(0, 15).to(torch.uint8)
         rows = model.get_submodule(name).weight.shape[0]
         return scale.reshape(rows, -1), low.reshape(rows, -1), q.reshape(rows, -1)
 
-    assert use_q4_linears(model, kernels, blocks) == 4 * len(model.layers)
+    assert use_block_linears(model, kernels, blocks) == 4 * len(model.layers)
+    assert all(layer.compute_dtype == torch.float32 for layer in model.layers)
     model.fused_decode = FusedDecode.build(model, kernels)
 
 
@@ -65,8 +66,9 @@ def _load(tmp_path: Path, name: str, path: str = "amx"):
                 p.normal_(0, 0.5)
     hf.save_pretrained(tmp_path / name, safe_serialization=True)
     arch, source = read_arch(tmp_path / name)
-    cpu = select_backend(torch.device("cpu"), path.removeprefix("q4-"))
-    dtype = torch.bfloat16 if path == "amx" else torch.float32
+    _, build, dtype_name = path.split("-") if path != "amx" else ("", "amx", "bfloat16")
+    cpu = select_backend(torch.device("cpu"), build)
+    dtype = getattr(torch, dtype_name)
     model = load_model(tmp_path / name, arch, source, dtype, cpu, 256).model
     if path != "amx":
         _quantize(model, cpu.kernels)
@@ -74,7 +76,7 @@ def _load(tmp_path: Path, name: str, path: str = "amx"):
 
 
 def _kernels(path: str):
-    return amx_kernels() if path == "amx" else backend_kernels(path.removeprefix("q4-"))
+    return amx_kernels() if path == "amx" else backend_kernels(path.split("-")[1])
 
 
 def _meta(q_lens, ctx_lens, tables, groups, kernels):

@@ -70,8 +70,9 @@ def test_q8_equals_the_dequantized_linear(built: Kernels, rows: int) -> None:
 
 @pytest.mark.parametrize("name", KERNEL_BUILDS)
 def test_the_bundled_model_reads_its_blocks_in_float32(name: str) -> None:
-    """float32 on CPU from the bundled GGUF: every decoder linear is a Q4Linear and the LM head
-    a Q8Linear, each giving what its float32 weight gives."""
+    """float32 on CPU from the bundled GGUF, on every kernel build (amx too: AmxLinear takes bf16
+    weights only): every decoder linear is a Q4Linear and the LM head a Q8Linear, each giving
+    what its float32 weight gives; decode steps run as one call."""
     from headrace.config import ModelConfig
     from headrace.model.loader import load_model, read_arch, resolve_model_path
 
@@ -83,6 +84,31 @@ def test_the_bundled_model_reads_its_blocks_in_float32(name: str) -> None:
     assert len(q4) == 4 * arch.num_layers
     assert isinstance(model.lm_head, Q8Linear)
     for layer in (q4[0], q4[-1], model.lm_head):
-        x = torch.randn(3, layer.weight.shape[1])
-        want = F.linear(x, layer.weight, layer.bias)
+        x = torch.randn(3, layer.large.weight.shape[1])
+        want = F.linear(x, layer.large.weight, layer.bias)
         torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+    assert model.fused_decode is not None and model.fused_decode.f32
+
+
+@pytest.mark.parametrize("name", [b for b in KERNEL_BUILDS if b != "amx"])
+def test_a_bf16_model_reads_its_blocks_for_small_batches(name: str) -> None:
+    """bf16 weights without AMX (a Zen 4's default): decode-sized batches read the 4-bit blocks
+    in float32, as the float32 model does (the same layer outputs), the decoder's activations
+    are float32, and larger batches keep the bf16 weight."""
+    from headrace.config import ModelConfig
+    from headrace.model.loader import load_model, read_arch, resolve_model_path
+
+    path = resolve_model_path(ModelConfig().model)
+    arch, source = read_arch(path)
+    backend = Backend(name, torch.device("cpu"), backend_kernels(name), "test")
+    bf16 = load_model(path, arch, source, torch.bfloat16, backend, 256).model
+    f32 = load_model(path, arch, source, torch.float32, backend, 256).model
+    assert all(layer.compute_dtype == torch.float32 for layer in bf16.layers)
+    assert bf16.fused_decode is not None and bf16.fused_decode.f32
+    ours, theirs = bf16.layers[3].mlp.down_proj, f32.layers[3].mlp.down_proj
+    assert isinstance(ours, Q4Linear) and ours.large_dtype == torch.bfloat16
+    x = torch.randn(Q4Linear.max_rows, arch.intermediate_size)
+    assert torch.equal(ours(x), theirs(x))
+    many = torch.randn(Q4Linear.max_rows + 1, arch.intermediate_size)
+    want = theirs(many.bfloat16().float())  # the bf16 weight, from bf16 inputs
+    torch.testing.assert_close(ours(many), want, rtol=0, atol=2e-2 * float(want.abs().max()))
