@@ -37,7 +37,7 @@ def main() -> None:
         max_model_len=max(length for _, length in shapes) + 1,
         enable_prefix_caching=False,
     )
-    engine, kernels = llm.engine, llm.engine.runner.kernels
+    engine, kernels = llm.engine, llm.engine.runner.backend.kernels
     if kernels is None or not kernels.amx_attention:
         raise SystemExit("no AMX prompt-chunk attention here (no AMX, or switched off)")
     rng = random.Random(0)

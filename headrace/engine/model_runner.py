@@ -19,6 +19,7 @@ from headrace.engine.structured import Grammars
 from headrace.model.attention import AttentionMetadata, AttnGroup, build_group
 from headrace.model.backend import select_backend
 from headrace.model.loader import ProgressFn, load_model, read_arch, resolve_model_path
+from headrace.model.ops import ops_for
 from headrace.model.registry import ArchConfig
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,9 @@ class ModelRunner:
         loaded = load_model(path, arch, source, self.dtype, self.backend, max_len, progress)
         self.model, self.arch = loaded.model, loaded.arch
         self.block_size = cache_cfg.block_size
-        self.kernels = self.backend.kernels
+        self.ops = ops_for(self.backend.kernels)
         # prompt chunks: the C kernel reads lengths; the torch path needs them padded and masked
-        self.padded_attention = self.kernels is None or not self.kernels.handles_prefill(
-            self.arch.head_dim
-        )
+        self.padded_attention = self.ops.prefill_padded(self.arch.head_dim)
         self.kv_dtype = self.backend.kv_cache_dtype(self.dtype)
         per_block = (
             2
@@ -130,14 +129,14 @@ class ModelRunner:
             last = hidden
         else:
             last = hidden[torch.tensor(sample_rows, device=dev)]
-        argmax = self.kernels.argmax if self.kernels is not None else None
+        argmax = self.ops.argmax
         constrained = [i for i, r in enumerate(sample_reqs) if r.grammar is not None]
         if plain_greedy(sample_reqs) and not constrained:
             # the LM head's own argmax where it has one (no logits written), else the logits'
             greedy = self.model.greedy_tokens(last)
             if greedy is None:
                 logits = self.model.compute_logits(last)
-                greedy = argmax(logits) if argmax is not None else logits.argmax(dim=-1)
+                greedy = argmax(logits)
             tokens = greedy.tolist()
             return RunnerOutput(
                 sampled={r.request_id: t for r, t in zip(sample_reqs, tokens, strict=True)}
@@ -171,7 +170,7 @@ class ModelRunner:
             slots.append(new_slots)
             start += sum(q_lens)
         slot_mapping = (slots[0] if len(slots) == 1 else torch.cat(slots)).to(self.device)
-        return AttentionMetadata(slot_mapping, groups, self.kernels)
+        return AttentionMetadata(slot_mapping, groups, self.ops)
 
 
 def _max_model_len(requested: int | None, arch: ArchConfig) -> int:

@@ -13,19 +13,27 @@ attends. Requests are attended in groups (decodes together, prefill chunks toget
 padded to its longest query and context. Query heads that share a KV head are folded into the
 query axis, so GQA never copies K or V: a group computes `[B, KH, G*Q, D] x [B, KH, L, D]`.
 
-On CPU both kinds of group skip the copy, the padding and the mask: C kernels
-(model/kernels/) read K and V through the block table where they lie, one for decodes and
-one for query chunks (causal, ragged).
+That is the torch path (`torch_attend`). On CPU both kinds of group skip the copy, the padding
+and the mask: C kernels (model/kernels/) read K and V through the block table where they lie,
+one for decodes and one for query chunks (causal, ragged); `meta.ops` (model/ops.py) picks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from headrace.model.kernels import Kernels
+if TYPE_CHECKING:
+    from headrace.model.ops import TorchOps
+
+
+def _torch_ops() -> TorchOps:
+    from headrace.model.ops import TORCH_OPS  # (ops.py builds on this module)
+
+    return TORCH_OPS
 
 
 @dataclass(slots=True)
@@ -78,7 +86,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] cache slot where each new token's K/V is written
     groups: list[AttnGroup]
-    kernels: Kernels | None = None  # the CPU C kernels (model/kernels/), None elsewhere
+    ops: TorchOps = field(default_factory=_torch_ops)  # the backend's steps (model/ops.py)
 
 
 def build_group(
@@ -150,6 +158,16 @@ def build_group(
     return group, new_slots
 
 
+def write_kv(
+    kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """This step's K and V [T, KH, D] into the cache at their slots."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -159,56 +177,36 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Write this step's K/V to the cache, then attend. q [T, H, D], k/v [T, KH, D] -> [T, H*D]."""
-    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
-    return attend(q, kv_cache, meta, scale)
+    write_kv(kv_cache, meta.slot_mapping, k, v)
+    return meta.ops.attend(q, kv_cache, meta, scale)
 
 
-def attend(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+def torch_attend(
+    q: torch.Tensor, kv_cache: torch.Tensor, group: AttnGroup, scale: float
 ) -> torch.Tensor:
-    """Attention of q [T, H, D] over the cache (this step's K/V already in it) -> [T, H*D]."""
+    """One group's attention with torch ops over its gathered, padded blocks (the group built
+    with padded=True): q [tokens, H, D] -> [tokens, H * D]."""
     _, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[3]
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     # On CPU attention computes in float32 whatever the cache holds (bf16 SDPA is slow there).
     compute = torch.float32 if kv_cache.device.type == "cpu" else kv_cache.dtype
     g = num_heads // num_kv_heads
-    block_size = kv_cache.shape[2]
-    outs = []
-    for grp in meta.groups:
-        qg = q[grp.tokens]
-        # decodes always take the kernel; prompt chunks when built for it (not padded)
-        if meta.kernels is not None and (grp.q_lens is None or not grp.padded):
-            if grp.q_lens is None:
-                out = meta.kernels.paged_decode_attention(
-                    qg.float(), kv_cache, grp.blocks, grp.ctx_lens, scale
-                )
-            else:
-                out = meta.kernels.paged_prefill_attention(
-                    qg.float(), kv_cache, grp.blocks, grp.q_lens, grp.ctx_lens, scale
-                )
-            outs.append(out.view(-1, num_heads * head_dim))
-            continue
-        assert grp.padded, "the torch path needs the padded layout (build_group(padded=True))"
-        if grp.q_index is not None:
-            qg = torch.cat([qg, qg.new_zeros(1, num_heads, head_dim)])[grp.q_index]
-        b, width = grp.blocks.shape
-        length = width * block_size
-        nq = qg.shape[0] // b
-        qg = qg.view(b, nq, num_kv_heads, g, head_dim).permute(0, 2, 3, 1, 4)
-        qg = qg.reshape(b, num_kv_heads, g * nq, head_dim).to(compute)
-        table = grp.blocks.view(-1)
-        kg = kv_cache[0].index_select(0, table).view(b, length, num_kv_heads, head_dim)
-        vg = kv_cache[1].index_select(0, table).view(b, length, num_kv_heads, head_dim)
-        kg, vg = kg.to(compute), vg.to(compute)
-        out = F.scaled_dot_product_attention(
-            qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=grp.mask, scale=scale
-        )
-        out = out.view(b, num_kv_heads, g, nq, head_dim).permute(0, 3, 1, 2, 4)
-        out = out.reshape(b * nq, num_heads * head_dim)
-        if grp.q_keep is not None:
-            out = out[grp.q_keep]
-        outs.append(out)
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    assert group.padded, "the torch path needs the padded layout (build_group(padded=True))"
+    qg = q
+    if group.q_index is not None:
+        qg = torch.cat([qg, qg.new_zeros(1, num_heads, head_dim)])[group.q_index]
+    b, width = group.blocks.shape
+    length = width * block_size
+    nq = qg.shape[0] // b
+    qg = qg.view(b, nq, num_kv_heads, g, head_dim).permute(0, 2, 3, 1, 4)
+    qg = qg.reshape(b, num_kv_heads, g * nq, head_dim).to(compute)
+    table = group.blocks.view(-1)
+    kg = kv_cache[0].index_select(0, table).view(b, length, num_kv_heads, head_dim)
+    vg = kv_cache[1].index_select(0, table).view(b, length, num_kv_heads, head_dim)
+    kg, vg = kg.to(compute), vg.to(compute)
+    out = F.scaled_dot_product_attention(
+        qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=group.mask, scale=scale
+    )
+    out = out.view(b, num_kv_heads, g, nq, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(b * nq, num_heads * head_dim)
+    return out if group.q_keep is None else out[group.q_keep]

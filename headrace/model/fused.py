@@ -82,7 +82,7 @@ class FusedDecode:
     def takes(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         """Whether this step is decodes only, few enough for the linears' kernels."""
         return (
-            meta.kernels is not None
+            meta.ops.kernels is not None
             and len(meta.groups) == 1
             and meta.groups[0].q_lens is None
             and num_tokens <= self.max_rows

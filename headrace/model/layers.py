@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from headrace.model.gguf import Q4Blocks, Q8Blocks
 from headrace.model.kernels import W_Q4, Kernels, weight_format
+
+if TYPE_CHECKING:
+    from headrace.model.ops import TorchOps
 
 
 class RMSNorm(nn.Module):
@@ -26,19 +28,13 @@ class RMSNorm(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        residual: torch.Tensor | None = None,
-        out_dtype: torch.dtype = torch.float32,
-        kernels: Kernels | None = None,
+        residual: torch.Tensor | None,
+        out_dtype: torch.dtype,
+        ops: TorchOps,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (normed in out_dtype, new residual). The residual stream stays float32
-        whatever the weights. With the CPU kernels, add, norm and cast are one call."""
-        if kernels is not None and x.dim() == 2:
-            return kernels.add_rms_norm(x, residual, self.weight, self.eps, out_dtype)
-        x = x.float()
-        if residual is not None:
-            x = x + residual
-        normed = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return normed.to(out_dtype), x
+        whatever the weights."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, out_dtype)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -108,12 +104,8 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
-    def forward(self, x: torch.Tensor, kernels: Kernels | None = None) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if kernels is not None and gate_up.dim() == 2:
-            return self.down_proj(kernels.silu_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class PackedLinear(nn.Module):

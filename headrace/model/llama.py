@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from headrace.model.attention import AttentionMetadata, attend, paged_attention
+from headrace.model.attention import AttentionMetadata
 from headrace.model.fused import FusedDecode
 from headrace.model.layers import AmxLinear, RMSNorm, RotaryEmbedding, SwiGLU
 from headrace.model.registry import ArchConfig
@@ -41,24 +41,11 @@ class LlamaAttention(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        if meta.kernels is not None:  # CPU: RoPE and the cache write in one C call
-            q = meta.kernels.rope_write_kv(
-                qkv, positions, self.rope.cos, self.rope.sin, meta.slot_mapping, kv_cache,
-                self.num_heads,
-            )  # fmt: skip
-            return self.o_proj(attend(q, kv_cache, meta, self.scale).to(x.dtype))
-        qkv = qkv.float()
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        n = x.shape[0]
-        q, k = self.rope(
-            positions,
-            q.view(n, self.num_heads, self.head_dim),
-            k.view(n, self.num_kv_heads, self.head_dim),
+        ops = meta.ops
+        q = ops.rope_write_kv(
+            self.qkv_proj(x), positions, self.rope, meta.slot_mapping, kv_cache, self.num_heads
         )
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.to(x.dtype))
+        return self.o_proj(ops.attend(q, kv_cache, meta, self.scale).to(x.dtype))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -80,11 +67,11 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype, kernels = self.compute_dtype, meta.kernels
-        h, residual = self.input_layernorm(x, residual, dtype, kernels)
+        dtype, ops = self.compute_dtype, meta.ops
+        h, residual = self.input_layernorm(x, residual, dtype, ops)
         h = self.self_attn(h, positions, kv_cache, meta)
-        h, residual = self.post_attention_layernorm(h, residual, dtype, kernels)
-        return self.mlp(h, kernels), residual
+        h, residual = self.post_attention_layernorm(h, residual, dtype, ops)
+        return self.mlp(h, ops), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -123,7 +110,7 @@ class LlamaForCausalLM(nn.Module):
         residual: torch.Tensor | None = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, positions, cache, meta)
-        x, _ = self.norm(x, residual, kernels=meta.kernels)
+        x, _ = self.norm(x, residual, torch.float32, meta.ops)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

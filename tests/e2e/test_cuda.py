@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 def test_torch_backend_with_a_bf16_cache() -> None:
     llm = LLM(device="cuda")  # dtype auto
     runner = llm.engine.runner
-    assert runner.backend.name == "torch" and runner.kernels is None
+    assert runner.backend.name == "torch" and runner.backend.kernels is None
     assert runner.dtype == runner.kv_dtype == torch.bfloat16
     assert all(c.is_cuda and c.dtype == torch.bfloat16 for c in runner.kv_caches)
     assert llm.engine.info.kv_cache_dtype == "bfloat16"

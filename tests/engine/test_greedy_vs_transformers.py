@@ -141,7 +141,7 @@ def test_bfloat16_stays_close_to_float32() -> None:
     f32 = LLM(dtype="float32").chat(convs, with_logprobs)
     bf16_llm = LLM(dtype="bfloat16")
     # with the C decode kernel the cache is bf16 too (attention still computes in float32)
-    assert bf16_llm.engine.runner.kernels is not None
+    assert bf16_llm.engine.runner.backend.kernels is not None
     assert bf16_llm.engine.runner.kv_caches[0].dtype == torch.bfloat16
     assert bf16_llm.engine.info.kv_cache_dtype == "bfloat16"  # what cache_config_info reports
     assert_bf16_close(f32, bf16_llm.chat(convs, GREEDY))

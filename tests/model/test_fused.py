@@ -15,6 +15,7 @@ from headrace.model.backend import backend_kernels, select_backend
 from headrace.model.fused import FusedDecode
 from headrace.model.layers import AmxLinear, Q4Linear
 from headrace.model.loader import bundled_model_path, load_model, read_arch, use_block_linears
+from headrace.model.ops import ops_for
 from tests.backends import KERNEL_BUILDS, amx_kernels
 
 BLOCK = 4
@@ -81,7 +82,7 @@ def _kernels(path: str):
 
 def _meta(q_lens, ctx_lens, tables, groups, kernels):
     group, slots = build_group(0, q_lens, ctx_lens, tables, BLOCK, groups, padded=False)
-    return AttentionMetadata(slots, [group], kernels)
+    return AttentionMetadata(slots, [group], ops_for(kernels))
 
 
 # requests: past a 16-row tile and past 64 rows (AMX, up to 128); 8-row passes (q4, up to 16)

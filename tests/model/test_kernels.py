@@ -14,6 +14,7 @@ from headrace.model.attention import AttentionMetadata, build_group, paged_atten
 from headrace.model.backend import backend_kernels, select_backend
 from headrace.model.kernels import API, openmp_runtimes, read_api
 from headrace.model.layers import RMSNorm, RotaryEmbedding
+from headrace.model.ops import TORCH_OPS, KernelOps, ops_for
 from tests.backends import KERNEL_BUILDS, amx_kernels
 
 BLOCK = 16
@@ -188,7 +189,7 @@ def test_paged_attention_same_with_and_without_kernel(kernels, dtype):
         dec, dec_slots = build_group(0, q_lens[:3], lens[:3], tables[:3], BLOCK, 3, kern is None)
         pre, pre_slots = build_group(3, q_lens[3:], lens[3:], tables[3:], BLOCK, 3, kern is None)
         assert dec.q_lens is None and pre.q_lens is not None  # a decode kernel, a prefill kernel
-        meta = AttentionMetadata(torch.cat([dec_slots, pre_slots]), [dec, pre], kern)
+        meta = AttentionMetadata(torch.cat([dec_slots, pre_slots]), [dec, pre], ops_for(kern))
         outs.append(paged_attention(q, k, v, cache.clone(), meta, 0.125))
     assert outs[0].dtype == outs[1].dtype == torch.float32  # attention computes in float32
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
@@ -237,8 +238,8 @@ def test_add_rms_norm_matches_torch(kernels, x_dtype, out_dtype, with_residual, 
     weight = torch.rand(576, generator=gen) + 0.5
     norm = RMSNorm(576, 1e-5)
     norm.weight.copy_(weight)
-    want, want_res = norm(x, residual, out_dtype)
-    got, got_res = norm(x, residual, out_dtype, kernels)
+    want, want_res = norm(x, residual, out_dtype, TORCH_OPS)
+    got, got_res = norm(x, residual, out_dtype, KernelOps(kernels))
     assert got.dtype == out_dtype and got_res.dtype == torch.float32
     torch.testing.assert_close(got_res, want_res, atol=0, rtol=0)
     if out_dtype == torch.float32:

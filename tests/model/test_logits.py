@@ -14,6 +14,7 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 from headrace.model.attention import AttentionMetadata, build_group
 from headrace.model.backend import select_backend
 from headrace.model.loader import load_model, read_arch
+from headrace.model.ops import ops_for
 from tests.backends import RUNNABLE, amx_kernels
 
 BLOCK = 4
@@ -66,7 +67,7 @@ def _save(tmp_path: Path, name: str) -> tuple[Path, torch.nn.Module]:
 def _meta(lens, starts, tables, groups, kernels=None):
     ctx = [s + n for s, n in zip(starts, lens, strict=True)]
     group, slots = build_group(0, lens, ctx, tables, BLOCK, groups, padded=kernels is None)
-    return AttentionMetadata(slots, [group], kernels)
+    return AttentionMetadata(slots, [group], ops_for(kernels))
 
 
 def _cpu(name: str):
