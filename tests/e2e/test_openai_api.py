@@ -10,6 +10,8 @@ import pytest
 
 from headrace.offline import LLM
 from headrace.wire.messages import SamplingParams
+from tests.backends import RUNNABLE
+from tests.conftest import SERVER_ARGS
 from tests.e2e.server import ServerProcess, wait_idle
 
 pytestmark = pytest.mark.slow
@@ -78,6 +80,22 @@ def test_greedy_chat_and_completion_equal_offline(server: ServerProcess, offline
     assert "".join(c.choices[0].text for c in chunks_c if c.choices) == want_text.text
     assert chunks_c[-1].usage is not None
     assert chunks_c[-1].usage.completion_tokens == len(want_text.token_ids)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE[1:])  # the shared server runs the first (auto)
+def test_served_greedy_text_is_the_same_on_every_backend(offline: LLM, backend: str) -> None:
+    """HEADRACE_CPU_BACKEND reaches the engine processes, which log their choice, and the served
+    greedy text is the default backend's."""
+    want = offline.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=24))[0].outputs[0]
+    srv = ServerProcess(*SERVER_ARGS, env={"HEADRACE_CPU_BACKEND": backend}).wait_ready()
+    try:
+        chat = srv.client().chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=24, temperature=0
+        )  # fmt: skip
+        assert chat.choices[0].message.content == want.text
+        assert f"compute backend {backend}:" in srv.log.read_text()
+    finally:
+        assert srv.stop() == 0
 
 
 def test_n2_seeded_and_stop_strings(server: ServerProcess, offline: LLM) -> None:
