@@ -20,7 +20,7 @@ one for decodes and one for query chunks (causal, ragged); `meta.ops` (model/ops
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,12 +28,6 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from headrace.model.ops import TorchOps
-
-
-def _torch_ops() -> TorchOps:
-    from headrace.model.ops import TORCH_OPS  # (ops.py builds on this module)
-
-    return TORCH_OPS
 
 
 @dataclass(slots=True)
@@ -86,7 +80,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] cache slot where each new token's K/V is written
     groups: list[AttnGroup]
-    ops: TorchOps = field(default_factory=_torch_ops)  # the backend's steps (model/ops.py)
+    ops: TorchOps  # the backend's steps between the linears (model/ops.py)
 
 
 def build_group(
