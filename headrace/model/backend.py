@@ -147,19 +147,14 @@ def select_backend(device: torch.device, setting: str | None = None) -> Backend:
         return Backend("torch", device, None, "HEADRACE_CPU_BACKEND=torch")
     if setting != "auto":
         return _forced(setting, device)
+    reasons = {}
     for name in CPU_BACKENDS[:-1]:
-        if missing(name) is not None:
-            continue
-        try:
-            kernels = backend_kernels(name)
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-            detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
-            logger.warning("CPU kernels unavailable, using torch ops alone: %s", detail)
-            return Backend("torch", device, None, "the C kernels could not be built")
-        if name == "amx" and not kernels.amx:
-            continue  # flags say AMX, but the OS did not grant the tiles
-        return Backend(name, device, kernels, _why(name))
-    return Backend("torch", device, None, "no C kernel build fits this CPU")
+        reason = reasons[name] = runnable(name)
+        if reason is None:
+            return Backend(name, device, backend_kernels(name), _why(name))
+    # `c` needs only a compiler: its build failed
+    logger.warning("CPU kernels unavailable, using torch ops alone: %s", reasons["c"])
+    return Backend("torch", device, None, "the C kernels could not be built")
 
 
 def _forced(name: str, device: torch.device) -> Backend:
@@ -185,7 +180,8 @@ def runnable(name: str) -> str | None:
     try:
         kernels = backend_kernels(name)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        return f"its kernels did not build: {e}"
+        detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
+        return f"its kernels did not build: {detail}"
     if name == "amx" and not kernels.amx:
         return "the OS did not grant the AMX tile registers"
     return None
