@@ -88,7 +88,8 @@ static void *carve(char *base, int64_t *at, int64_t bytes) {
 static int64_t decode_buffers_at(char *base, decode_buffers *b, int64_t T, int64_t hidden,
                                  int64_t H, int64_t KH, int64_t D, int64_t I, int f32) {
     const int64_t Tp = (T + 15) / 16 * 16, e = f32 ? 4 : 2;
-    const int64_t most_k = hidden > H * D ? (hidden > I ? hidden : I) : (H * D > I ? H * D : I);
+    int64_t most_k = hidden > H * D ? hidden : H * D; /* the widest linear input */
+    most_k = most_k > I ? most_k : I;
     int64_t at = 0;
     b->res[0] = carve(base, &at, 4 * T * hidden);
     b->res[1] = carve(base, &at, 4 * T * hidden);
