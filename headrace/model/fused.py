@@ -11,8 +11,8 @@ The arithmetic is the separate kernels', in the same order: the hidden states ar
 as the layer-by-layer path (tests/model/test_fused.py).
 
 It takes steps of decodes only (one new token per request), up to the linears' max_rows of them
-(128 AMX, 16 Q4); any other step, and models whose linears are neither, keep the layer-by-layer
-path.
+(128: AMX, or Q4 over float32 weights; 16: Q4 over bf16 ones); any other step, and models whose
+linears are neither, keep the layer-by-layer path.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class FusedDecode:
         if dtype == torch.bfloat16 and kernels.amx and amx:
             return FusedDecode(model, kernels, AmxLinear.max_rows, f32=False)
         if all(isinstance(x, Q4Linear) for x in linears):
-            return FusedDecode(model, kernels, Q4Linear.max_rows, f32=True)
+            most = min(x.max_rows for x in linears if isinstance(x, Q4Linear))
+            return FusedDecode(model, kernels, most, f32=True)
         return None
 
     def takes(self, meta: AttentionMetadata, num_tokens: int) -> bool:

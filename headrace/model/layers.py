@@ -189,13 +189,16 @@ class _BlockLinear(nn.Module):
     layer whose linears are all these computes in float32 (LlamaDecoderLayer.compute_dtype), so
     only `large` rounds to bf16."""
 
-    max_rows = 16  # measured: at 32 rows torch's float32 matmul is faster again
-
     def __init__(self, linear: nn.Linear, kernels: Kernels) -> None:
         super().__init__()
         self.kernels = kernels
         self.large = linear
         self.large_dtype = linear.weight.dtype
+        # Against a float32 `large`, the kernels' panel product (9+ rows) matched or beat
+        # torch's matmul up to 128 rows on an AVX2 EPYC, torch's blocking winning from 256
+        # (docs/performance.md). A bf16 `large` is oneDNN's, which on CPUs with bf16 dot
+        # products (Zen 4) multiplies at twice float32's rate: there the blocks stop at 16.
+        self.max_rows = 128 if self.large_dtype == torch.float32 else 16
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

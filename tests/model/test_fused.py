@@ -13,7 +13,7 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 from headrace.model.attention import AttentionMetadata, build_group
 from headrace.model.backend import backend_kernels, select_backend
 from headrace.model.fused import FusedDecode
-from headrace.model.layers import AmxLinear, Q4Linear
+from headrace.model.layers import AmxLinear
 from headrace.model.loader import bundled_model_path, load_model, read_arch, use_block_linears
 from headrace.model.ops import ops_for
 from tests.backends import KERNEL_BUILDS, amx_kernels
@@ -85,10 +85,13 @@ def _meta(q_lens, ctx_lens, tables, groups, kernels):
     return AttentionMetadata(slots, [group], ops_for(kernels))
 
 
-# requests: past a 16-row tile and past 64 rows (AMX, up to 128); 8-row passes (q4, up to 16)
+# requests: past a 16-row tile and past 64 rows (AMX, up to 128); q4: 8-row passes (1-8) and
+# the panel product (9 and more; up to 16 over bf16 weights, 128 over float32 ones)
 @pytest.mark.parametrize(
     "path,requests",
-    [("amx", n) for n in (1, 19, 100)] + [(p, n) for p in PATHS[1:] for n in (1, 7, 16)],
+    [("amx", n) for n in (1, 19, 100)]
+    + [(p, n) for p in PATHS[1:] for n in (1, 7, 16)]
+    + [(p, n) for p in PATHS[1:] if p.endswith("float32") for n in (25, 70)],
 )
 @pytest.mark.parametrize("name", list(CASES))
 def test_fused_decode_gives_the_layer_by_layer_bits(
@@ -169,6 +172,6 @@ def test_fused_decode_skips_prompts_and_large_batches(tmp_path: Path, path: str)
     g = arch.num_heads // arch.num_kv_heads
     assert not fused.takes(_meta([3], [3], [[0]], g, kernels), 3)  # a prompt chunk
     many = fused.max_rows + 1  # more rows than the linears' kernels take
-    assert fused.max_rows == (AmxLinear if path == "amx" else Q4Linear).max_rows
+    assert fused.max_rows == (128 if path == "amx" or path.endswith("float32") else 16)
     assert not fused.takes(_meta([1] * many, [1] * many, [[0]] * many, g, kernels), many)
     assert not fused.takes(_meta([1], [1], [[0]], g, None), 1)  # no kernels in the metadata

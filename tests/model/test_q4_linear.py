@@ -31,10 +31,11 @@ def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     return scale, offset, q, w.reshape(n, k)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16])
+# 1-8: 8-row passes over the blocks; 9 and more: the panel product's tiles of 16 and 8 rows
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 17, 24, 64, 128])
 @pytest.mark.parametrize("bias", [False, True])
 def test_equals_the_dequantized_linear(built: Kernels, rows: int, bias: bool) -> None:
-    n, k = 96, 576
+    n, k = 100, 576  # 100: panels of 6 columns and a shorter last one on either thread
     scale, offset, q, w = _weight(n, k)
     b = torch.randn(n) if bias else None
     x = torch.randn(rows, k)
@@ -50,12 +51,13 @@ def test_module_uses_the_blocks_for_few_rows_and_torch_for_many(built: Kernels) 
     with torch.no_grad():
         linear.weight.copy_(w)
     layer = Q4Linear(linear, built, (scale, offset, q))
-    for rows in (1, Q4Linear.max_rows, Q4Linear.max_rows + 1, 64):
+    assert layer.max_rows == 128  # a float32 weight: the blocks up to 128 rows
+    for rows in (1, 8, 9, layer.max_rows, layer.max_rows + 1):
         x = torch.randn(rows, k)
         torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 8, 9, 16])
+@pytest.mark.parametrize("rows", [1, 8, 9, 16, 40])
 def test_q8_equals_the_dequantized_linear(built: Kernels, rows: int) -> None:
     n, k = 80, 576
     g = torch.Generator().manual_seed(rows)
@@ -107,8 +109,9 @@ def test_a_bf16_model_reads_its_blocks_for_small_batches(name: str) -> None:
     assert bf16.fused_decode is not None and bf16.fused_decode.f32
     ours, theirs = bf16.layers[3].mlp.down_proj, f32.layers[3].mlp.down_proj
     assert isinstance(ours, Q4Linear) and ours.large_dtype == torch.bfloat16
-    x = torch.randn(Q4Linear.max_rows, arch.intermediate_size)
+    assert ours.max_rows == 16 and theirs.max_rows == 128
+    x = torch.randn(ours.max_rows, arch.intermediate_size)
     assert torch.equal(ours(x), theirs(x))
-    many = torch.randn(Q4Linear.max_rows + 1, arch.intermediate_size)
+    many = torch.randn(ours.max_rows + 1, arch.intermediate_size)
     want = theirs(many.bfloat16().float())  # the bf16 weight, from bf16 inputs
     torch.testing.assert_close(ours(many), want, rtol=0, atol=2e-2 * float(want.abs().max()))

@@ -229,7 +229,9 @@ void rope_rows(const void *qkv, int qkv_bf16, const int64_t *positions, const fl
 void silu_rows(const void *x, void *out, int io_bf16, int64_t t0, int64_t t1, int64_t I);
 
 /* q4_linear.c: q4_linear in the two halves decode_step.c calls apart */
-void q4_prepare(const float *x, int64_t M, int64_t K, float *xp, float *sums);
+int64_t q4_prepared_floats(int64_t M, int64_t K);
+void q4_prepare(const float *x, int64_t M, int64_t K, int64_t r0, int64_t r1, float *xp,
+                float *sums);
 void q4_columns(const float *xp, const float *sums, const uint8_t *nib, const float *scale,
                 const float *offset, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                 int64_t n0, int64_t n1);

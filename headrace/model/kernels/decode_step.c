@@ -9,7 +9,7 @@
  *
  * Two kinds of linears, the same for every layer: AMX tiles (W_BF16, W_Q4; bf16 activations,
  * at most 128 requests) or q4_columns (W_Q4F32: the GGUF's 4-bit blocks, float32 activations,
- * at most 16 requests). */
+ * as many requests as the Q4Linears take: 128, or 16 over bf16 weights). */
 #include <limits.h>
 #include <linux/futex.h>
 #include <omp.h>
@@ -75,6 +75,7 @@ typedef struct {
     float *res[2], *q; /* the residual stream (in, out), rotated q */
     void *h, *qkv, *attn, *gate_up, *act, *mlp; /* mlp: o_proj's output, then the MLP's */
     float *xp, *sums;
+    int64_t rows; /* T */
 } decode_buffers;
 
 /* The next `bytes` of the scratch at `base` (NULL: only counted) from offset *at. */
@@ -100,7 +101,8 @@ static int64_t decode_buffers_at(char *base, decode_buffers *b, int64_t T, int64
     b->gate_up = carve(base, &at, e * T * 2 * I);
     b->act = carve(base, &at, e * Tp * I);
     b->mlp = carve(base, &at, e * T * hidden);
-    b->xp = f32 ? carve(base, &at, 4 * T * most_k) : NULL;
+    b->rows = T;
+    b->xp = f32 ? carve(base, &at, 4 * q4_prepared_floats(T, most_k)) : NULL;
     b->sums = f32 ? carve(base, &at, 4 * T * (most_k / 32)) : NULL;
     return at;
 }
@@ -137,7 +139,7 @@ static void layer_linear(const void *x, const float *sums, const void *w, int fm
 static void prepare_rows(const decode_buffers *b, int f32, const void *x, int64_t r0, int64_t r1,
                          int64_t K) {
     if (f32 && r1 > r0)
-        q4_prepare((const float *)x + r0 * K, r1 - r0, K, b->xp + r0 * K, b->sums + r0 * (K / 32));
+        q4_prepare((const float *)x, b->rows, K, r0, r1, b->xp, b->sums);
 }
 
 /* embeds: [T, hidden], the tokens' embeddings (bf16 for AMX linears, float32 for W_Q4F32); out:

@@ -1,5 +1,6 @@
 /* q4_linear: y[M, N] = x[M, K] . W[N, K]^T (+ bias) for float32 x and a weight kept as the GGUF
- * file's 4-bit blocks, for decode-sized batches on any x86 CPU (AVX2 + FMA; plain C elsewhere).
+ * file's 4-bit blocks, for decode-sized batches on any x86 CPU (AVX2 + FMA; plain C elsewhere):
+ * up to 8 rows by passes over the blocks (q4_rows), more by a panel product (gemm_panel).
  * q8_linear: the same for Q8_0 blocks (32 int8 and a scale), the bundled model's LM head.
  *
  * Why: a decode step reads every weight once. As float32 that is 4 bytes a weight; as Q4 blocks
@@ -129,57 +130,6 @@ int q4_linear_vectorized(void) {
 #endif
 }
 
-/* What q4_columns reads of x [M, K]: xp, x in the lane order q4_rows reads each block of 32 in
- * (a copy of x for the plain-C path), and sums [M, K/32], the sum of each block of x. Row by
- * row, so callers may prepare rows apart. */
-void q4_prepare(const float *x, int64_t M, int64_t K, float *xp, float *sums) {
-#if defined(__AVX2__) && defined(__FMA__)
-    static const int order[32] = {0,  1,  2,  3,  8,  9,  10, 11, 4,  5,  6,  7,  12, 13, 14, 15,
-                                  16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31};
-#endif
-    for (int64_t i = 0; i < M * K; i += 32)
-        for (int j = 0; j < 32; j++)
-#if defined(__AVX2__) && defined(__FMA__)
-            xp[i + j] = x[i + order[j]];
-#else
-            xp[i + j] = x[i + j];
-#endif
-    block_sums(x, M, K, sums);
-}
-
-/* Columns n0 .. n1 - 1 of y [M, N] = x . W^T (+ bias), from q4_prepare's xp and sums. Each
- * column's sums are the same whichever thread computes it. */
-void q4_columns(const float *xp, const float *sums, const uint8_t *nib, const float *scale,
-                const float *offset, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
-                int64_t n0, int64_t n1) {
-    const int64_t nb = K / 32;
-    float out[Q4_ROWS];
-    for (int64_t n = n0; n < n1; n++)
-        for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS) {
-            const int rows = M - m0 < Q4_ROWS ? (int)(M - m0) : Q4_ROWS;
-            q4_row(xp, nib + n * nb * 16, scale + n * nb, offset + n * nb, sums, m0, rows, K, out);
-            for (int r = 0; r < rows; r++)
-                y[(m0 + r) * N + n] = out[r] + (bias != NULL ? bias[n] : 0.0f);
-        }
-}
-
-void q4_linear(const float *x, const uint8_t *nib, const float *scale, const float *offset,
-               const float *bias, float *y, int64_t M, int64_t N, int64_t K, int num_threads) {
-    float *xp = malloc(sizeof(float) * (size_t)(M * K));
-    float *sums = malloc(sizeof(float) * (size_t)(M * (K / 32)));
-    if (xp == NULL || sums == NULL)
-        abort();
-    q4_prepare(x, M, K, xp, sums);
-#pragma omp parallel num_threads(num_threads)
-    {
-        const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        q4_columns(xp, sums, nib, scale, offset, bias, y, M, N, K, N * tid / nth,
-                   N * (tid + 1) / nth);
-    }
-    free(xp);
-    free(sums);
-}
-
 /* q8_linear: W[n, k] = scale[n, k / 32] * q[n, k], q int8 [N, K], scale float32 [N, K/32]. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) void q8_rows(const float *x, const int8_t *q,
@@ -232,8 +182,8 @@ static void q8_row(const float *x, const int8_t *q, const float *scale, int64_t 
 }
 #endif
 
-void q8_linear(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
-               int64_t M, int64_t N, int64_t K, int num_threads) {
+static void q8_small(const float *x, const int8_t *q, const float *scale, const float *bias,
+                     float *y, int64_t M, int64_t N, int64_t K, int num_threads) {
     const int64_t nb = K / 32;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -245,4 +195,251 @@ void q8_linear(const float *x, const int8_t *q, const float *scale, const float 
                 y[(m0 + r) * N + n] = out[r] + (bias != NULL ? bias[n] : 0.0f);
         }
     }
+}
+
+/* Larger batches (GEMM_MIN_ROWS and more), for which q4_rows' passes do poorly: there each block
+ * is decoded again per 8 rows, and every FMA loads its x.
+ *
+ * x is copied once, transposed into tiles of 16 rows ([K][16] floats each; the last tile 8 wide,
+ * zero-padded). Each thread takes a range of W's rows and, GEMM_NR at a time, dequantizes them
+ * to float32 into a panel (fma(scale, q, offset): with a GGUF's fp16 scales scale * q is exact,
+ * so these are the dequantized weight's bits), then runs every tile of x past it: per k, two vectors of 8 rows of x and GEMM_NR
+ * broadcast weights make 2 * GEMM_NR FMAs into accumulators that stay in registers (12 + 3 of
+ * the 16). Each output is one chain of FMAs over k, so a row's result does not depend on the
+ * batch around it. */
+#define GEMM_NR 6
+
+typedef void (*dequant_fn)(const void *w, const float *scale, const float *offset, int64_t n,
+                           int64_t K, float *out);
+
+/* Row n of a q4_pack weight as K float32s. */
+static void dequant_q4(const void *w, const float *scale, const float *offset, int64_t n,
+                       int64_t K, float *out) {
+    const int64_t nb = K / 32;
+    const uint8_t *nib = (const uint8_t *)w + n * nb * 16;
+    scale += n * nb;
+    offset += n * nb;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = nib + b * 16;
+        float *o = out + b * 32;
+#if defined(__AVX2__) && defined(__FMA__)
+        const __m256 s = _mm256_set1_ps(scale[b]), f = _mm256_set1_ps(offset[b]);
+        const __m128i v = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
+        const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int i = 0; i < 4; i++)
+            _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(
+                                                               _mm256_cvtepu8_epi32(part[i])), f));
+#else
+        for (int j = 0; j < 16; j++) {
+            o[j] = fmaf(scale[b], (float)(p[j] & 0x0F), offset[b]);
+            o[16 + j] = fmaf(scale[b], (float)(p[j] >> 4), offset[b]);
+        }
+#endif
+    }
+}
+
+/* Row n of a Q8_0 weight (int8 [N, K], scale [N, K/32]) as K float32s. */
+static void dequant_q8(const void *w, const float *scale, const float *offset, int64_t n,
+                       int64_t K, float *out) {
+    (void)offset;
+    const int8_t *q = (const int8_t *)w + n * K;
+    scale += n * (K / 32);
+    for (int64_t b = 0; b < K / 32; b++) {
+#if defined(__AVX2__) && defined(__FMA__)
+        const __m256 s = _mm256_set1_ps(scale[b]);
+        for (int i = 0; i < 4; i++) {
+            const __m128i v = _mm_loadl_epi64((const __m128i *)(q + b * 32 + 8 * i));
+            _mm256_storeu_ps(out + b * 32 + 8 * i,
+                             _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))));
+        }
+#else
+        for (int j = 0; j < 32; j++)
+            out[b * 32 + j] = scale[b] * (float)q[b * 32 + j];
+#endif
+    }
+}
+
+/* Rows r0 .. r1 - 1 of x [M, K] into tiles: rows m0 .. m0 + width - 1 at xt + m0 * K as
+ * [K][width], width 16 (8 for a last tile of 8 rows). The call that prepares row M - 1 zeroes
+ * the padding after it. */
+static void tile_rows(const float *x, int64_t M, int64_t K, int64_t r0, int64_t r1, float *xt) {
+    const int64_t padded = (M + 7) / 8 * 8;
+    for (int64_t m = r0; m < (r1 == M ? padded : r1); m++) {
+        const int64_t m0 = m / 16 * 16;
+        const int width = padded - m0 >= 16 ? 16 : 8;
+        float *t = xt + m0 * K + (m - m0);
+        for (int64_t k = 0; k < K; k++)
+            t[k * width] = m < M ? x[m * K + k] : 0.0f;
+    }
+}
+
+/* y[m0 + j, c] for the tile's 8 * V rows and the panel's C rows of W (V, C constants in each
+ * caller), written where m0 + j < M. */
+static inline __attribute__((always_inline)) void
+gemm_tile(const float *t, const float *panel, const float *bias, float *y, int64_t m0, int64_t M,
+          int64_t N, int64_t K, const int V, const int C) {
+    float out[2][8][GEMM_NR];
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[2][GEMM_NR];
+    for (int v = 0; v < V; v++)
+        for (int c = 0; c < C; c++)
+            acc[v][c] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 xv[2];
+        for (int v = 0; v < V; v++)
+            xv[v] = _mm256_loadu_ps(t + k * 8 * V + 8 * v);
+        for (int c = 0; c < C; c++) {
+            const __m256 w = _mm256_broadcast_ss(panel + c * K + k);
+            for (int v = 0; v < V; v++)
+                acc[v][c] = _mm256_fmadd_ps(xv[v], w, acc[v][c]);
+        }
+    }
+    for (int v = 0; v < V; v++)
+        for (int c = 0; c < C; c++) {
+            float lanes[8];
+            _mm256_storeu_ps(lanes, acc[v][c]);
+            for (int j = 0; j < 8; j++)
+                out[v][j][c] = lanes[j];
+        }
+#else
+    for (int v = 0; v < V; v++)
+        for (int j = 0; j < 8; j++)
+            for (int c = 0; c < C; c++) {
+                float s = 0.0f;
+                for (int64_t k = 0; k < K; k++)
+                    s = fmaf(t[k * 8 * V + 8 * v + j], panel[c * K + k], s);
+                out[v][j][c] = s;
+            }
+#endif
+    for (int v = 0; v < V; v++)
+        for (int j = 0; j < 8 && m0 + 8 * v + j < M; j++)
+            for (int c = 0; c < C; c++)
+                y[(m0 + 8 * v + j) * N + c] = out[v][j][c] + (bias != NULL ? bias[c] : 0.0f);
+}
+
+/* Every tile of xt against a panel of C rows of W: y's columns n .. n + C - 1 (y, bias offset). */
+static void gemm_panel(const float *xt, const float *panel, const float *bias, float *y,
+                       int64_t M, int64_t N, int64_t K, int C) {
+    const int64_t padded = (M + 7) / 8 * 8;
+    for (int64_t m0 = 0; m0 < padded; m0 += 16) {
+        const int V = padded - m0 >= 16 ? 2 : 1;
+        const float *t = xt + m0 * K;
+        switch (V * 8 + C) {
+#define GEMM_CASE(V, C)                                                                            \
+    case V * 8 + C:                                                                                \
+        gemm_tile(t, panel, bias, y, m0, M, N, K, V, C);                                           \
+        break;
+            GEMM_CASE(1, 1) GEMM_CASE(1, 2) GEMM_CASE(1, 3) GEMM_CASE(1, 4) GEMM_CASE(1, 5)
+            GEMM_CASE(1, 6) GEMM_CASE(2, 1) GEMM_CASE(2, 2) GEMM_CASE(2, 3) GEMM_CASE(2, 4)
+            GEMM_CASE(2, 5) GEMM_CASE(2, 6)
+#undef GEMM_CASE
+        }
+    }
+}
+
+/* Columns n0 .. n1 - 1 of y [M, N] = x . W^T (+ bias), x as tile_rows left it, W's rows read
+ * by `dequant`. */
+static void gemm_columns(const float *xt, const void *w, const float *scale, const float *offset,
+                         dequant_fn dequant, const float *bias, float *y, int64_t M, int64_t N,
+                         int64_t K, int64_t n0, int64_t n1) {
+    float *panel = aligned_alloc(64, sizeof(float) * (size_t)(GEMM_NR * K));
+    if (panel == NULL)
+        abort();
+    for (int64_t n = n0; n < n1; n += GEMM_NR) {
+        const int C = n1 - n < GEMM_NR ? (int)(n1 - n) : GEMM_NR;
+        for (int c = 0; c < C; c++)
+            dequant(w, scale, offset, n + c, K, panel + c * K);
+        gemm_panel(xt, panel, bias != NULL ? bias + n : NULL, y + n, M, N, K, C);
+    }
+    free(panel);
+}
+
+/* From this many rows of x on, the panel product: at 9-16 rows it took 0.5-0.9 of q4_rows'
+ * time, at 8 and fewer up to 1.6x it (tests/model/test_q4_linear.py's sizes, 2 threads). */
+#define GEMM_MIN_ROWS 9
+
+/* The float32s q4_prepare writes to xp for M rows of K. */
+int64_t q4_prepared_floats(int64_t M, int64_t K) {
+    return M < GEMM_MIN_ROWS ? M * K : (M + 15) / 16 * 16 * K;
+}
+
+/* Rows r0 .. r1 - 1 of x [M, K] as q4_columns reads them, into xp (q4_prepared_floats) and
+ * sums [M, K/32]. Few rows: each row in the lane order q4_rows reads a block of 32 in (a copy
+ * for the plain-C path), and the sum of each block of 32; more: tile_rows' tiles (no sums).
+ * Callers may prepare rows apart. */
+void q4_prepare(const float *x, int64_t M, int64_t K, int64_t r0, int64_t r1, float *xp,
+                float *sums) {
+    if (M >= GEMM_MIN_ROWS) {
+        tile_rows(x, M, K, r0, r1, xp);
+        return;
+    }
+#if defined(__AVX2__) && defined(__FMA__)
+    static const int order[32] = {0,  1,  2,  3,  8,  9,  10, 11, 4,  5,  6,  7,  12, 13, 14, 15,
+                                  16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31};
+#endif
+    for (int64_t i = r0 * K; i < r1 * K; i += 32)
+        for (int j = 0; j < 32; j++)
+#if defined(__AVX2__) && defined(__FMA__)
+            xp[i + j] = x[i + order[j]];
+#else
+            xp[i + j] = x[i + j];
+#endif
+    block_sums(x + r0 * K, r1 - r0, K, sums + r0 * (K / 32));
+}
+
+/* Columns n0 .. n1 - 1 of y [M, N] = x . W^T (+ bias), from q4_prepare's xp and sums. Each
+ * column's sums are the same whichever thread computes it. */
+void q4_columns(const float *xp, const float *sums, const uint8_t *nib, const float *scale,
+                const float *offset, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                int64_t n0, int64_t n1) {
+    if (M >= GEMM_MIN_ROWS) {
+        gemm_columns(xp, nib, scale, offset, dequant_q4, bias, y, M, N, K, n0, n1);
+        return;
+    }
+    const int64_t nb = K / 32;
+    float out[Q4_ROWS];
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS) {
+            const int rows = M - m0 < Q4_ROWS ? (int)(M - m0) : Q4_ROWS;
+            q4_row(xp, nib + n * nb * 16, scale + n * nb, offset + n * nb, sums, m0, rows, K, out);
+            for (int r = 0; r < rows; r++)
+                y[(m0 + r) * N + n] = out[r] + (bias != NULL ? bias[n] : 0.0f);
+        }
+}
+
+void q4_linear(const float *x, const uint8_t *nib, const float *scale, const float *offset,
+               const float *bias, float *y, int64_t M, int64_t N, int64_t K, int num_threads) {
+    float *xp = aligned_alloc(64, sizeof(float) * (size_t)q4_prepared_floats(M, K));
+    float *sums = malloc(sizeof(float) * (size_t)(M * (K / 32)));
+    if (xp == NULL || sums == NULL)
+        abort();
+    q4_prepare(x, M, K, 0, M, xp, sums);
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        q4_columns(xp, sums, nib, scale, offset, bias, y, M, N, K, N * tid / nth,
+                   N * (tid + 1) / nth);
+    }
+    free(xp);
+    free(sums);
+}
+
+void q8_linear(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
+               int64_t M, int64_t N, int64_t K, int num_threads) {
+    if (M < GEMM_MIN_ROWS) {
+        q8_small(x, q, scale, bias, y, M, N, K, num_threads);
+        return;
+    }
+    float *xt = aligned_alloc(64, sizeof(float) * (size_t)q4_prepared_floats(M, K));
+    if (xt == NULL)
+        abort();
+    tile_rows(x, M, K, 0, M, xt);
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        gemm_columns(xt, q, scale, NULL, dequant_q8, bias, y, M, N, K, N * tid / nth,
+                     N * (tid + 1) / nth);
+    }
+    free(xt);
 }
