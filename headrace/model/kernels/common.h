@@ -9,7 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #elif defined(__SSE__)
 #include <xmmintrin.h>
@@ -93,19 +93,23 @@ static inline float exp_nonpos(float x) {
     return x <= -87.0f ? 0.0f : p;
 }
 
+/* exp_nonpos's polynomial for 2^f in vector lanes, from the ISA's fused multiply-add and
+ * broadcast. */
+#define EXP2_POLY(FMA, SET1, f)                                                                    \
+    FMA(FMA(FMA(FMA(FMA(FMA(SET1(1.53533017e-4f), f, SET1(1.33989665e-3f)), f,                     \
+                        SET1(9.61844519e-3f)),                                                     \
+                    f, SET1(5.55034867e-2f)),                                                      \
+                f, SET1(2.40226522e-1f)),                                                          \
+            f, SET1(6.93147182e-1f)),                                                              \
+        f, SET1(1.0f))
+
 #if defined(__AVX512F__)
 /* exp(x) = 2^n * 2^f: returns exp_nonpos's polynomial for 2^f, 16 lanes, and n in *n. */
 static inline __m512 exp_split16(__m512 x, __m512 *n) {
     const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
     *n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, *n);
-    __m512 p = _mm512_set1_ps(1.53533017e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.33989665e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.61844519e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55034867e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226522e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147182e-1f));
-    return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return EXP2_POLY(_mm512_fmadd_ps, _mm512_set1_ps, f);
 }
 
 /* exp_nonpos, 16 lanes at a time. */
@@ -117,6 +121,20 @@ static inline __m512 exp_nonpos16(__m512 x) {
     const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p),
                                           _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
     return _mm512_maskz_mov_ps(~under, _mm512_castsi512_ps(bits));
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* exp_nonpos, 8 lanes at a time (AVX2 + FMA: the same polynomial). */
+static inline __m256 exp_nonpos8(__m256 x) {
+    const __m256 floor = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, floor, _CMP_LE_OQ);
+    const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, floor), _mm256_set1_ps(1.44269504088896341f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 p = EXP2_POLY(_mm256_fmadd_ps, _mm256_set1_ps, _mm256_sub_ps(t, n));
+    const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p),
+                                          _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
+    return _mm256_andnot_ps(under, _mm256_castsi256_ps(bits));
 }
 #endif
 

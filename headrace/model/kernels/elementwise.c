@@ -146,6 +146,14 @@ static inline __m512 load_bf16x16(const uint16_t *p) {
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+/* silu16's twin, 8 lanes (the scalar loop did not vectorize: ~16 cycles per element). */
+static inline __m256 silu8(__m256 a) {
+    const __m256 e = exp_nonpos8(_mm256_or_ps(a, _mm256_set1_ps(-0.0f)));
+    const __m256 negative = _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_LT_OQ);
+    const __m256 num = _mm256_blendv_ps(a, _mm256_mul_ps(a, e), negative);
+    return _mm256_div_ps(num, _mm256_add_ps(e, _mm256_set1_ps(1.0f)));
+}
 #endif
 
 /* SwiGLU's activation: out[t] = silu(gate[t]) * up[t], where x[t] = [gate | up] ([T, 2 * I])
@@ -178,6 +186,11 @@ void silu_rows(const void *x, void *out, int io_bf16, int64_t t0, int64_t t1, in
                 _mm512_storeu_ps(o + i,
                                  _mm512_mul_ps(silu16(_mm512_loadu_ps(g + i)),
                                                _mm512_loadu_ps(u + i)));
+#elif defined(__AVX2__) && defined(__FMA__)
+            for (; i + 8 <= I; i += 8)
+                _mm256_storeu_ps(o + i,
+                                 _mm256_mul_ps(silu8(_mm256_loadu_ps(g + i)),
+                                               _mm256_loadu_ps(u + i)));
 #endif
             for (; i < I; i++)
                 o[i] = silu(g[i]) * u[i];
