@@ -194,11 +194,13 @@ class _BlockLinear(nn.Module):
         self.kernels = kernels
         self.large = linear
         self.large_dtype = linear.weight.dtype
-        # Against a float32 `large`, the kernels' panel product (9+ rows) matched or beat
-        # torch's matmul up to 128 rows on an AVX2 EPYC, torch's blocking winning from 256
-        # (docs/performance.md). A bf16 `large` is oneDNN's, which on CPUs with bf16 dot
-        # products (Zen 4) multiplies at twice float32's rate: there the blocks stop at 16.
-        self.max_rows = 128 if self.large_dtype == torch.float32 else 16
+        # Against a float32 `large`, the kernels' panel product (9+ rows, 256-bit vectors)
+        # matched or beat torch's matmul up to 128 rows on an AVX2 EPYC, torch's blocking
+        # winning from 256 (docs/performance.md). The blocks stop at 16 where torch may be the
+        # faster one, not measured: with AVX-512 its float32 matmul is twice as wide, and a
+        # bf16 `large` is oneDNN's, which with bf16 dot products (Zen 4) doubles again.
+        wide = kernels.vector_bits > 256
+        self.max_rows = 128 if self.large_dtype == torch.float32 and not wide else 16
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,8 @@ CASES = {
 # the fused step's two kinds of linears: AMX tiles (bf16), and the 4-bit blocks on each kernel
 # build this CPU runs (its vector path and plain-C twin), in a float32 model and a bf16 one
 PATHS = ["amx", *(f"q4-{b}-{t}" for b in KERNEL_BUILDS for t in ("float32", "bfloat16"))]
+# where the blocks take up to 128 rows: float32 weights on a build without AVX-512
+WIDE_Q4 = [p for p in PATHS if p.endswith("float32") and p.split("-")[1] in ("avx2", "c")]
 
 
 def _quantize(model, kernels) -> None:
@@ -86,12 +88,12 @@ def _meta(q_lens, ctx_lens, tables, groups, kernels):
 
 
 # requests: past a 16-row tile and past 64 rows (AMX, up to 128); q4: 8-row passes (1-8) and
-# the panel product (9 and more; up to 16 over bf16 weights, 128 over float32 ones)
+# the panel product (9 and more: up to 16, or 128 on WIDE_Q4)
 @pytest.mark.parametrize(
     "path,requests",
     [("amx", n) for n in (1, 19, 100)]
     + [(p, n) for p in PATHS[1:] for n in (1, 7, 16)]
-    + [(p, n) for p in PATHS[1:] if p.endswith("float32") for n in (25, 70)],
+    + [(p, n) for p in WIDE_Q4 for n in (25, 70)],
 )
 @pytest.mark.parametrize("name", list(CASES))
 def test_fused_decode_gives_the_layer_by_layer_bits(
@@ -172,6 +174,6 @@ def test_fused_decode_skips_prompts_and_large_batches(tmp_path: Path, path: str)
     g = arch.num_heads // arch.num_kv_heads
     assert not fused.takes(_meta([3], [3], [[0]], g, kernels), 3)  # a prompt chunk
     many = fused.max_rows + 1  # more rows than the linears' kernels take
-    assert fused.max_rows == (128 if path == "amx" or path.endswith("float32") else 16)
+    assert fused.max_rows == (128 if path == "amx" or path in WIDE_Q4 else 16)
     assert not fused.takes(_meta([1] * many, [1] * many, [[0]] * many, g, kernels), many)
     assert not fused.takes(_meta([1], [1], [[0]], g, None), 1)  # no kernels in the metadata

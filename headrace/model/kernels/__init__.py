@@ -47,7 +47,8 @@ class Kernels(DecodeAttention, PrefillAttention, Elementwise, AmxLinears, Q4Line
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
         self.c = bind(lib)
-        self.q4_vectorized = bool(self.c.q4_linear_vectorized())
+        self.vector_bits = int(self.c.q4_linear_vector_bits())  # 0: plain C
+        self.q4_vectorized = self.vector_bits > 0
         self.amx = bool(self.c.amx_available())
 
 

@@ -50,7 +50,7 @@ HR_API void paged_prefill_attention_amx(const float *q, const void *k_cache, con
                                         int num_threads);
 
 /* q4_linear.c: float32 linears reading GGUF 4-bit (Q4_0, Q4_1) and 8-bit (Q8_0) blocks */
-HR_API int q4_linear_vectorized(void);
+HR_API int q4_linear_vector_bits(void);
 HR_API void q4_linear(const float *x, const uint8_t *nib, const float *scale, const float *offset,
                       const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                       int num_threads);

@@ -9,7 +9,7 @@
  *
  * Two kinds of linears, the same for every layer: AMX tiles (W_BF16, W_Q4; bf16 activations,
  * at most 128 requests) or q4_columns (W_Q4F32: the GGUF's 4-bit blocks, float32 activations,
- * as many requests as the Q4Linears take: 128, or 16 over bf16 weights). */
+ * as many requests as the Q4Linears take: 128, or 16 over bf16 weights or on AVX-512). */
 #include <limits.h>
 #include <linux/futex.h>
 #include <omp.h>

@@ -121,10 +121,14 @@ static void q4_row(const float *x, const uint8_t *nib, const float *scale, const
 }
 #endif
 
-/* Whether this build has the vector path (else the plain C one): for the log. */
-int q4_linear_vectorized(void) {
-#if defined(__AVX2__) && defined(__FMA__)
-    return 1;
+/* The widest vectors of this build: 0 where this file runs its plain-C path, else 256 (its
+ * AVX2 code), or 512 where the build also has AVX-512, which torch's float32 matmul uses at
+ * twice this file's width (layers.Q4Linear reads it). */
+int q4_linear_vector_bits(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 256;
 #else
     return 0;
 #endif
