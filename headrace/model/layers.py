@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -184,10 +185,10 @@ class AmxLinear(nn.Module):
 
 class _BlockLinear(nn.Module):
     """A CPU linear holding its weight twice: as GGUF blocks, which a C kernel reads in float32
-    for up to `max_rows` rows, and as `large`, the nn.Linear it replaced (float32, or bf16 that
-    pack_linears then hands to oneDNN), for more. Its output has its input's dtype; a decoder
-    layer whose linears are all these computes in float32 (LlamaDecoderLayer.compute_dtype), so
-    only `large` rounds to bf16."""
+    for up to `max_rows` rows (every row where `blocks_only`), and as `large`, the nn.Linear it
+    replaced (float32, or bf16 that pack_linears then hands to oneDNN), for more. Its output has
+    its input's dtype; a decoder layer whose linears are all these computes in float32
+    (LlamaDecoderLayer.compute_dtype), so only `large` rounds to bf16."""
 
     def __init__(self, linear: nn.Linear, kernels: Kernels) -> None:
         super().__init__()
@@ -199,12 +200,17 @@ class _BlockLinear(nn.Module):
         # winning from 256 (docs/performance.md). The blocks stop at 16 where torch may be the
         # faster one, not measured: with AVX-512 its float32 matmul is twice as wide, and a
         # bf16 `large` is oneDNN's, which with bf16 dot products (Zen 4) doubles again.
+        # A bf16 `large` that oneDNN cannot pack (a CPU without its bf16 paths, as this AVX2
+        # EPYC) is torch's bf16 matmul at ~20 GFLOP/s against the blocks' ~155 at any row
+        # count: then the blocks take every row, prompt chunks too.
         wide = kernels.vector_bits > 256
-        self.max_rows = 128 if self.large_dtype == torch.float32 and not wide else 16
+        bf16 = self.large_dtype == torch.bfloat16
+        self.blocks_only = bf16 and not can_pack_linears(torch.bfloat16, torch.device("cpu"))
+        self.max_rows = 128 if (not bf16 and not wide) or self.blocks_only else 16
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= self.max_rows:
+        if x.dim() == 2 and (self.blocks_only or x.shape[0] <= self.max_rows):
             return self.from_blocks(x.float()).to(x.dtype)
         return self.large(x.to(self.large_dtype)).to(x.dtype)
 
@@ -263,6 +269,7 @@ def use_q4_linears(
     return count
 
 
+@functools.cache
 def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
     """oneDNN weight packing exists for bf16 on CPU builds with mkldnn; check it agrees with
     `F.linear` before trusting it."""

@@ -13,7 +13,7 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 from headrace.model.attention import AttentionMetadata, build_group
 from headrace.model.backend import backend_kernels, select_backend
 from headrace.model.fused import FusedDecode
-from headrace.model.layers import AmxLinear
+from headrace.model.layers import AmxLinear, can_pack_linears
 from headrace.model.loader import bundled_model_path, load_model, read_arch, use_block_linears
 from headrace.model.ops import ops_for
 from tests.backends import KERNEL_BUILDS, amx_kernels
@@ -36,8 +36,13 @@ CASES = {
 # the fused step's two kinds of linears: AMX tiles (bf16), and the 4-bit blocks on each kernel
 # build this CPU runs (its vector path and plain-C twin), in a float32 model and a bf16 one
 PATHS = ["amx", *(f"q4-{b}-{t}" for b in KERNEL_BUILDS for t in ("float32", "bfloat16"))]
-# where the blocks take up to 128 rows: float32 weights on a build without AVX-512
-WIDE_Q4 = [p for p in PATHS if p.endswith("float32") and p.split("-")[1] in ("avx2", "c")]
+# where the blocks take up to 128 rows: float32 weights on a build without AVX-512, and bf16
+# ones where oneDNN cannot pack them (a CPU without bf16 support)
+WIDE_Q4 = [
+    p for p in PATHS[1:]
+    if (p.endswith("float32") and p.split("-")[1] in ("avx2", "c"))
+    or (p.endswith("bfloat16") and not can_pack_linears(torch.bfloat16, torch.device("cpu")))
+]  # fmt: skip
 
 
 def _quantize(model, kernels) -> None:

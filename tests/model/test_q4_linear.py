@@ -33,7 +33,7 @@ def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
 
 
 # 1-8: 8-row passes over the blocks; 9 and more: the panel product's tiles of 16 and 8 rows
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 17, 24, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 17, 24, 64, 128, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_equals_the_dequantized_linear(built: Kernels, rows: int, bias: bool) -> None:
     n, k = 100, 576  # 100: panels of 6 columns and a shorter last one on either thread
@@ -98,8 +98,10 @@ def test_the_bundled_model_reads_its_blocks_in_float32(name: str) -> None:
 def test_a_bf16_model_reads_its_blocks_for_small_batches(name: str) -> None:
     """bf16 weights without AMX (a Zen 4's default): decode-sized batches read the 4-bit blocks
     in float32, as the float32 model does (the same layer outputs), the decoder's activations
-    are float32, and larger batches keep the bf16 weight."""
+    are float32, and larger batches keep the bf16 weight where oneDNN packs it; where it cannot
+    (no bf16 support in this CPU), the blocks take every row."""
     from headrace.config import ModelConfig
+    from headrace.model.layers import can_pack_linears
     from headrace.model.loader import load_model, read_arch, resolve_model_path
 
     path = resolve_model_path(ModelConfig().model)
@@ -111,10 +113,15 @@ def test_a_bf16_model_reads_its_blocks_for_small_batches(name: str) -> None:
     assert bf16.fused_decode is not None and bf16.fused_decode.f32
     ours, theirs = bf16.layers[3].mlp.down_proj, f32.layers[3].mlp.down_proj
     assert isinstance(ours, Q4Linear) and ours.large_dtype == torch.bfloat16
-    assert ours.max_rows == 16
+    packs = can_pack_linears(torch.bfloat16, torch.device("cpu"))
+    assert ours.blocks_only == (not packs) and ours.max_rows == (16 if packs else 128)
     assert theirs.max_rows == (16 if backend_kernels(name).vector_bits == 512 else 128)
-    x = torch.randn(ours.max_rows, arch.intermediate_size)
+    x = torch.randn(min(ours.max_rows, theirs.max_rows), arch.intermediate_size)
     assert torch.equal(ours(x), theirs(x))
+    if not packs:  # a prompt-sized batch: still the blocks, the same bits as theirs give
+        many = torch.randn(300, arch.intermediate_size)
+        assert torch.equal(ours(many), theirs.from_blocks(many))
+        return
     many = torch.randn(ours.max_rows + 1, arch.intermediate_size)
     want = theirs(many.bfloat16().float())  # the bf16 weight, from bf16 inputs
     torch.testing.assert_close(ours(many), want, rtol=0, atol=2e-2 * float(want.abs().max()))

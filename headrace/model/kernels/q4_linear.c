@@ -322,11 +322,12 @@ gemm_tile(const float *t, const float *panel, const float *bias, float *y, int64
                 y[(m0 + 8 * v + j) * N + c] = out[v][j][c] + (bias != NULL ? bias[c] : 0.0f);
 }
 
-/* Every tile of xt against a panel of C rows of W: y's columns n .. n + C - 1 (y, bias offset). */
+/* The tiles of rows r0 .. r1 - 1 of xt (r0 a multiple of 16; r1 too, or M) against a panel of
+ * C rows of W: y's columns n .. n + C - 1 (y, bias offset). */
 static void gemm_panel(const float *xt, const float *panel, const float *bias, float *y,
-                       int64_t M, int64_t N, int64_t K, int C) {
+                       int64_t r0, int64_t r1, int64_t M, int64_t N, int64_t K, int C) {
     const int64_t padded = (M + 7) / 8 * 8;
-    for (int64_t m0 = 0; m0 < padded; m0 += 16) {
+    for (int64_t m0 = r0; m0 < (r1 == M ? padded : r1); m0 += 16) {
         const int V = padded - m0 >= 16 ? 2 : 1;
         const float *t = xt + m0 * K;
         switch (V * 8 + C) {
@@ -350,17 +351,25 @@ static void gemm_columns(const float *xt, const void *w, const float *scale, con
     float *panel = aligned_alloc(64, sizeof(float) * (size_t)(GEMM_NR * K));
     if (panel == NULL)
         abort();
-    for (int64_t n = n0; n < n1; n += GEMM_NR) {
-        const int C = n1 - n < GEMM_NR ? (int)(n1 - n) : GEMM_NR;
-        for (int c = 0; c < C; c++)
-            dequant(w, scale, offset, n + c, K, panel + c * K);
-        gemm_panel(xt, panel, bias != NULL ? bias + n : NULL, y + n, M, N, K, C);
+    /* Rows a pass over W serves: at least 64 (a decode step's in one pass), more while their
+     * tiles fit in ~256 KB, so prompt-sized x stays in L2 as every panel runs past it instead
+     * of streaming from memory once per panel. */
+    int64_t rows = 65536 / K / 16 * 16;
+    rows = rows > 64 ? rows : 64;
+    for (int64_t r0 = 0; r0 < M; r0 += rows) {
+        const int64_t r1 = M - r0 > rows ? r0 + rows : M;
+        for (int64_t n = n0; n < n1; n += GEMM_NR) {
+            const int C = n1 - n < GEMM_NR ? (int)(n1 - n) : GEMM_NR;
+            for (int c = 0; c < C; c++)
+                dequant(w, scale, offset, n + c, K, panel + c * K);
+            gemm_panel(xt, panel, bias != NULL ? bias + n : NULL, y + n, r0, r1, M, N, K, C);
+        }
     }
     free(panel);
 }
 
 /* From this many rows of x on, the panel product: at 9-16 rows it took 0.5-0.9 of q4_rows'
- * time, at 8 and fewer up to 1.6x it (tests/model/test_q4_linear.py's sizes, 2 threads). */
+ * time, at 8 and fewer up to 1.6x it (the bundled model's shapes, 2 threads). */
 #define GEMM_MIN_ROWS 9
 
 /* The float32s q4_prepare writes to xp for M rows of K. */
