@@ -11,8 +11,8 @@ The arithmetic is the separate kernels', in the same order: the hidden states ar
 as the layer-by-layer path (tests/model/test_fused.py).
 
 It takes steps of decodes only (one new token per request), up to the linears' max_rows of them
-(128: AMX, or Q4 over float32 weights without AVX-512; else 16); any other step, and models
-whose linears are neither, keep the layer-by-layer path.
+(128 AMX; Q4 128 or 16, see layers._BlockLinear); any other step, and models whose linears are
+neither, keep the layer-by-layer path.
 """
 
 from __future__ import annotations

@@ -220,10 +220,12 @@ def load_model(
         head = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
         q8 = gguf.q8_blocks(head) if head in names else None
         count = use_block_linears(model, kernels, _q4_blocks(gguf), q8)
-        rows = max((m.max_rows for m in model.modules() if isinstance(m, Q4Linear)), default=0)
+        linears = [m for m in model.modules() if isinstance(m, Q4Linear)]
+        most = max((m.max_rows for m in linears), default=0)
+        rows = "any batch" if any(m.blocks_only for m in linears) else f"up to {most} rows"
         logger.info(
-            "%d linear layers read their 4-bit GGUF blocks, and the LM head %s, for up to %d "
-            "rows", count, "its 8-bit ones" if q8 is not None else "its weight", rows,
+            "%d linear layers read their 4-bit GGUF blocks, and the LM head %s, for %s",
+            count, "its 8-bit ones" if q8 is not None else "its weight", rows,
         )  # fmt: skip
     if packs:
         # logits unrounded where the AMX kernel computes them: bf16 logits tie near-equal tokens
