@@ -206,11 +206,11 @@ static void q8_small(const float *x, const int8_t *q, const float *scale, const 
  *
  * x is copied once, transposed into tiles of 16 rows ([K][16] floats each; the last tile 8 wide,
  * zero-padded). Each thread takes a range of W's rows and, GEMM_NR at a time, dequantizes them
- * to float32 into a panel (fma(scale, q, offset): with a GGUF's fp16 scales scale * q is exact,
- * so these are the dequantized weight's bits), then runs every tile of x past it: per k, two vectors of 8 rows of x and GEMM_NR
- * broadcast weights make 2 * GEMM_NR FMAs into accumulators that stay in registers (12 + 3 of
- * the 16). Each output is one chain of FMAs over k, so a row's result does not depend on the
- * batch around it. */
+ * to float32 into a panel (scale * q + offset: with a GGUF's fp16 scales scale * q is exact, so
+ * these are the dequantized weight's bits), then runs every tile of x past it: per k, two
+ * vectors of 8 rows of x and GEMM_NR broadcast weights make 2 * GEMM_NR FMAs into accumulators
+ * that stay in registers (12 + 3 of the 16). Each output is one chain of multiply-adds over k,
+ * so a row's result does not depend on the batch around it. */
 #define GEMM_NR 6
 
 typedef void (*dequant_fn)(const void *w, const float *scale, const float *offset, int64_t n,
@@ -236,8 +236,8 @@ static void dequant_q4(const void *w, const float *scale, const float *offset, i
                                                                _mm256_cvtepu8_epi32(part[i])), f));
 #else
         for (int j = 0; j < 16; j++) {
-            o[j] = fmaf(scale[b], (float)(p[j] & 0x0F), offset[b]);
-            o[16 + j] = fmaf(scale[b], (float)(p[j] >> 4), offset[b]);
+            o[j] = scale[b] * (float)(p[j] & 0x0F) + offset[b];
+            o[16 + j] = scale[b] * (float)(p[j] >> 4) + offset[b];
         }
 #endif
     }
@@ -312,7 +312,7 @@ gemm_tile(const float *t, const float *panel, const float *bias, float *y, int64
             for (int c = 0; c < C; c++) {
                 float s = 0.0f;
                 for (int64_t k = 0; k < K; k++)
-                    s = fmaf(t[k * 8 * V + 8 * v + j], panel[c * K + k], s);
+                    s += t[k * 8 * V + 8 * v + j] * panel[c * K + k];
                 out[v][j][c] = s;
             }
 #endif
