@@ -162,19 +162,6 @@ def write_kv(
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """Write this step's K/V to the cache, then attend. q [T, H, D], k/v [T, KH, D] -> [T, H*D]."""
-    write_kv(kv_cache, meta.slot_mapping, k, v)
-    return meta.ops.attend(q, kv_cache, meta, scale)
-
-
 def torch_attend(
     q: torch.Tensor, kv_cache: torch.Tensor, group: AttnGroup, scale: float
 ) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The compiled CPU decode-attention kernel against plain torch math, and paged_attention with
-and without it."""
+"""The compiled CPU decode-attention kernel against plain torch math, and a step's attention
+(write_kv, then ops.attend) with and without it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from headrace.model.attention import AttentionMetadata, build_group, paged_attention
+from headrace.model.attention import AttentionMetadata, build_group, write_kv
 from headrace.model.backend import backend_kernels, select_backend
 from headrace.model.kernels import API, openmp_runtimes, read_api
 from headrace.model.layers import RMSNorm, RotaryEmbedding
@@ -190,7 +190,9 @@ def test_paged_attention_same_with_and_without_kernel(kernels, dtype):
         pre, pre_slots = build_group(3, q_lens[3:], lens[3:], tables[3:], BLOCK, 3, kern is None)
         assert dec.q_lens is None and pre.q_lens is not None  # a decode kernel, a prefill kernel
         meta = AttentionMetadata(torch.cat([dec_slots, pre_slots]), [dec, pre], ops_for(kern))
-        outs.append(paged_attention(q, k, v, cache.clone(), meta, 0.125))
+        step_cache = cache.clone()
+        write_kv(step_cache, meta.slot_mapping, k, v)
+        outs.append(meta.ops.attend(q, step_cache, meta, 0.125))
     assert outs[0].dtype == outs[1].dtype == torch.float32  # attention computes in float32
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
 
