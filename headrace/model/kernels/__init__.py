@@ -48,7 +48,6 @@ class Kernels(DecodeAttention, PrefillAttention, Elementwise, AmxLinears, Q4Line
         self.lib = lib
         self.c = bind(lib)
         self.vector_bits = int(self.c.q4_linear_vector_bits())  # 0: plain C
-        self.q4_vectorized = self.vector_bits > 0
         self.amx = bool(self.c.amx_available())
 
 

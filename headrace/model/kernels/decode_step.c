@@ -75,7 +75,6 @@ typedef struct {
     float *res[2], *q; /* the residual stream (in, out), rotated q */
     void *h, *qkv, *attn, *gate_up, *act, *mlp; /* mlp: o_proj's output, then the MLP's */
     float *xp, *sums;
-    int64_t rows; /* T */
 } decode_buffers;
 
 /* The next `bytes` of the scratch at `base` (NULL: only counted) from offset *at. */
@@ -101,7 +100,6 @@ static int64_t decode_buffers_at(char *base, decode_buffers *b, int64_t T, int64
     b->gate_up = carve(base, &at, e * T * 2 * I);
     b->act = carve(base, &at, e * Tp * I);
     b->mlp = carve(base, &at, e * T * hidden);
-    b->rows = T;
     b->xp = f32 ? carve(base, &at, 4 * q4_prepared_floats(T, most_k)) : NULL;
     b->sums = f32 ? carve(base, &at, 4 * T * (most_k / 32)) : NULL;
     return at;
@@ -136,10 +134,10 @@ static void layer_linear(const void *x, const float *sums, const void *w, int fm
 }
 
 /* Rows r0 .. r1 - 1 of x [T, K] prepared for a W_Q4F32 linear (nothing for AMX). */
-static void prepare_rows(const decode_buffers *b, int f32, const void *x, int64_t r0, int64_t r1,
-                         int64_t K) {
+static void prepare_rows(const decode_buffers *b, int f32, const void *x, int64_t T, int64_t r0,
+                         int64_t r1, int64_t K) {
     if (f32 && r1 > r0)
-        q4_prepare((const float *)x, b->rows, K, r0, r1, b->xp, b->sums);
+        q4_prepare((const float *)x, T, K, r0, r1, b->xp, b->sums);
 }
 
 /* embeds: [T, hidden], the tokens' embeddings (bf16 for AMX linears, float32 for W_Q4F32); out:
@@ -183,7 +181,7 @@ void decode_layers(const decode_layer *layers, int64_t L, const void *embeds,
             const decode_layer *ly = layers + l;
             rms_rows(l == 0 ? embeds : mlp, bf, l == 0 ? NULL : res[1], ly->input_norm, eps,
                      res[0], h, bf, r0, r1, hidden);
-            prepare_rows(&buf, f32, h, r0, r1, hidden);
+            prepare_rows(&buf, f32, h, T, r0, r1, hidden);
             step_barrier_wait(&barrier);
             layer_linear(h_in, buf.sums, ly->qkv, ly->qkv_fmt, ly->qkv_bias, qkv, T, QKV, hidden,
                          nth, &barrier.next_block);
@@ -196,20 +194,20 @@ void decode_layers(const decode_layer *layers, int64_t L, const void *embeds,
                             f32 ? attn : NULL, f32 ? NULL : attn);
             step_barrier_wait(&barrier);
             if (f32) { /* the requests were taken as they came: prepare by rows after them */
-                prepare_rows(&buf, f32, attn, r0, r1, H * D);
+                prepare_rows(&buf, f32, attn, T, r0, r1, H * D);
                 step_barrier_wait(&barrier);
             }
             layer_linear(attn_in, buf.sums, ly->o, ly->o_fmt, ly->o_bias, mlp, T, hidden, H * D,
                          nth, &barrier.next_block);
             step_barrier_wait(&barrier);
             rms_rows(mlp, bf, res[0], ly->post_norm, eps, res[1], h, bf, r0, r1, hidden);
-            prepare_rows(&buf, f32, h, r0, r1, hidden);
+            prepare_rows(&buf, f32, h, T, r0, r1, hidden);
             step_barrier_wait(&barrier);
             layer_linear(h_in, buf.sums, ly->gate_up, ly->gate_up_fmt, ly->gate_up_bias, gate_up,
                          T, 2 * I, hidden, nth, &barrier.next_block);
             step_barrier_wait(&barrier);
             silu_rows(gate_up, act, bf, r0, r1, I);
-            prepare_rows(&buf, f32, act, r0, r1, I);
+            prepare_rows(&buf, f32, act, T, r0, r1, I);
             step_barrier_wait(&barrier);
             layer_linear(act_in, buf.sums, ly->down, ly->down_fmt, ly->down_bias, mlp, T, hidden,
                          I, nth, &barrier.next_block);
