@@ -10,15 +10,23 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
 
 from headrace.model.registry import ArchConfig, UnsupportedModelError
 
 Q = GGMLQuantizationType
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
-# (bytes per block of 32 weights) for the block-quantized types we decode.
-_BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# Bytes per block of the quantized types decoded here in torch: 32 weights a block, but Q4_K's
+# super-blocks of 256 (eight 32-weight blocks under two float16 factors).
+_BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q4_K: 144}
+# llama.cpp's other quantizations (the K-quants Q4_K_M and Q5_K_M files mix in, the 5-bit and
+# i-quants), decoded by the gguf package's numpy code: slower at load, the same values.
+_GGUF_PY_TYPES = (
+    Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q5_K, Q.Q6_K, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS,
+    Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS,
+)  # fmt: skip
+SUPPORTED_TYPES = tuple(t.name for t in (Q.F32, Q.F16, Q.BF16, *_BLOCK_BYTES, *_GGUF_PY_TYPES))
 
 
 def _f16(col: torch.Tensor) -> torch.Tensor:
@@ -38,6 +46,8 @@ def dequantize(
     if qtype == Q.BF16:
         bits = torch.from_numpy(raw.view(np.int16)).to(torch.int32) << 16
         return bits.view(torch.float32).reshape(shape)
+    if qtype in _GGUF_PY_TYPES:
+        return torch.from_numpy(gguf_dequantize(raw, qtype)).float().reshape(shape)
     if qtype not in _BLOCK_BYTES:
         raise UnsupportedModelError(
             f"tensor type {qtype.name} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
@@ -55,14 +65,35 @@ def dequantize(
 def _q4_fields(
     blocks: torch.Tensor, qtype: GGMLQuantizationType
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0 / Q4_1 blocks [B, bytes] as (q [B, 32] uint8 0-15, scale [B, 1], offset [B, 1])
-    float32, weight = q * scale + offset (Q4_0's offset is -8 scale: both products exact, so
-    the same values as (q - 8) * scale). Byte j holds weight j in its low nibble and weight
-    j + 16 in its high nibble."""
+    """Q4_0 / Q4_1 / Q4_K blocks [B, bytes] as 32-weight blocks (q [B', 32] uint8 0-15, scale
+    [B', 1], offset [B', 1]) float32, weight = q * scale + offset; B' = B, or 8 B for Q4_K."""
+    if qtype == Q.Q4_K:
+        return _q4k_fields(blocks)
+    # Q4_0's offset is -8 scale: both products exact, so the same values as (q - 8) * scale.
+    # Byte j holds weight j in its low nibble and weight j + 16 in its high nibble.
     packed = blocks[:, -16:]
     q = torch.cat([packed & 0xF, packed >> 4], dim=1)
     scale = _f16(blocks[:, :2])
     offset = -8.0 * scale if qtype == Q.Q4_0 else _f16(blocks[:, 2:4])
+    return q, scale, offset
+
+
+def _q4k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks [B, 144]: float16 d and dmin, then 12 bytes holding eight 6-bit scales
+    sc and mins m, then 128 bytes of nibbles. Block j's weights are d sc_j q - dmin m_j, so
+    scale d sc_j and offset -dmin m_j: float16 times a 6-bit integer, exact in float32, and q
+    scale exact too (the sum rounds as gguf's d sc q - dmin m does). Bytes 0-3 hold sc_0-3 in
+    their low 6 bits, 4-7 m_0-3; bytes 8-11 hold sc_4-7's low 4 bits and m_4-7's, whose top 2
+    bits are the top 2 of bytes 0-3 (sc) and 4-7 (m). Each 32 bytes of nibbles hold block 2i in
+    their low nibbles and block 2i + 1 in their high ones."""
+    d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+    low, high, mixed = blocks[:, 4:16].reshape(-1, 3, 4).unbind(1)
+    sc = torch.cat([low & 0x3F, (mixed & 0x0F) | ((low >> 6) << 4)], dim=1)
+    m = torch.cat([high & 0x3F, (mixed >> 4) | ((high >> 6) << 4)], dim=1)
+    nibbles = blocks[:, 16:].reshape(-1, 4, 1, 32)
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=2).reshape(-1, 32)
+    scale = (d * sc.float()).reshape(-1, 1)
+    offset = -(dmin * m.float()).reshape(-1, 1)
     return q, scale, offset
 
 
@@ -74,9 +105,9 @@ Q4Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def q4_blocks(
     raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
 ) -> Q4Blocks | None:
-    """A Q4_0 or Q4_1 matrix as its blocks (Q4Blocks): the values `dequantize` gives, for
-    kernels that keep the 4 bits. None for other types."""
-    if qtype not in (Q.Q4_0, Q.Q4_1) or len(shape) != 2:
+    """A Q4_0, Q4_1 or Q4_K matrix as its 32-weight blocks (Q4Blocks): the values `dequantize`
+    gives, for kernels that keep the 4 bits. None for other types."""
+    if qtype not in (Q.Q4_0, Q.Q4_1, Q.Q4_K) or len(shape) != 2:
         return None
     n, k = shape
     raw = np.array(raw, copy=True)  # from a read-only memory map
@@ -285,7 +316,7 @@ class GGUFWeights:
 
     def q4_blocks(self, name: str) -> Q4Blocks | None:
         """`get(name)` as 4-bit blocks (gguf.q4_blocks, rows in the same order), or None where
-        the tensor is not Q4_0 / Q4_1."""
+        the tensor is not Q4_0 / Q4_1 / Q4_K."""
         t = self.tensors[name]
         parts = q4_blocks(t.data, t.qtype, t.shape)
         heads = self._rope_heads(name)

@@ -219,13 +219,15 @@ def load_model(
         # decode-sized batches read the file's blocks, in float32
         head = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
         q8 = gguf.q8_blocks(head) if head in names else None
-        count = use_block_linears(model, kernels, _q4_blocks(gguf), q8)
+        head_q4 = gguf.q4_blocks(head) if head in names and q8 is None else None
+        count = use_block_linears(model, kernels, _q4_blocks(gguf), q8, head_q4)
         linears = [m for m in model.modules() if isinstance(m, Q4Linear)]
         most = max((m.max_rows for m in linears), default=0)
         rows = "any batch" if any(m.blocks_only for m in linears) else f"up to {most} rows"
+        head_reads = "its 8-bit ones" if q8 is not None else "its 4-bit ones"
         logger.info(
             "%d linear layers read their 4-bit GGUF blocks, and the LM head %s, for %s",
-            count, "its 8-bit ones" if q8 is not None else "its weight", rows,
+            count, "its weight" if q8 is None and head_q4 is None else head_reads, rows,
         )  # fmt: skip
     if packs:
         # logits unrounded where the AMX kernel computes them: bf16 logits tie near-equal tokens
@@ -246,11 +248,12 @@ def use_block_linears(
     kernels: Kernels,
     q4: Callable[[str], Q4Blocks | None],
     q8: Q8Blocks | None = None,
+    head_q4: Q4Blocks | None = None,
 ) -> int:
     """Give the decoder linears whose 4-bit blocks `q4` has (by qualified name) a Q4Linear, and
-    the LM head a Q8Linear where its blocks are `q8`; a decoder layer whose linears all read
-    blocks then computes in float32 (what decode_layers' W_Q4F32 step does too). Returns how
-    many Q4Linears."""
+    the LM head a Q8Linear where its blocks are `q8` (a Q4Linear where they are `head_q4`); a
+    decoder layer whose linears all read blocks then computes in float32 (what decode_layers'
+    W_Q4F32 step does too). Returns how many decoder Q4Linears."""
     count = use_q4_linears(model, kernels, q4)
     for block in model.layers:
         layer = cast(LlamaDecoderLayer, block)
@@ -258,6 +261,8 @@ def use_block_linears(
             layer.compute_dtype = torch.float32
     if q8 is not None:
         model.lm_head = Q8Linear(model.lm_head, kernels, q8)  # type: ignore[assignment]
+    elif head_q4 is not None:
+        model.lm_head = Q4Linear(model.lm_head, kernels, head_q4)  # type: ignore[assignment]
     return count
 
 
@@ -273,7 +278,7 @@ _FUSED_PARTS = {
 def _q4_blocks(source: GGUFWeights) -> Callable[[str], Q4Blocks | None]:
     """A decoder layer linear's 4-bit blocks by its qualified name (`layers.3.mlp.down_proj`):
     its GGUF tensors' blocks, joined row-wise as the loader joins their weights; None where a
-    part is not Q4_0 / Q4_1 (or for any other linear)."""
+    part is not Q4_0 / Q4_1 / Q4_K (or for any other linear)."""
 
     def blocks(name: str) -> Q4Blocks | None:
         layer, _, rest = name.partition(".")

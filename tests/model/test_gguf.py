@@ -12,6 +12,7 @@ from gguf.quants import quantize
 from headrace.model.gguf import GGUFWeights, dequantize, q4_blocks, read_gguf
 from headrace.model.loader import bundled_model_path, resolve_model_path
 from headrace.model.registry import UnsupportedModelError
+from tests.model.tiny_gguf import random_blocks
 
 Q = GGMLQuantizationType
 
@@ -27,9 +28,18 @@ def test_dequantize_matches_reference(qtype: GGMLQuantizationType) -> None:
     np.testing.assert_allclose(ours.numpy(), ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q5_0])
+def test_k_quants_match_reference(qtype: GGMLQuantizationType) -> None:
+    """llama.cpp's types that gguf cannot make: random blocks, decoded bit for bit alike."""
+    raw = random_blocks(np.random.default_rng(2), qtype, 4, 512)
+    ours = dequantize(raw.reshape(-1), qtype, (4, 512))
+    ref = ref_dequantize(raw, qtype).reshape(4, 512)
+    assert torch.equal(ours, torch.from_numpy(ref)) and float(ours.abs().max()) > 0
+
+
 def test_unsupported_type_is_named() -> None:
-    with pytest.raises(UnsupportedModelError, match="Q6_K"):
-        dequantize(np.zeros(210, np.uint8), Q.Q6_K, (256,))
+    with pytest.raises(UnsupportedModelError, match="Q8_K"):
+        dequantize(np.zeros(292, np.uint8), Q.Q8_K, (256,))
 
 
 def test_parser_matches_reference_reader() -> None:
@@ -84,15 +94,19 @@ def test_parameter_count_of_bundled_model() -> None:
     assert num_parameters(arch) == 134_515_008  # SmolLM2-135M: 272 tensors, tied head
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
 def test_q4_blocks_give_the_dequantized_weight(qtype: GGMLQuantizationType) -> None:
-    """scale * q + offset, block by block, is `dequantize`'s weight to the bit."""
+    """scale * q + offset, block by block, is `dequantize`'s weight to the bit (Q4_K's 256-weight
+    super-blocks as eight blocks of 32)."""
     rng = np.random.default_rng(1)
-    raw = quantize(rng.standard_normal((8, 64)).astype(np.float32), qtype)
-    blocks = q4_blocks(raw, qtype, (8, 64))
+    if qtype == Q.Q4_K:
+        raw = random_blocks(rng, qtype, 8, 512)
+    else:
+        raw = quantize(rng.standard_normal((8, 512)).astype(np.float32), qtype)
+    blocks = q4_blocks(raw, qtype, (8, 512))
     assert blocks is not None
     scale, offset, q = blocks
-    assert scale.shape == offset.shape == (8, 2) and q.shape == (8, 64) and int(q.max()) <= 15
-    w = q.float().reshape(8, 2, 32) * scale[..., None] + offset[..., None]
-    assert torch.equal(w.reshape(8, 64), dequantize(raw, qtype, (8, 64)))
+    assert scale.shape == offset.shape == (8, 16) and q.shape == (8, 512) and int(q.max()) <= 15
+    w = q.float().reshape(8, 16, 32) * scale[..., None] + offset[..., None]
+    assert torch.equal(w.reshape(8, 512), dequantize(raw, qtype, (8, 512)))
     assert q4_blocks(quantize(np.ones((2, 32), np.float32), Q.Q8_0), Q.Q8_0, (2, 32)) is None

@@ -1,4 +1,5 @@
-"""Our forward pass equals transformers' on tiny random-weight models written as safetensors."""
+"""Our forward pass equals transformers' on tiny random-weight models written as safetensors,
+and as GGUF files in llama.cpp's quantized types."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 
 from headrace.model.attention import AttentionMetadata, build_group
 from headrace.model.backend import select_backend
+from headrace.model.layers import Q4Linear
 from headrace.model.loader import load_model, read_arch
 from headrace.model.ops import ops_for
 from tests.backends import RUNNABLE, amx_kernels
+from tests.model.tiny_gguf import Q, write_tiny_llama
 
 BLOCK = 4
 COMMON = dict(
@@ -141,3 +144,56 @@ def test_bf16_linears_on_amx_or_onednn_alone(tmp_path: Path) -> None:
                 assert tokens is not None and torch.equal(tokens, got.argmax(dim=-1))
             else:
                 assert tokens is None
+
+
+# llama.cpp's mixes: a Q4_K_M file keeps most linears Q4_K and some Q5_K / Q6_K; older and
+# smaller files mix Q4_0, Q5_0 and Q8_0. Q4Linears expected: the decoder linears whose parts
+# are all 4-bit, and the LM head where its weight is.
+GGUF_MIXES = {
+    "q4_k_m": (
+        dict(token_embd=Q.Q4_K, output=Q.Q6_K, ffn_down=Q.Q5_K, **{"attn_v.1": Q.Q6_K}),
+        False,
+        6,
+    ),
+    "tied-q4_k-with-q5_0-q8_0": (
+        dict(token_embd=Q.Q4_K, attn_k=Q.Q4_0, ffn_up=Q.Q5_0, **{"attn_output.1": Q.Q8_0}),
+        True,
+        6 + 1,
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("mix", list(GGUF_MIXES))
+def test_quantized_gguf_matches_transformers(tmp_path: Path, mix: str, backend: str) -> None:
+    """A GGUF in llama.cpp's K-quant and 5-bit types loads, and gives transformers' logits on
+    the same file; the Q4_K linears (LM head included) read their blocks on kernel backends."""
+    from transformers import AutoModelForCausalLM
+
+    types, tied, q4_linears = GGUF_MIXES[mix]
+    path = write_tiny_llama(tmp_path / f"{mix}.gguf", types, tied=tied)
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32
+    )
+    cpu = _cpu(backend)
+    arch, source = read_arch(path)
+    assert arch.tie_word_embeddings == tied
+    ours = load_model(path, arch, source, torch.float32, cpu, 256).model
+    blocks = sum(isinstance(m, Q4Linear) for m in ours.modules())
+    assert blocks == (0 if cpu.kernels is None else q4_linears)
+    seq = torch.randint(0, arch.vocab_size, (12,), generator=torch.Generator().manual_seed(3))
+    shape = (2, 64, BLOCK, arch.num_kv_heads, arch.head_dim)
+    caches = [torch.zeros(shape) for _ in range(arch.num_layers)]
+    tables = [[0, 1, 2]]
+    with torch.inference_mode():
+        ref = hf.eval()(seq[None]).logits[0]
+        g = arch.num_heads // arch.num_kv_heads
+        meta = _meta([11], [0], tables, g, cpu.kernels)
+        prefill = ours.compute_logits(ours(seq[:-1], torch.arange(11), caches, meta))
+        meta = _meta([1], [11], tables, g, cpu.kernels)
+        decode = ours.compute_logits(ours(seq[-1:], torch.tensor([11]), caches, meta))
+    top = float(ref.abs().max())
+    assert top > 1  # logits of some size: a real comparison
+    # float32 sums in another order: ~2e-5 of the logits' size apart, ~1e-4 allowed
+    torch.testing.assert_close(prefill, ref[:-1], atol=1e-4 * top, rtol=0)
+    torch.testing.assert_close(decode[0], ref[-1], atol=1e-4 * top, rtol=0)
