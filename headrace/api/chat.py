@@ -188,9 +188,12 @@ async def _render(
     except Exception as exc:  # jinja errors: the template refused these messages
         raise APIError(400, f"the chat template could not render these messages: {exc}") from None
     try:
-        return await tok.encode_prompt(text, limits, body.add_special_tokens)
+        ids = await tok.encode_prompt(text, limits, body.add_special_tokens)
     except PromptTooLongError as exc:
         raise APIError(400, str(exc), param="messages") from None
+    if not ids:  # a template that rendered nothing the tokenizer keeps
+        raise APIError(400, "the rendered chat prompt is empty once tokenized", param="messages")
+    return ids
 
 
 def _logprobs(tok: FrontendTokenizer, items: list[TokenLogprobs]) -> dict[str, Any]:

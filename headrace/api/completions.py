@@ -91,6 +91,8 @@ async def _tokenize(
                 texts.append(await tok.decode(item) if body.echo else "")
     except ValueError as exc:  # PromptTooLongError included
         raise APIError(400, str(exc), param="prompt") from None
+    if not all(prompts):  # a text of which the tokenizer made no token
+        raise APIError(400, "the prompt is empty once tokenized", param="prompt")
     return prompts, texts
 
 

@@ -1,10 +1,12 @@
 """`headrace serve` on a GGUF in llama.cpp's Q4_K_M mix (Q4_K, Q5_K, Q6_K): served greedy text is
-transformers' on the same file."""
+transformers' on the same file, and a prompt its tokenizer makes nothing of is a 400."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import openai
+import pytest
 import torch
 
 from tests.e2e.server import ServerProcess
@@ -43,6 +45,8 @@ def test_served_k_quant_gguf_matches_transformers(tmp_path: Path) -> None:
             )  # fmt: skip
             assert got.choices[0].text == text
             assert got.usage is not None and got.usage.completion_tokens == MAX_TOKENS
+        with pytest.raises(openai.BadRequestError, match="empty once tokenized"):
+            client.completions.create(model=str(path), prompt="<t5><t9>", max_tokens=4)
         log = srv.log.read_text()
         if "compute backend torch" not in log:  # the C kernels read the Q4_K linears' blocks
             assert "read their 4-bit GGUF blocks, and the LM head its weight" in log
