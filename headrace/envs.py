@@ -38,3 +38,17 @@ def cpu_backend() -> str:
     """HEADRACE_CPU_BACKEND: `auto` (default), `amx`, `avx512`, `avx2`, `c` or `torch`: which code
     computes the model on CPU (model/backend.py)."""
     return os.environ.get("HEADRACE_CPU_BACKEND", "").strip() or "auto"
+
+
+def gguf_float_copies() -> bool | None:
+    """HEADRACE_GGUF_FLOAT_COPIES: `auto` (default: where they fit in memory), `1` or `0`:
+    whether linears that read a GGUF file's blocks also keep the weight dequantized, for prompt
+    chunks (model/loader.py: keeps_float_copies). Without, the blocks take every row."""
+    value = os.environ.get("HEADRACE_GGUF_FLOAT_COPIES", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"HEADRACE_GGUF_FLOAT_COPIES must be auto, 1 or 0, not {value!r}")

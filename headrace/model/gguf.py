@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ def _q4k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return q, scale, offset
 
 
+Q4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # what q4_blocks takes
+
 # A Q4 weight [N, K] as (scale, offset, q): W[n, k] = scale[n, k // 32] * q[n, k] +
 # offset[n, k // 32]; scale, offset float32 [N, K/32], q uint8 [N, K] (0-15)
 Q4Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -107,7 +110,7 @@ def q4_blocks(
 ) -> Q4Blocks | None:
     """A Q4_0, Q4_1 or Q4_K matrix as its 32-weight blocks (Q4Blocks): the values `dequantize`
     gives, for kernels that keep the 4 bits. None for other types."""
-    if qtype not in (Q.Q4_0, Q.Q4_1, Q.Q4_K) or len(shape) != 2:
+    if qtype not in Q4_TYPES or len(shape) != 2:
         return None
     n, k = shape
     raw = np.array(raw, copy=True)  # from a read-only memory map
@@ -313,6 +316,19 @@ class GGUFWeights:
         w = dequantize(t.data, t.qtype, t.shape)
         heads = self._rope_heads(name)
         return w if heads is None else _unpermute_rope_rows(w, heads)
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.tensors[name].shape)
+
+    def block_bits(self, name: str) -> int | None:
+        """4 where q4_blocks(name) gives blocks, 8 where q8_blocks(name) does, else None (from
+        the header alone)."""
+        t = self.tensors.get(name)
+        if t is None or len(t.shape) != 2:
+            return None
+        if t.qtype in Q4_TYPES:
+            return 4
+        return 8 if t.qtype == Q.Q8_0 and self._rope_heads(name) is None else None
 
     def q4_blocks(self, name: str) -> Q4Blocks | None:
         """`get(name)` as 4-bit blocks (gguf.q4_blocks, rows in the same order), or None where

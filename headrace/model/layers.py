@@ -188,12 +188,16 @@ class _BlockLinear(nn.Module):
     for up to `max_rows` rows (every row where `blocks_only`), and as `large`, the nn.Linear it
     replaced (float32, or bf16 that pack_linears then hands to oneDNN), for more. Its output has
     its input's dtype; a decoder layer whose linears are all these computes in float32
-    (LlamaDecoderLayer.compute_dtype), so only `large` rounds to bf16."""
+    (LlamaDecoderLayer.compute_dtype), so only `large` rounds to bf16.
 
-    def __init__(self, linear: nn.Linear, kernels: Kernels) -> None:
+    keep_large=False: the blocks alone, for every row (`large` is None; `linear` gives only
+    its shape, dtype and bias, its weight may be on the meta device). The loader chooses it
+    where the weights' float copies would not fit in memory."""
+
+    def __init__(self, linear: nn.Linear, kernels: Kernels, keep_large: bool = True) -> None:
         super().__init__()
         self.kernels = kernels
-        self.large = linear
+        self.large = linear if keep_large else None
         self.large_dtype = linear.weight.dtype
         # Against a float32 `large`, the kernels' panel product (9+ rows, 256-bit vectors)
         # matched or beat torch's matmul up to 128 rows on an AVX2 EPYC, torch's blocking
@@ -205,13 +209,18 @@ class _BlockLinear(nn.Module):
         # count: then the blocks take every row, prompt chunks too.
         wide = kernels.vector_bits > 256
         bf16 = self.large_dtype == torch.bfloat16
-        self.blocks_only = bf16 and not can_pack_linears(torch.bfloat16, torch.device("cpu"))
+        self.blocks_only = not keep_large or (
+            bf16 and not can_pack_linears(torch.bfloat16, torch.device("cpu"))
+        )
         self.max_rows = 128 if (not bf16 and not wide) or self.blocks_only else 16
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and (self.blocks_only or x.shape[0] <= self.max_rows):
-            return self.from_blocks(x.float()).to(x.dtype)
+        rows_fit = x.dim() == 2 and (self.blocks_only or x.shape[0] <= self.max_rows)
+        if self.large is None or rows_fit:
+            lead = x.shape[:-1]
+            y = self.from_blocks(x.reshape(-1, x.shape[-1]).float())
+            return y.reshape(*lead, y.shape[-1]).to(x.dtype)
         return self.large(x.to(self.large_dtype)).to(x.dtype)
 
     def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,8 +238,10 @@ class Q4Linear(_BlockLinear):
     AmxLinear reads the same blocks.
     """
 
-    def __init__(self, linear: nn.Linear, kernels: Kernels, q4: Q4Blocks) -> None:
-        super().__init__(linear, kernels)
+    def __init__(
+        self, linear: nn.Linear, kernels: Kernels, q4: Q4Blocks, keep_large: bool = True
+    ) -> None:
+        super().__init__(linear, kernels, keep_large)
         self.q4 = kernels.q4_pack(*q4)
 
     def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,8 +252,10 @@ class Q8Linear(_BlockLinear):
     """Q4Linear's twin for a weight stored as Q8_0 (int8 and a scale per 32: 1.06 bytes a weight
     against float32's 4): the bundled model's LM head, tied to the embedding."""
 
-    def __init__(self, linear: nn.Linear, kernels: Kernels, q8: Q8Blocks) -> None:
-        super().__init__(linear, kernels)
+    def __init__(
+        self, linear: nn.Linear, kernels: Kernels, q8: Q8Blocks, keep_large: bool = True
+    ) -> None:
+        super().__init__(linear, kernels, keep_large)
         self.scale, self.q = q8[0].float().contiguous(), q8[1].contiguous()
 
     def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,6 +267,7 @@ def use_q4_linears(
     kernels: Kernels,
     q4: Callable[[str], Q4Blocks | None],
     prefix: str = "",
+    keep_large: bool = True,
 ) -> int:
     """Swap every nn.Linear below `module` whose GGUF blocks `q4` has (by qualified name) for a
     Q4Linear; returns how many."""
@@ -262,10 +276,10 @@ def use_q4_linears(
         if isinstance(child, nn.Linear):
             blocks = q4(prefix + name)
             if blocks is not None:
-                setattr(module, name, Q4Linear(child, kernels, blocks))
+                setattr(module, name, Q4Linear(child, kernels, blocks, keep_large))
                 count += 1
         else:
-            count += use_q4_linears(child, kernels, q4, f"{prefix}{name}.")
+            count += use_q4_linears(child, kernels, q4, f"{prefix}{name}.", keep_large)
     return count
 
 

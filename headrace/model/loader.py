@@ -144,15 +144,34 @@ def load_model(
     max_positions: int,
     progress: ProgressFn | None = None,
     read_blocks: bool = True,
+    float_copies: bool | None = None,
 ) -> LoadedModel:
     """Build the module on the meta device, then fill every parameter from the weight source,
     and give its linears the backend's kernels. read_blocks=False (tests): linears do not read
-    a GGUF file's 4-bit blocks, only the weights dequantized from them."""
+    a GGUF file's 4-bit blocks, only the weights dequantized from them. float_copies: whether
+    linears that read blocks also hold their dequantized weight, for prompt chunks (None:
+    HEADRACE_GGUF_FLOAT_COPIES, whose default keeps them where they fit in memory,
+    `keeps_float_copies`); without, the blocks take every row."""
     device = backend.device
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, max_positions, dtype)
     model.rope.build(device)
     names = source.names()
+    kernels = backend.kernels
+    gguf = source if read_blocks and isinstance(source, GGUFWeights) else None
+    packs = can_pack_linears(dtype, device)  # bf16 on CPU: oneDNN, or AmxLinear on AMX
+    amx_linears = packs and backend.amx  # these read the 4-bit blocks themselves
+    block_linears = kernels is not None and gguf is not None and not amx_linears
+    # the linears (qualified names) whose dequantized weight is not made: blocks alone
+    alone: set[str] = set()
+    if block_linears:
+        assert gguf is not None
+        with_blocks = _block_linear_names(gguf, arch)
+        nbytes = dtype.itemsize * sum(_linear_numel(gguf, n) for n in with_blocks)
+        if float_copies is None:
+            float_copies = keeps_float_copies(nbytes, setting=envs.gguf_float_copies())
+        if not float_copies:
+            alone = set(with_blocks)
 
     def take(name: str, to: torch.dtype = dtype) -> torch.Tensor:
         if name not in names:
@@ -176,21 +195,23 @@ def load_model(
             "weight",
             take(p + "post_attention_layernorm.weight", torch.float32),
         )
-        qkv = [take(f"{p}self_attn.{x}_proj.weight") for x in "qkv"]
-        _set_param(attn.qkv_proj, "weight", torch.cat(qkv))
+        q = f"layers.{i}."
+        if q + "self_attn.qkv_proj" not in alone:
+            qkv = [take(f"{p}self_attn.{x}_proj.weight") for x in "qkv"]
+            _set_param(attn.qkv_proj, "weight", torch.cat(qkv))
         if arch.qkv_bias:
             _set_param(
                 attn.qkv_proj,
                 "bias",
                 torch.cat([take(f"{p}self_attn.{x}_proj.bias") for x in "qkv"]),
             )
-        _set_param(attn.o_proj, "weight", take(p + "self_attn.o_proj.weight"))
-        _set_param(
-            mlp.gate_up_proj,
-            "weight",
-            torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-        )
-        _set_param(mlp.down_proj, "weight", take(p + "mlp.down_proj.weight"))
+        if q + "self_attn.o_proj" not in alone:
+            _set_param(attn.o_proj, "weight", take(p + "self_attn.o_proj.weight"))
+        if q + "mlp.gate_up_proj" not in alone:
+            gate_up = [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
+            _set_param(mlp.gate_up_proj, "weight", torch.cat(gate_up))
+        if q + "mlp.down_proj" not in alone:
+            _set_param(mlp.down_proj, "weight", take(p + "mlp.down_proj.weight"))
         if arch.mlp_bias:
             gate_b, up_b, down_b = (maybe(p + f"mlp.{x}_proj.bias") for x in ("gate", "up", "down"))
             if gate_b is None or up_b is None or down_b is None:
@@ -204,23 +225,19 @@ def load_model(
     _set_param(model.norm, "weight", take("model.norm.weight", torch.float32))
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    else:
+    elif "lm_head" not in alone:
         _set_param(model.lm_head, "weight", take("lm_head.weight"))
     if progress is not None:
         progress(1.0)
-    leftover = [n for n, prm in model.named_parameters() if prm.is_meta]
-    if leftover:
-        raise UnsupportedModelError(f"{path}: no weights found for {', '.join(leftover[:5])}")
-    kernels = backend.kernels
-    gguf = source if read_blocks and isinstance(source, GGUFWeights) else None
-    packs = can_pack_linears(dtype, device)  # bf16 on CPU: oneDNN, or AmxLinear on AMX
-    amx_linears = packs and backend.amx  # these read the 4-bit blocks themselves
-    if kernels is not None and gguf is not None and not amx_linears:
+    if block_linears:
         # decode-sized batches read the file's blocks, in float32
+        assert kernels is not None and gguf is not None
         head = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
         q8 = gguf.q8_blocks(head) if head in names else None
         head_q4 = gguf.q4_blocks(head) if head in names and q8 is None else None
-        count = use_block_linears(model, kernels, _q4_blocks(gguf), q8, head_q4)
+        count = use_block_linears(
+            model, kernels, _q4_blocks(gguf), q8, head_q4, keep_large=not alone
+        )
         linears = [m for m in model.modules() if isinstance(m, Q4Linear)]
         most = max((m.max_rows for m in linears), default=0)
         rows = "any batch" if any(m.blocks_only for m in linears) else f"up to {most} rows"
@@ -229,6 +246,9 @@ def load_model(
             "%d linear layers read their 4-bit GGUF blocks, and the LM head %s, for %s",
             count, "its weight" if q8 is None and head_q4 is None else head_reads, rows,
         )  # fmt: skip
+    leftover = [n for n, prm in model.named_parameters() if prm.is_meta]
+    if leftover:
+        raise UnsupportedModelError(f"{path}: no weights found for {', '.join(leftover[:5])}")
     if packs:
         # logits unrounded where the AMX kernel computes them: bf16 logits tie near-equal tokens
         q4 = _q4_blocks(gguf) if gguf is not None and amx_linears else None
@@ -249,20 +269,26 @@ def use_block_linears(
     q4: Callable[[str], Q4Blocks | None],
     q8: Q8Blocks | None = None,
     head_q4: Q4Blocks | None = None,
+    keep_large: bool = True,
 ) -> int:
     """Give the decoder linears whose 4-bit blocks `q4` has (by qualified name) a Q4Linear, and
     the LM head a Q8Linear where its blocks are `q8` (a Q4Linear where they are `head_q4`); a
     decoder layer whose linears all read blocks then computes in float32 (what decode_layers'
-    W_Q4F32 step does too). Returns how many decoder Q4Linears."""
-    count = use_q4_linears(model, kernels, q4)
+    W_Q4F32 step does too). keep_large=False: they read the blocks alone (_BlockLinear).
+    Returns how many decoder Q4Linears."""
+    count = use_q4_linears(model, kernels, q4, keep_large=keep_large)
     for block in model.layers:
         layer = cast(LlamaDecoderLayer, block)
         if all(isinstance(x, Q4Linear) for x in layer_linears(layer)):
             layer.compute_dtype = torch.float32
+    # a tied head keeps the embedding's weight, which the embedding needs anyway
+    keep_head = keep_large or model.lm_head.weight is model.embed_tokens.weight
     if q8 is not None:
-        model.lm_head = Q8Linear(model.lm_head, kernels, q8)  # type: ignore[assignment]
+        model.lm_head = Q8Linear(model.lm_head, kernels, q8, keep_head)  # type: ignore[assignment]
     elif head_q4 is not None:
-        model.lm_head = Q4Linear(model.lm_head, kernels, head_q4)  # type: ignore[assignment]
+        model.lm_head = Q4Linear(  # type: ignore[assignment]
+            model.lm_head, kernels, head_q4, keep_head
+        )
     return count
 
 
@@ -295,6 +321,107 @@ def _q4_blocks(source: GGUFWeights) -> Callable[[str], Q4Blocks | None]:
         return scale, offset, q
 
     return blocks
+
+
+def _block_linear_names(gguf: GGUFWeights, arch: ArchConfig) -> list[str]:
+    """The linears (qualified names) that use_block_linears will give blocks: decoder linears
+    whose GGUF parts are all 4-bit, and an untied LM head in 4 or 8 bits."""
+    out = [
+        f"layers.{i}.{suffix}"
+        for i in range(arch.num_layers)
+        for suffix, parts in _FUSED_PARTS.items()
+        if all(gguf.block_bits(f"model.layers.{i}.{p}.weight") == 4 for p in parts)
+    ]
+    if not arch.tie_word_embeddings and gguf.block_bits("lm_head.weight") is not None:
+        out.append("lm_head")
+    return out
+
+
+def _linear_numel(gguf: GGUFWeights, name: str) -> int:
+    if name == "lm_head":
+        return gguf.numel("lm_head.weight")
+    layer, _, suffix = name.partition(".")[2].partition(".")
+    return sum(gguf.numel(f"model.layers.{layer}.{p}.weight") for p in _FUSED_PARTS[suffix])
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take: the kernel's MemAvailable, capped by what its cgroup
+    (a Kubernetes pod's limit) has left; None where neither can be read."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        groups = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        groups = []
+    v1, v2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
+    pairs = [
+        (v2 / "memory.max", v2 / "memory.current"),
+        (v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes"),
+    ]  # a container's own view; then our group's, where /proc/self/cgroup names one
+    for line in groups:
+        if line.count(":") < 2:
+            continue
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            base = v2 / path.lstrip("/")
+            pairs.append((base / "memory.max", base / "memory.current"))
+        elif "memory" in controllers.split(","):
+            base = v1 / path.lstrip("/")
+            pairs.append((base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"))
+    for limit_file, usage_file in pairs:
+        try:
+            limit, usage = limit_file.read_text().strip(), usage_file.read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit() and int(limit) < 1 << 60:
+            found.append(max(0, int(limit) - int(usage)))
+    return min(found) if found else None
+
+
+# The dequantized copies of block-reading linears serve prompt chunks (torch's matmul: ~10%
+# faster than the blocks' panel product at 512-2048 rows on an AVX2 EPYC, docs/performance.md)
+# while they take at most this share of the memory available; above it the blocks take every
+# row, so a model loads in about its file's size.
+FLOAT_COPIES_SHARE = 0.25
+
+
+def keeps_float_copies(
+    nbytes: int, available: int | None = None, setting: bool | None = None
+) -> bool:
+    """Whether linears that read GGUF blocks also hold their dequantized weight (`nbytes` in
+    all): `setting` (HEADRACE_GGUF_FLOAT_COPIES) where given, else while they take at most
+    FLOAT_COPIES_SHARE of the memory available. Logs the choice and why."""
+    if nbytes == 0:
+        return True
+    if setting is not None:
+        keep, why = setting, f"HEADRACE_GGUF_FLOAT_COPIES={int(setting)}"
+    else:
+        if available is None:
+            available = available_memory()
+        keep = available is None or nbytes <= FLOAT_COPIES_SHARE * available
+        share = f"{int(FLOAT_COPIES_SHARE * 100)}%"
+        why = (
+            "the memory available is unknown"
+            if available is None
+            else f"{'within' if keep else 'over'} {share} of the {available >> 20} MiB available"
+        )
+    if keep:
+        logger.info(
+            "block-reading linears keep their dequantized weights (%d MiB) for prompt chunks: %s",
+            nbytes >> 20, why,
+        )  # fmt: skip
+    else:
+        logger.info(
+            "block-reading linears read their GGUF blocks alone, for every row; their "
+            "dequantized weights (%d MiB) are not made: %s",
+            nbytes >> 20, why,
+        )  # fmt: skip
+    return keep
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -16,7 +16,10 @@ PROMPTS = [[5, 9, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
 MAX_TOKENS = 12
 
 
-def test_served_k_quant_gguf_matches_transformers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("float_copies", ["1", "0"])
+def test_served_k_quant_gguf_matches_transformers(tmp_path: Path, float_copies: str) -> None:
+    """With the Q4_K linears' dequantized weights kept for prompt chunks, and without them
+    (HEADRACE_GGUF_FLOAT_COPIES=0: the blocks alone)."""
     from transformers import AutoModelForCausalLM
 
     types = {"token_embd": Q.Q4_K, "output": Q.Q6_K, "ffn_down": Q.Q5_K, "attn_v.1": Q.Q6_K}
@@ -34,7 +37,10 @@ def test_served_k_quant_gguf_matches_transformers(tmp_path: Path) -> None:
             expected.append("".join(f"<t{t}>" for t in out[0, len(ids) :].tolist()))
     assert len(set(expected[0].split(">"))) > 3  # not one token over and over
 
-    srv = ServerProcess(str(path), "--dtype", "float32", "--kv-cache-memory", "64MiB")
+    srv = ServerProcess(
+        str(path), "--dtype", "float32", "--kv-cache-memory", "64MiB",
+        env={"HEADRACE_GGUF_FLOAT_COPIES": float_copies},
+    )  # fmt: skip
     try:
         srv.wait_ready()
         client = srv.client()
@@ -50,5 +56,7 @@ def test_served_k_quant_gguf_matches_transformers(tmp_path: Path) -> None:
         log = srv.log.read_text()
         if "compute backend torch" not in log:  # the C kernels read the Q4_K linears' blocks
             assert "read their 4-bit GGUF blocks, and the LM head its weight" in log
+            alone = "read their GGUF blocks alone, for every row"
+            assert (alone in log) == (float_copies == "0")
     finally:
         srv.stop()

@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 import torch
 
+from headrace.model.layers import Q4Linear
 from headrace.model.loader import bundled_model_path
 from headrace.offline import LLM
 from headrace.wire.messages import SamplingParams
-from tests.backends import RUNNABLE
+from tests.backends import BEST_BUILD, RUNNABLE
 
 MAX_TOKENS = 32
 QUESTIONS = [
@@ -107,6 +108,22 @@ def test_alone_and_batched(reference: Reference, backend: str, monkeypatch) -> N
     assert len(outputs) == 16 and len({len(o.prompt_token_ids) for o in outputs}) > 8
     _check_all(llm, reference, outputs)
     assert "Paris" in outputs[0].outputs[0].text
+
+
+def test_blocks_alone_without_float_copies(reference: Reference, monkeypatch) -> None:
+    """HEADRACE_GGUF_FLOAT_COPIES=0 (what the loader picks where the dequantized weights would
+    not fit in memory): the 4-bit blocks take every row, a 16-prompt prefill step included."""
+    if BEST_BUILD is None:
+        pytest.skip("no C kernels here: linears do not read GGUF blocks")
+    monkeypatch.setenv("HEADRACE_CPU_BACKEND", BEST_BUILD)
+    monkeypatch.setenv("HEADRACE_GGUF_FLOAT_COPIES", "0")
+    llm = LLM(dtype="float32", enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Q4Linear)]
+    assert len(linears) == 4 * 30 and all(m.large is None for m in linears)
+    outputs = llm.chat([_conv(q) for q in QUESTIONS], GREEDY)
+    assert sum(len(o.prompt_token_ids) for o in outputs) > 128  # one prefill step past 128 rows
+    _check_all(llm, reference, outputs)
 
 
 def test_prefill_chunked_to_16_tokens(reference: Reference) -> None:

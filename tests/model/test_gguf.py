@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,12 @@ from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize
 
 from headrace.model.gguf import GGUFWeights, dequantize, q4_blocks, read_gguf
-from headrace.model.loader import bundled_model_path, resolve_model_path
+from headrace.model.loader import (
+    available_memory,
+    bundled_model_path,
+    keeps_float_copies,
+    resolve_model_path,
+)
 from headrace.model.registry import UnsupportedModelError
 from tests.model.tiny_gguf import random_blocks
 
@@ -110,3 +117,16 @@ def test_q4_blocks_give_the_dequantized_weight(qtype: GGMLQuantizationType) -> N
     w = q.float().reshape(8, 16, 32) * scale[..., None] + offset[..., None]
     assert torch.equal(w.reshape(8, 512), dequantize(raw, qtype, (8, 512)))
     assert q4_blocks(quantize(np.ones((2, 32), np.float32), Q.Q8_0), Q.Q8_0, (2, 32)) is None
+
+
+def test_float_copies_kept_where_they_fit() -> None:
+    """The loader's memory rule: dequantized copies of block-reading linears while they take at
+    most a quarter of the memory available, and what this machine has is read."""
+    assert keeps_float_copies(250, available=1000) and not keeps_float_copies(251, available=1000)
+    assert keeps_float_copies(0, available=0)
+    assert not keeps_float_copies(1, available=1000, setting=False)
+    assert keeps_float_copies(999, available=1000, setting=True)
+    meminfo = Path("/proc/meminfo").read_text().split()
+    total = int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024
+    available = available_memory()
+    assert available is not None and 0 < available <= total

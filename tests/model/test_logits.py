@@ -163,11 +163,16 @@ GGUF_MIXES = {
 }
 
 
+@pytest.mark.parametrize("float_copies", [True, False])
 @pytest.mark.parametrize("backend", RUNNABLE)
 @pytest.mark.parametrize("mix", list(GGUF_MIXES))
-def test_quantized_gguf_matches_transformers(tmp_path: Path, mix: str, backend: str) -> None:
+def test_quantized_gguf_matches_transformers(
+    tmp_path: Path, mix: str, backend: str, float_copies: bool
+) -> None:
     """A GGUF in llama.cpp's K-quant and 5-bit types loads, and gives transformers' logits on
-    the same file; the Q4_K linears (LM head included) read their blocks on kernel backends."""
+    the same file; the Q4_K linears (LM head included) read their blocks on kernel backends,
+    with their dequantized weights for prompt chunks over 128 rows, or (float_copies=False,
+    what the loader picks where those would not fit in memory) their blocks alone."""
     from transformers import AutoModelForCausalLM
 
     types, tied, q4_linears = GGUF_MIXES[mix]
@@ -178,20 +183,26 @@ def test_quantized_gguf_matches_transformers(tmp_path: Path, mix: str, backend: 
     cpu = _cpu(backend)
     arch, source = read_arch(path)
     assert arch.tie_word_embeddings == tied
-    ours = load_model(path, arch, source, torch.float32, cpu, 256).model
-    blocks = sum(isinstance(m, Q4Linear) for m in ours.modules())
-    assert blocks == (0 if cpu.kernels is None else q4_linears)
-    seq = torch.randint(0, arch.vocab_size, (12,), generator=torch.Generator().manual_seed(3))
+    ours = load_model(path, arch, source, torch.float32, cpu, 256, float_copies=float_copies).model
+    blocks = [m for m in ours.modules() if isinstance(m, Q4Linear)]
+    assert len(blocks) == (0 if cpu.kernels is None else q4_linears)
+    alone = [m for m in blocks if not (tied and m is ours.lm_head)]  # (tied: the embedding's)
+    assert all((m.large is None) == (not float_copies) for m in alone)
+    floats = sum(p.numel() for p in ours.parameters())
+    full = sum(p.numel() for p in hf.parameters())
+    assert floats == full if float_copies or not blocks else floats < full / 2
+    n = 150  # a prompt chunk past the blocks' 128 rows where the float copies are kept
+    seq = torch.randint(0, arch.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(3))
     shape = (2, 64, BLOCK, arch.num_kv_heads, arch.head_dim)
     caches = [torch.zeros(shape) for _ in range(arch.num_layers)]
-    tables = [[0, 1, 2]]
+    tables = [list(range(40))]
     with torch.inference_mode():
         ref = hf.eval()(seq[None]).logits[0]
         g = arch.num_heads // arch.num_kv_heads
-        meta = _meta([11], [0], tables, g, cpu.kernels)
-        prefill = ours.compute_logits(ours(seq[:-1], torch.arange(11), caches, meta))
-        meta = _meta([1], [11], tables, g, cpu.kernels)
-        decode = ours.compute_logits(ours(seq[-1:], torch.tensor([11]), caches, meta))
+        meta = _meta([n], [0], tables, g, cpu.kernels)
+        prefill = ours.compute_logits(ours(seq[:-1], torch.arange(n), caches, meta))
+        meta = _meta([1], [n], tables, g, cpu.kernels)
+        decode = ours.compute_logits(ours(seq[-1:], torch.tensor([n]), caches, meta))
     top = float(ref.abs().max())
     assert top > 1  # logits of some size: a real comparison
     # float32 sums in another order: ~2e-5 of the logits' size apart, ~1e-4 allowed

@@ -8,13 +8,39 @@ integers, which is all a decoder sees.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 Q = GGMLQuantizationType
-HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 2, 4, 2, 320
-HEAD_DIM = HIDDEN // HEADS
+
+
+class Shape(NamedTuple):
+    """A Llama's sizes (head size 64)."""
+
+    hidden: int = 256
+    ffn: int = 512
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 320
+
+    def tensors(self) -> dict[str, tuple[int, int]]:
+        """A decoder layer's linears, llama.cpp's names, as torch shapes [out, in]."""
+        kv = self.kv_heads * self.hidden // self.heads
+        return {
+            "attn_q": (self.hidden, self.hidden),
+            "attn_k": (kv, self.hidden),
+            "attn_v": (kv, self.hidden),
+            "attn_output": (self.hidden, self.hidden),
+            "ffn_gate": (self.ffn, self.hidden),
+            "ffn_up": (self.ffn, self.hidden),
+            "ffn_down": (self.hidden, self.ffn),
+        }
+
+
+TINY = Shape()
 
 # Where each type's block holds its float16 scale d (byte offset, largest value), and for the
 # types with a second factor (weight = d q + min, or d sc q - dmin m), that one's offset and
@@ -27,15 +53,6 @@ _FACTORS = {
     Q.Q4_K: (0, 1e-3, (2, 7.5)),
     Q.Q5_K: (0, 5e-4, (2, 15.5)),
     Q.Q6_K: (208, 5e-4, None),
-}
-LAYER_TENSORS = {
-    "attn_q": (HIDDEN, HIDDEN),
-    "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
-    "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN),
-    "attn_output": (HIDDEN, HIDDEN),
-    "ffn_gate": (FFN, HIDDEN),
-    "ffn_up": (FFN, HIDDEN),
-    "ffn_down": (HIDDEN, FFN),
 }
 
 
@@ -58,41 +75,46 @@ def random_blocks(
 
 
 def write_tiny_llama(
-    path: Path, types: dict[str, GGMLQuantizationType], tied: bool = False, seed: int = 0
+    path: Path,
+    types: dict[str, GGMLQuantizationType],
+    tied: bool = False,
+    seed: int = 0,
+    shape: Shape = TINY,
 ) -> Path:
-    """A 2-layer Llama GGUF at `path`. `types` maps "token_embd", "output" and layer tensor
-    names (layer 0's as "ffn_down", layer 1's as "ffn_down.1") to a type; the rest are Q4_K.
-    With `tied`, no output tensor: the LM head is the embedding."""
+    """A Llama GGUF at `path` (2 layers unless `shape` says otherwise). `types` maps
+    "token_embd", "output" and layer tensor names (layer 0's as "ffn_down", layer 1's as
+    "ffn_down.1") to a type; the rest are Q4_K. With `tied`, no output tensor: the LM head
+    is the embedding."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), "llama")
-    w.add_block_count(LAYERS)
-    w.add_context_length(256)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(HEAD_DIM)
+    w.add_block_count(shape.layers)
+    w.add_context_length(4096 if shape != TINY else 256)
+    w.add_embedding_length(shape.hidden)
+    w.add_feed_forward_length(shape.ffn)
+    w.add_head_count(shape.heads)
+    w.add_head_count_kv(shape.kv_heads)
+    w.add_rope_dimension_count(shape.hidden // shape.heads)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(VOCAB)
+    w.add_vocab_size(shape.vocab)
     w.add_tokenizer_model("llama")
-    w.add_token_list([f"<t{i}>" for i in range(VOCAB)])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([1] * VOCAB)
+    w.add_token_list([f"<t{i}>" for i in range(shape.vocab)])
+    w.add_token_scores([0.0] * shape.vocab)
+    w.add_token_types([1] * shape.vocab)
 
     def norm() -> np.ndarray:
-        return (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
+        return (1 + 0.1 * rng.standard_normal(shape.hidden)).astype(np.float32)
 
     def add(name: str, key: str, n: int, k: int) -> None:
         qtype = types.get(key, Q.Q4_K)
         w.add_tensor(name, random_blocks(rng, qtype, n, k), raw_dtype=qtype)
 
-    add("token_embd.weight", "token_embd", VOCAB, HIDDEN)
+    add("token_embd.weight", "token_embd", shape.vocab, shape.hidden)
     if not tied:
-        add("output.weight", "output", VOCAB, HIDDEN)
+        add("output.weight", "output", shape.vocab, shape.hidden)
     w.add_tensor("output_norm.weight", norm())
-    for i in range(LAYERS):
-        for name, (n, k) in LAYER_TENSORS.items():
+    for i in range(shape.layers):
+        for name, (n, k) in shape.tensors().items():
             add(f"blk.{i}.{name}.weight", name if i == 0 else f"{name}.{i}", n, k)
         w.add_tensor(f"blk.{i}.attn_norm.weight", norm())
         w.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
