@@ -18,13 +18,14 @@ from headrace.model.registry import ArchConfig, UnsupportedModelError
 Q = GGMLQuantizationType
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
-# Bytes per block of the quantized types decoded here in torch: 32 weights a block, but Q4_K's
-# super-blocks of 256 (eight 32-weight blocks under two float16 factors).
-_BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q4_K: 144}
+# Bytes per block of the quantized types decoded here in torch: 32 weights a block, but the
+# K-quants' super-blocks of 256 (Q4_K: eight 32-weight blocks under two float16 factors; Q6_K:
+# sixteen of 16 weights, each with an 8-bit scale under one float16 factor).
+_BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q4_K: 144, Q.Q6_K: 210}
 # llama.cpp's other quantizations (the K-quants Q4_K_M and Q5_K_M files mix in, the 5-bit and
 # i-quants), decoded by the gguf package's numpy code: slower at load, the same values.
 _GGUF_PY_TYPES = (
-    Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q5_K, Q.Q6_K, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS,
+    Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q5_K, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS,
     Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS,
 )  # fmt: skip
 SUPPORTED_TYPES = tuple(t.name for t in (Q.F32, Q.F16, Q.BF16, *_BLOCK_BYTES, *_GGUF_PY_TYPES))
@@ -54,9 +55,9 @@ def dequantize(
             f"tensor type {qtype.name} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
         )
     blocks = torch.from_numpy(raw.view(np.uint8).reshape(-1, _BLOCK_BYTES[qtype]))
-    if qtype == Q.Q8_0:
-        scale = _f16(blocks[:, :2])
-        values = blocks[:, 2:].contiguous().view(torch.int8).float() * scale
+    if qtype in Q8_TYPES:
+        q8, scale = _q8_fields(blocks, qtype)
+        values = q8.float() * scale
     else:
         q, scale, offset = _q4_fields(blocks, qtype)
         values = q.float() * scale + offset
@@ -99,6 +100,30 @@ def _q4k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 Q4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # what q4_blocks takes
+Q8_TYPES = (Q.Q8_0, Q.Q6_K)  # what q8_blocks takes
+
+
+def _q8_fields(
+    blocks: torch.Tensor, qtype: GGMLQuantizationType
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 blocks [B, 34] as (q [B, 32] int8, scale [B, 1]); Q6_K super-blocks [B, 210] as
+    (q [16 B, 16] int8, scale [16 B, 1]), weight = q * scale.
+
+    Q6_K: 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales sc, float16 d. A
+    weight is d sc_j (q6 - 32): q = q6 - 32 fits int8 and scale d sc_j is exact in float32,
+    as is their product (11 + 8 + 6 bits), so the same values as gguf's. Each 128 weights take
+    64 low-nibble bytes (weights 0-63 in the low nibbles, 64-127 in the high ones) and 32 bytes
+    of high parts (weights 32 i to 32 i + 31 in bits 2 i, 2 i + 1)."""
+    if qtype == Q.Q8_0:
+        return blocks[:, 2:].contiguous().view(torch.int8), _f16(blocks[:, :2])
+    low = blocks[:, :128].reshape(-1, 2, 1, 64)
+    low = torch.cat([low & 0xF, low >> 4], dim=2).reshape(-1, 8, 32)
+    high = blocks[:, 128:192].reshape(-1, 2, 1, 32)
+    high = torch.cat([(high >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(-1, 8, 32)
+    q = ((low | (high << 4)).to(torch.int16) - 32).to(torch.int8).reshape(-1, 16)
+    scale = _f16(blocks[:, 208:210]) * blocks[:, 192:208].contiguous().view(torch.int8).float()
+    return q, scale.reshape(-1, 1)
+
 
 # A Q4 weight [N, K] as (scale, offset, q): W[n, k] = scale[n, k // 32] * q[n, k] +
 # offset[n, k // 32]; scale, offset float32 [N, K/32], q uint8 [N, K] (0-15)
@@ -119,23 +144,23 @@ def q4_blocks(
     return scale.reshape(n, k // 32), offset.reshape(n, k // 32), q.reshape(n, k)
 
 
-# A Q8_0 weight [N, K] as (scale, q): W[n, k] = scale[n, k // 32] * q[n, k]; scale float32
-# [N, K/32], q int8 [N, K]
+# An 8-bit weight [N, K] as (scale, q): W[n, k] = scale[n, k // G] * q[n, k]; scale float32
+# [N, K/G], q int8 [N, K]; G = 32 (Q8_0) or 16 (Q6_K)
 Q8Blocks = tuple[torch.Tensor, torch.Tensor]
 
 
 def q8_blocks(
     raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
 ) -> Q8Blocks | None:
-    """A Q8_0 matrix as its blocks (Q8Blocks), or None for other types."""
-    if qtype != Q.Q8_0 or len(shape) != 2:
+    """A Q8_0 or Q6_K matrix as its 8-bit blocks (Q8Blocks): the values `dequantize` gives. None
+    for other types."""
+    if qtype not in Q8_TYPES or len(shape) != 2:
         return None
     n, k = shape
     raw = np.array(raw, copy=True)
     blocks = torch.from_numpy(raw.view(np.uint8).reshape(-1, _BLOCK_BYTES[qtype]))
-    scale = _f16(blocks[:, :2]).reshape(n, k // 32)
-    q = blocks[:, 2:].contiguous().view(torch.int8).reshape(n, k)
-    return scale.contiguous(), q
+    q, scale = _q8_fields(blocks, qtype)
+    return scale.reshape(n, -1).contiguous(), q.reshape(n, k).contiguous()
 
 
 # -- file parsing ----------------------------------------------------------------------------------
@@ -328,7 +353,12 @@ class GGUFWeights:
             return None
         if t.qtype in Q4_TYPES:
             return 4
-        return 8 if t.qtype == Q.Q8_0 and self._rope_heads(name) is None else None
+        return 8 if t.qtype in Q8_TYPES else None
+
+    def blocks(self, name: str) -> Q4Blocks | Q8Blocks | None:
+        """q4_blocks(name) or q8_blocks(name), whichever the tensor's type has."""
+        bits = self.block_bits(name)
+        return self.q4_blocks(name) if bits == 4 else self.q8_blocks(name) if bits == 8 else None
 
     def q4_blocks(self, name: str) -> Q4Blocks | None:
         """`get(name)` as 4-bit blocks (gguf.q4_blocks, rows in the same order), or None where
@@ -342,12 +372,15 @@ class GGUFWeights:
         return scale, offset, q
 
     def q8_blocks(self, name: str) -> Q8Blocks | None:
-        """`get(name)` as Q8_0 blocks, or None where the tensor is not Q8_0 or is a rotary
-        projection (whose rows the loader reorders)."""
+        """`get(name)` as 8-bit blocks (gguf.q8_blocks, rows in the same order), or None where
+        the tensor is not Q8_0 / Q6_K."""
         t = self.tensors[name]
-        if self._rope_heads(name) is not None:
-            return None
-        return q8_blocks(t.data, t.qtype, t.shape)
+        parts = q8_blocks(t.data, t.qtype, t.shape)
+        heads = self._rope_heads(name)
+        if parts is None or heads is None:
+            return parts
+        scale, q = (_unpermute_rope_rows(x, heads) for x in parts)
+        return scale, q
 
     def _rope_heads(self, name: str) -> int | None:
         """The head count whose Q/K row interleave llama.cpp applied to tensor `name`, or None."""

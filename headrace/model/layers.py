@@ -6,7 +6,7 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -249,8 +249,10 @@ class Q4Linear(_BlockLinear):
 
 
 class Q8Linear(_BlockLinear):
-    """Q4Linear's twin for a weight stored as Q8_0 (int8 and a scale per 32: 1.06 bytes a weight
-    against float32's 4): the bundled model's LM head, tied to the embedding."""
+    """Q4Linear's twin for a weight stored in 8 bits: Q8_0 (int8 and a scale per 32: 1.06 bytes
+    a weight against float32's 4), the bundled model's LM head, tied to the embedding; and Q6_K
+    (int8 and a scale per 16: 1.25 bytes), what Q4_K_M files hold their embedding, attn_v and
+    ffn_down in."""
 
     def __init__(
         self, linear: nn.Linear, kernels: Kernels, q8: Q8Blocks, keep_large: bool = True
@@ -262,25 +264,62 @@ class Q8Linear(_BlockLinear):
         return self.kernels.q8_linear(x, self.q, self.scale, self.bias)
 
 
-def use_q4_linears(
-    module: nn.Module,
+class SplitLinear(nn.Module):
+    """A fused linear (q/k/v, gate/up) whose parts' GGUF blocks differ in kind, as a Q4_K_M
+    file's Q4_K q and k with a Q6_K v: each part reads its own blocks (Q4Linear, Q8Linear),
+    their outputs joined in the fused order."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def block_linear(
+    linear: nn.Linear,
     kernels: Kernels,
-    q4: Callable[[str], Q4Blocks | None],
-    prefix: str = "",
+    parts: list[Q4Blocks | Q8Blocks],
     keep_large: bool = True,
-) -> int:
-    """Swap every nn.Linear below `module` whose GGUF blocks `q4` has (by qualified name) for a
-    Q4Linear; returns how many."""
-    count = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            blocks = q4(prefix + name)
-            if blocks is not None:
-                setattr(module, name, Q4Linear(child, kernels, blocks, keep_large))
-                count += 1
-        else:
-            count += use_q4_linears(child, kernels, q4, f"{prefix}{name}.", keep_large)
-    return count
+) -> nn.Module:
+    """The module that reads `parts`, the GGUF blocks of `linear`'s row ranges in order (one, or
+    a fused linear's q/k/v or gate/up): a Q4Linear where all are 4-bit (Q4Blocks), a Q8Linear
+    where all are 8-bit (Q8Blocks; Q8_0's scale per 32 given per 16 where a Q6_K part has its
+    per 16), else a SplitLinear of one such module a part."""
+    four = [len(part) == 3 for part in parts]
+    if all(four):
+        q4 = cast(list[Q4Blocks], parts)
+        scale, offset, q = (torch.cat([part[i] for part in q4]) for i in range(3))
+        return Q4Linear(linear, kernels, (scale, offset, q), keep_large)
+    if not any(four):
+        q8 = cast(list[Q8Blocks], parts)
+        group = min(part[1].shape[1] // part[0].shape[1] for part in q8)
+        scales = [
+            part[0].repeat_interleave(part[1].shape[1] // part[0].shape[1] // group, dim=1)
+            for part in q8
+        ]
+        return Q8Linear(
+            linear, kernels, (torch.cat(scales), torch.cat([p[1] for p in q8])), keep_large
+        )
+    pieces, start = [], 0
+    for part in parts:
+        rows = part[-1].shape[0]  # q, the last of either tuple: [rows, K]
+        piece = nn.Linear(
+            linear.in_features, rows, linear.bias is not None, "meta", linear.weight.dtype
+        )
+        piece.weight = nn.Parameter(linear.weight[start : start + rows], requires_grad=False)
+        if linear.bias is not None:
+            piece.bias = nn.Parameter(linear.bias[start : start + rows], requires_grad=False)
+        pieces.append(block_linear(piece, kernels, [part], keep_large))
+        start += rows
+    return SplitLinear(pieces)
+
+
+def reads_blocks(module: nn.Module) -> bool:
+    """Whether `module` is a linear that reads GGUF blocks in float32 (its output: its input's
+    dtype)."""
+    return isinstance(module, _BlockLinear | SplitLinear)
 
 
 @functools.cache

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,10 @@ from headrace.model.kernels import Kernels
 from headrace.model.layers import (
     Q4Linear,
     Q8Linear,
+    block_linear,
     can_pack_linears,
     pack_linears,
-    use_q4_linears,
+    reads_blocks,
 )
 from headrace.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from headrace.model.registry import ArchConfig, UnsupportedModelError, arch_from_hf_config
@@ -233,18 +235,19 @@ def load_model(
         # decode-sized batches read the file's blocks, in float32
         assert kernels is not None and gguf is not None
         head = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
-        q8 = gguf.q8_blocks(head) if head in names else None
-        head_q4 = gguf.q4_blocks(head) if head in names and q8 is None else None
+        head_blocks = gguf.blocks(head) if head in names else None
         count = use_block_linears(
-            model, kernels, _q4_blocks(gguf), q8, head_q4, keep_large=not alone
+            model, kernels, _layer_blocks(gguf), head_blocks, keep_large=not alone
         )
-        linears = [m for m in model.modules() if isinstance(m, Q4Linear)]
+        linears = [m for m in model.modules() if isinstance(m, Q4Linear | Q8Linear)]
         most = max((m.max_rows for m in linears), default=0)
         rows = "any batch" if any(m.blocks_only for m in linears) else f"up to {most} rows"
-        head_reads = "its 8-bit ones" if q8 is not None else "its 4-bit ones"
+        kinds = Counter(type(m).__name__ for m in model.modules() if reads_blocks(m))
         logger.info(
-            "%d linear layers read their 4-bit GGUF blocks, and the LM head %s, for %s",
-            count, "its weight" if q8 is None and head_q4 is None else head_reads, rows,
+            "%d decoder linears read their GGUF blocks (modules: %s), and the LM head %s, for %s",
+            count, ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+            "its weight" if head_blocks is None else f"its {gguf.block_bits(head)}-bit ones",
+            rows,
         )  # fmt: skip
     leftover = [n for n, prm in model.named_parameters() if prm.is_meta]
     if leftover:
@@ -266,29 +269,33 @@ def load_model(
 def use_block_linears(
     model: LlamaForCausalLM,
     kernels: Kernels,
-    q4: Callable[[str], Q4Blocks | None],
-    q8: Q8Blocks | None = None,
-    head_q4: Q4Blocks | None = None,
+    blocks: Callable[[str], list[Q4Blocks | Q8Blocks] | None],
+    head: Q4Blocks | Q8Blocks | None = None,
     keep_large: bool = True,
 ) -> int:
-    """Give the decoder linears whose 4-bit blocks `q4` has (by qualified name) a Q4Linear, and
-    the LM head a Q8Linear where its blocks are `q8` (a Q4Linear where they are `head_q4`); a
-    decoder layer whose linears all read blocks then computes in float32 (what decode_layers'
-    W_Q4F32 step does too). keep_large=False: they read the blocks alone (_BlockLinear).
-    Returns how many decoder Q4Linears."""
-    count = use_q4_linears(model, kernels, q4, keep_large=keep_large)
-    for block in model.layers:
+    """Give each decoder linear whose parts' blocks `blocks` has (by qualified name, as
+    `_layer_blocks`) the module that reads them (layers.block_linear), and the LM head the one
+    that reads `head`; a decoder layer whose linears all read blocks then computes in float32
+    (what decode_layers' W_Q4F32 step does too). keep_large=False: they read the blocks alone
+    (_BlockLinear). Returns how many decoder linears read blocks."""
+    count = 0
+    for i, block in enumerate(model.layers):
         layer = cast(LlamaDecoderLayer, block)
-        if all(isinstance(x, Q4Linear) for x in layer_linears(layer)):
+        for suffix in _FUSED_PARTS:
+            parts = blocks(f"layers.{i}.{suffix}")
+            if parts is not None:
+                owner, _, attr = suffix.rpartition(".")
+                parent = layer.get_submodule(owner)
+                setattr(
+                    parent, attr, block_linear(getattr(parent, attr), kernels, parts, keep_large)
+                )
+                count += 1
+        if all(reads_blocks(x) for x in layer_linears(layer)):
             layer.compute_dtype = torch.float32
-    # a tied head keeps the embedding's weight, which the embedding needs anyway
-    keep_head = keep_large or model.lm_head.weight is model.embed_tokens.weight
-    if q8 is not None:
-        model.lm_head = Q8Linear(model.lm_head, kernels, q8, keep_head)  # type: ignore[assignment]
-    elif head_q4 is not None:
-        model.lm_head = Q4Linear(  # type: ignore[assignment]
-            model.lm_head, kernels, head_q4, keep_head
-        )
+    if head is not None:
+        # a tied head keeps the embedding's weight, which the embedding needs anyway
+        keep_head = keep_large or model.lm_head.weight is model.embed_tokens.weight
+        model.lm_head = block_linear(model.lm_head, kernels, [head], keep_head)  # type: ignore[assignment]
     return count
 
 
@@ -301,22 +308,34 @@ _FUSED_PARTS = {
 }
 
 
-def _q4_blocks(source: GGUFWeights) -> Callable[[str], Q4Blocks | None]:
-    """A decoder layer linear's 4-bit blocks by its qualified name (`layers.3.mlp.down_proj`):
-    its GGUF tensors' blocks, joined row-wise as the loader joins their weights; None where a
-    part is not Q4_0 / Q4_1 / Q4_K (or for any other linear)."""
+def _layer_blocks(
+    source: GGUFWeights, bits: tuple[int, ...] = (4, 8)
+) -> Callable[[str], list[Q4Blocks | Q8Blocks] | None]:
+    """A decoder layer linear's GGUF blocks by its qualified name (`layers.3.mlp.down_proj`):
+    its GGUF tensors' blocks, one a part, in the order the loader joins their weights; None where
+    a part has no blocks of `bits` (or for any other linear)."""
 
-    def blocks(name: str) -> Q4Blocks | None:
+    def blocks(name: str) -> list[Q4Blocks | Q8Blocks] | None:
         layer, _, rest = name.partition(".")
         index, _, suffix = rest.partition(".")
         if layer != "layers" or suffix not in _FUSED_PARTS:
             return None
-        parts = []
-        for part in _FUSED_PARTS[suffix]:
-            blocks = source.q4_blocks(f"model.layers.{index}.{part}.weight")
-            if blocks is None:
-                return None
-            parts.append(blocks)
+        tensors = [f"model.layers.{index}.{part}.weight" for part in _FUSED_PARTS[suffix]]
+        if any(source.block_bits(t) not in bits for t in tensors):
+            return None
+        return [cast("Q4Blocks | Q8Blocks", source.blocks(t)) for t in tensors]
+
+    return blocks
+
+
+def _q4_blocks(source: GGUFWeights) -> Callable[[str], Q4Blocks | None]:
+    """`_layer_blocks` where every part is 4-bit, joined row-wise (what AmxLinear reads)."""
+    layer_blocks = _layer_blocks(source, bits=(4,))
+
+    def blocks(name: str) -> Q4Blocks | None:
+        parts = cast("list[Q4Blocks] | None", layer_blocks(name))
+        if parts is None:
+            return None
         scale, offset, q = (torch.cat([p[i] for p in parts]) for i in range(3))
         return scale, offset, q
 
@@ -325,12 +344,12 @@ def _q4_blocks(source: GGUFWeights) -> Callable[[str], Q4Blocks | None]:
 
 def _block_linear_names(gguf: GGUFWeights, arch: ArchConfig) -> list[str]:
     """The linears (qualified names) that use_block_linears will give blocks: decoder linears
-    whose GGUF parts are all 4-bit, and an untied LM head in 4 or 8 bits."""
+    whose GGUF parts all have blocks (4- or 8-bit), and an untied LM head that has."""
     out = [
         f"layers.{i}.{suffix}"
         for i in range(arch.num_layers)
         for suffix, parts in _FUSED_PARTS.items()
-        if all(gguf.block_bits(f"model.layers.{i}.{p}.weight") == 4 for p in parts)
+        if all(gguf.block_bits(f"model.layers.{i}.{p}.weight") is not None for p in parts)
     ]
     if not arch.tie_word_embeddings and gguf.block_bits("lm_head.weight") is not None:
         out.append("lm_head")

@@ -57,7 +57,7 @@ def _quantize(model, kernels) -> None:
         scale = (high - low).clamp_min(1e-8) / 15
         q = ((w - low[:, None]) / scale[:, None]).round().clamp(0, 15).to(torch.uint8)
         rows = model.get_submodule(name).weight.shape[0]
-        return scale.reshape(rows, -1), low.reshape(rows, -1), q.reshape(rows, -1)
+        return [(scale.reshape(rows, -1), low.reshape(rows, -1), q.reshape(rows, -1))]
 
     assert use_block_linears(model, kernels, blocks) == 4 * len(model.layers)
     assert all(layer.compute_dtype == torch.float32 for layer in model.layers)

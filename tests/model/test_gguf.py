@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize
 
-from headrace.model.gguf import GGUFWeights, dequantize, q4_blocks, read_gguf
+from headrace.model.gguf import GGUFWeights, dequantize, q4_blocks, q8_blocks, read_gguf
 from headrace.model.loader import (
     available_memory,
     bundled_model_path,
@@ -42,6 +42,21 @@ def test_k_quants_match_reference(qtype: GGMLQuantizationType) -> None:
     ours = dequantize(raw.reshape(-1), qtype, (4, 512))
     ref = ref_dequantize(raw, qtype).reshape(4, 512)
     assert torch.equal(ours, torch.from_numpy(ref)) and float(ours.abs().max()) > 0
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K])
+def test_q8_blocks_give_the_dequantized_weight(qtype: GGMLQuantizationType) -> None:
+    """scale * q, a scale per 32 weights (Q8_0) or per 16 (Q6_K), is `dequantize`'s weight to
+    the bit."""
+    raw = random_blocks(np.random.default_rng(4), qtype, 8, 512)
+    blocks = q8_blocks(raw, qtype, (8, 512))
+    assert blocks is not None
+    scale, q = blocks
+    group = 32 if qtype == Q.Q8_0 else 16
+    assert scale.shape == (8, 512 // group) and q.shape == (8, 512) and q.dtype == torch.int8
+    w = q.float().reshape(8, -1, group) * scale[..., None]
+    assert torch.equal(w.reshape(8, 512), dequantize(raw, qtype, (8, 512)))
+    assert q8_blocks(raw, Q.Q4_K, (8, 512)) is None
 
 
 def test_unsupported_type_is_named() -> None:

@@ -3,6 +3,7 @@ and as GGUF files in llama.cpp's quantized types."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 
 from headrace.model.attention import AttentionMetadata, build_group
 from headrace.model.backend import select_backend
-from headrace.model.layers import Q4Linear
+from headrace.model.layers import Q4Linear, Q8Linear, reads_blocks
 from headrace.model.loader import load_model, read_arch
 from headrace.model.ops import ops_for
 from tests.backends import RUNNABLE, amx_kernels
@@ -147,18 +148,19 @@ def test_bf16_linears_on_amx_or_onednn_alone(tmp_path: Path) -> None:
 
 
 # llama.cpp's mixes: a Q4_K_M file keeps most linears Q4_K and some Q5_K / Q6_K; older and
-# smaller files mix Q4_0, Q5_0 and Q8_0. Q4Linears expected: the decoder linears whose parts
-# are all 4-bit, and the LM head where its weight is.
+# smaller files mix Q4_0, Q5_0 and Q8_0. Expected: the modules that read blocks (a decoder
+# linear whose parts all have 4-bit blocks is a Q4Linear, 8-bit a Q8Linear, both a SplitLinear
+# of one a part; the LM head reads its own where it has them).
 GGUF_MIXES = {
     "q4_k_m": (
         dict(token_embd=Q.Q4_K, output=Q.Q6_K, ffn_down=Q.Q5_K, **{"attn_v.1": Q.Q6_K}),
         False,
-        6,
+        {"Q4Linear": 3 + 2 + 3, "Q8Linear": 1 + 1, "SplitLinear": 1},
     ),
     "tied-q4_k-with-q5_0-q8_0": (
         dict(token_embd=Q.Q4_K, attn_k=Q.Q4_0, ffn_up=Q.Q5_0, **{"attn_output.1": Q.Q8_0}),
         True,
-        6 + 1,
+        {"Q4Linear": 3 + 3 + 1, "Q8Linear": 1},
     ),
 }
 
@@ -170,12 +172,13 @@ def test_quantized_gguf_matches_transformers(
     tmp_path: Path, mix: str, backend: str, float_copies: bool
 ) -> None:
     """A GGUF in llama.cpp's K-quant and 5-bit types loads, and gives transformers' logits on
-    the same file; the Q4_K linears (LM head included) read their blocks on kernel backends,
+    the same file; the 4-bit and 8-bit linears (LM head included) read their blocks on kernel
+    backends,
     with their dequantized weights for prompt chunks over 128 rows, or (float_copies=False,
     what the loader picks where those would not fit in memory) their blocks alone."""
     from transformers import AutoModelForCausalLM
 
-    types, tied, q4_linears = GGUF_MIXES[mix]
+    types, tied, kinds = GGUF_MIXES[mix]
     path = write_tiny_llama(tmp_path / f"{mix}.gguf", types, tied=tied)
     hf = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=path.name, dtype=torch.float32
@@ -184,8 +187,9 @@ def test_quantized_gguf_matches_transformers(
     arch, source = read_arch(path)
     assert arch.tie_word_embeddings == tied
     ours = load_model(path, arch, source, torch.float32, cpu, 256, float_copies=float_copies).model
-    blocks = [m for m in ours.modules() if isinstance(m, Q4Linear)]
-    assert len(blocks) == (0 if cpu.kernels is None else q4_linears)
+    found = Counter(type(m).__name__ for m in ours.modules() if reads_blocks(m))
+    assert found == ({} if cpu.kernels is None else kinds)
+    blocks = [m for m in ours.modules() if isinstance(m, Q4Linear | Q8Linear)]
     alone = [m for m in blocks if not (tied and m is ours.lm_head)]  # (tied: the embedding's)
     assert all((m.large is None) == (not float_copies) for m in alone)
     floats = sum(p.numel() for p in ours.parameters())

@@ -1,7 +1,8 @@
 /* q4_linear: y[M, N] = x[M, K] . W[N, K]^T (+ bias) for float32 x and a weight kept as the GGUF
  * file's 4-bit blocks, for decode-sized batches on any x86 CPU (AVX2 + FMA; plain C elsewhere):
  * up to 8 rows by passes over the blocks (q4_rows), more by a panel product (gemm_panel).
- * q8_linear: the same for Q8_0 blocks (32 int8 and a scale), the bundled model's LM head.
+ * q8_linear: the same for 8-bit weights with a scale per G of them: Q8_0 blocks (G = 32), the
+ * bundled model's LM head, and Q6_K's (G = 16: int8 q - 32 and the scale d * sc, exact).
  *
  * Why: a decode step reads every weight once. As float32 that is 4 bytes a weight; as Q4 blocks
  * (16 bytes of nibbles plus a float32 scale and offset per 32 weights) 0.75, so a step bound by
@@ -134,11 +135,17 @@ int q4_linear_vector_bits(void) {
 #endif
 }
 
-/* q8_linear: W[n, k] = scale[n, k / 32] * q[n, k], q int8 [N, K], scale float32 [N, K/32]. */
+/* q8_linear: W[n, k] = scale[n, k / G] * q[n, k], q int8 [N, K], scale float32 [N, K/G], G 32 or
+ * 16 (each block of 32 then has two scales). */
 #if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 dot16(__m256 q0, __m256 q1, const float *xb) {
+    return _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb + 8), _mm256_mul_ps(q0, _mm256_loadu_ps(xb)));
+}
+
 static inline __attribute__((always_inline)) void q8_rows(const float *x, const int8_t *q,
                                                           const float *scale, int64_t m0,
-                                                          const int R, int64_t K, float *out) {
+                                                          const int R, int64_t K, int G,
+                                                          float *out) {
     const int64_t nb = K / 32;
     __m256 acc[Q4_ROWS];
     for (int r = 0; r < R; r++)
@@ -149,20 +156,29 @@ static inline __attribute__((always_inline)) void q8_rows(const float *x, const 
         const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 8))));
         const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 16))));
         const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 24))));
-        const __m256 s = _mm256_set1_ps(scale[b]);
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(s, dot32(q0, q1, q2, q3, x + (m0 + r) * K + b * 32), acc[r]);
+        if (G == 32) {
+            const __m256 s = _mm256_set1_ps(scale[b]);
+            for (int r = 0; r < R; r++)
+                acc[r] = _mm256_fmadd_ps(s, dot32(q0, q1, q2, q3, x + (m0 + r) * K + b * 32), acc[r]);
+        } else {
+            const __m256 s0 = _mm256_set1_ps(scale[2 * b]), s1 = _mm256_set1_ps(scale[2 * b + 1]);
+            for (int r = 0; r < R; r++) {
+                const float *xb = x + (m0 + r) * K + b * 32;
+                acc[r] = _mm256_fmadd_ps(s0, dot16(q0, q1, xb), acc[r]);
+                acc[r] = _mm256_fmadd_ps(s1, dot16(q2, q3, xb + 16), acc[r]);
+            }
+        }
     }
     for (int r = 0; r < R; r++)
         out[r] = hsum8(acc[r]);
 }
 
 static void q8_row(const float *x, const int8_t *q, const float *scale, int64_t m0, int rows,
-                   int64_t K, float *out) {
+                   int64_t K, int G, float *out) {
     switch (rows) {
 #define Q8_CASE(R)                                                                                 \
     case R:                                                                                        \
-        q8_rows(x, q, scale, m0, R, K, out);                                                       \
+        q8_rows(x, q, scale, m0, R, K, G, out);                                                    \
         break;
         Q8_CASE(1) Q8_CASE(2) Q8_CASE(3) Q8_CASE(4) Q8_CASE(5) Q8_CASE(6) Q8_CASE(7) Q8_CASE(8)
 #undef Q8_CASE
@@ -170,16 +186,15 @@ static void q8_row(const float *x, const int8_t *q, const float *scale, int64_t 
 }
 #else
 static void q8_row(const float *x, const int8_t *q, const float *scale, int64_t m0, int rows,
-                   int64_t K, float *out) {
-    const int64_t nb = K / 32;
+                   int64_t K, int G, float *out) {
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (m0 + r) * K;
         float total = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
+        for (int64_t g = 0; g < K / G; g++) {
             float t = 0.0f;
-            for (int j = 0; j < 32; j++)
-                t += xr[b * 32 + j] * (float)q[b * 32 + j];
-            total += scale[b] * t;
+            for (int j = 0; j < G; j++)
+                t += xr[g * G + j] * (float)q[g * G + j];
+            total += scale[g] * t;
         }
         out[r] = total;
     }
@@ -187,14 +202,14 @@ static void q8_row(const float *x, const int8_t *q, const float *scale, int64_t 
 #endif
 
 static void q8_small(const float *x, const int8_t *q, const float *scale, const float *bias,
-                     float *y, int64_t M, int64_t N, int64_t K, int num_threads) {
-    const int64_t nb = K / 32;
+                     float *y, int64_t M, int64_t N, int64_t K, int G, int num_threads) {
+    const int64_t ng = K / G;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         float out[Q4_ROWS];
         for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS) {
             const int rows = M - m0 < Q4_ROWS ? (int)(M - m0) : Q4_ROWS;
-            q8_row(x, q + n * K, scale + n * nb, m0, rows, K, out);
+            q8_row(x, q + n * K, scale + n * ng, m0, rows, K, G, out);
             for (int r = 0; r < rows; r++)
                 y[(m0 + r) * N + n] = out[r] + (bias != NULL ? bias[n] : 0.0f);
         }
@@ -243,25 +258,36 @@ static void dequant_q4(const void *w, const float *scale, const float *offset, i
     }
 }
 
-/* Row n of a Q8_0 weight (int8 [N, K], scale [N, K/32]) as K float32s. */
-static void dequant_q8(const void *w, const float *scale, const float *offset, int64_t n,
-                       int64_t K, float *out) {
-    (void)offset;
-    const int8_t *q = (const int8_t *)w + n * K;
-    scale += n * (K / 32);
-    for (int64_t b = 0; b < K / 32; b++) {
+/* Row n of an 8-bit weight (int8 [N, K], scale [N, K/G]) as K float32s: dequant_q8 for G = 32
+ * (Q8_0), dequant_q8g16 for G = 16 (Q6_K's). */
+static inline __attribute__((always_inline)) void dequant_8bit(const int8_t *q,
+                                                               const float *scale, int64_t K,
+                                                               const int G, float *out) {
+    for (int64_t g = 0; g < K / G; g++) {
 #if defined(__AVX2__) && defined(__FMA__)
-        const __m256 s = _mm256_set1_ps(scale[b]);
-        for (int i = 0; i < 4; i++) {
-            const __m128i v = _mm_loadl_epi64((const __m128i *)(q + b * 32 + 8 * i));
-            _mm256_storeu_ps(out + b * 32 + 8 * i,
+        const __m256 s = _mm256_set1_ps(scale[g]);
+        for (int i = 0; i < G / 8; i++) {
+            const __m128i v = _mm_loadl_epi64((const __m128i *)(q + g * G + 8 * i));
+            _mm256_storeu_ps(out + g * G + 8 * i,
                              _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))));
         }
 #else
-        for (int j = 0; j < 32; j++)
-            out[b * 32 + j] = scale[b] * (float)q[b * 32 + j];
+        for (int j = 0; j < G; j++)
+            out[g * G + j] = scale[g] * (float)q[g * G + j];
 #endif
     }
+}
+
+static void dequant_q8(const void *w, const float *scale, const float *offset, int64_t n,
+                       int64_t K, float *out) {
+    (void)offset;
+    dequant_8bit((const int8_t *)w + n * K, scale + n * (K / 32), K, 32, out);
+}
+
+static void dequant_q8g16(const void *w, const float *scale, const float *offset, int64_t n,
+                          int64_t K, float *out) {
+    (void)offset;
+    dequant_8bit((const int8_t *)w + n * K, scale + n * (K / 16), K, 16, out);
 }
 
 /* Rows r0 .. r1 - 1 of x [M, K] into tiles: rows m0 .. m0 + width - 1 at xt + m0 * K as
@@ -439,9 +465,11 @@ void q4_linear(const float *x, const uint8_t *nib, const float *scale, const flo
 }
 
 void q8_linear(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
-               int64_t M, int64_t N, int64_t K, int num_threads) {
+               int64_t M, int64_t N, int64_t K, int group, int num_threads) {
+    if (group != 32 && group != 16)
+        abort(); /* the binding passes K over the scales' count: 32 or 16 */
     if (M < GEMM_MIN_ROWS) {
-        q8_small(x, q, scale, bias, y, M, N, K, num_threads);
+        q8_small(x, q, scale, bias, y, M, N, K, group, num_threads);
         return;
     }
     float *xt = aligned_alloc(64, sizeof(float) * (size_t)q4_prepared_floats(M, K));
@@ -451,8 +479,8 @@ void q8_linear(const float *x, const int8_t *q, const float *scale, const float 
 #pragma omp parallel num_threads(num_threads)
     {
         const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        gemm_columns(xt, q, scale, NULL, dequant_q8, bias, y, M, N, K, N * tid / nth,
-                     N * (tid + 1) / nth);
+        gemm_columns(xt, q, scale, NULL, group == 32 ? dequant_q8 : dequant_q8g16, bias, y, M, N,
+                     K, N * tid / nth, N * (tid + 1) / nth);
     }
     free(xt);
 }

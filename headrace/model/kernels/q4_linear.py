@@ -1,5 +1,5 @@
-"""The binding of q4_linear.c: float32 linears reading GGUF 4-bit (Q4_0, Q4_1) and 8-bit (Q8_0)
-blocks."""
+"""The binding of q4_linear.c: float32 linears reading GGUF 4-bit (Q4_0, Q4_1, Q4_K) and 8-bit
+(Q8_0, Q6_K) blocks."""
 
 from __future__ import annotations
 
@@ -46,14 +46,18 @@ class Q4Linears:
     def q8_linear(
         self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """x [M, K] float32 @ W.T (+ bias), W = scale (per 32) * q, q int8 [N, K]: Q8_0."""
+        """x [M, K] float32 @ W.T (+ bias), W = scale * q, q int8 [N, K], a scale per 32
+        weights (Q8_0) or per 16 (Q6_K's): scale [N, K/32] or [N, K/16]."""
         x = x.contiguous()
         m, k = x.shape
         n = q.shape[0]
+        group = k // scale.shape[1]
+        if group not in (16, 32) or scale.shape[1] * group != k:
+            raise ValueError(f"q8_linear: a scale per 16 or 32 weights, not {k}/{scale.shape[1]}")
         y = torch.empty(m, n, dtype=torch.float32)
         self.c.q8_linear(
             x.data_ptr(), q.data_ptr(), scale.data_ptr(),
-            None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
+            None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k, group,
             torch.get_num_threads(),
         )  # fmt: skip
         return y
