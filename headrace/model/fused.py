@@ -71,7 +71,7 @@ class FusedDecode:
         if kernels is None or model.cfg.head_dim % 16:
             return None
         linears = [x for layer in _decoder_layers(model) for x in layer_linears(layer)]
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.dtype
         amx = all(isinstance(x, AmxLinear) and x.out_dtype == dtype for x in linears)
         if dtype == torch.bfloat16 and kernels.amx and amx:
             return FusedDecode(model, kernels, AmxLinear.max_rows, f32=False)

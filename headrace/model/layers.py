@@ -244,6 +244,13 @@ class Q4Linear(_BlockLinear):
         super().__init__(linear, kernels, keep_large)
         self.q4 = kernels.q4_pack(*q4)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight, dequantized: [len(ids), K] float32, `dequantize`'s bits."""
+        nibbles = self.q4.nibbles[ids]
+        q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).float()
+        w = q * self.q4.scale[ids][..., None] + self.q4.offset[ids][..., None]
+        return w.reshape(len(ids), -1)
+
     def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.q4_linear(x, self.q4, self.bias)
 
@@ -262,6 +269,28 @@ class Q8Linear(_BlockLinear):
 
     def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.q8_linear(x, self.q, self.scale, self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight, dequantized: [len(ids), K] float32, `dequantize`'s bits."""
+        scale = self.scale[ids]
+        q = self.q[ids].float().reshape(len(ids), scale.shape[1], -1)
+        return (q * scale[..., None]).reshape(len(ids), -1)
+
+
+class BlockEmbedding(nn.Module):
+    """An embedding table kept as GGUF blocks (`blocks`: a Q4Linear or Q8Linear, the tied LM
+    head's own where the head is the embedding): each row looked up is dequantized as it is
+    read, the values of the dequantized table, which is never made (4 bytes a weight: 1.5 GiB
+    for a 128k vocabulary of 3072)."""
+
+    def __init__(self, blocks: Q4Linear | Q8Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return self.blocks.rows(flat).to(self.dtype).reshape(*ids.shape, -1)
 
 
 class SplitLinear(nn.Module):

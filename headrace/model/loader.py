@@ -23,6 +23,7 @@ from headrace.model.fused import FusedDecode, layer_linears
 from headrace.model.gguf import GGUFWeights, Q4Blocks, Q8Blocks
 from headrace.model.kernels import Kernels
 from headrace.model.layers import (
+    BlockEmbedding,
     Q4Linear,
     Q8Linear,
     block_linear,
@@ -183,7 +184,8 @@ def load_model(
     def maybe(name: str) -> torch.Tensor | None:
         return take(name) if name in names else None
 
-    _set_param(model.embed_tokens, "weight", take("model.embed_tokens.weight"))
+    if "embed_tokens" not in alone:
+        _set_param(model.embed_tokens, "weight", take("model.embed_tokens.weight"))
     total = arch.num_layers + 2
     for i in range(arch.num_layers):
         layer = cast(LlamaDecoderLayer, model.layers[i])
@@ -239,6 +241,15 @@ def load_model(
         count = use_block_linears(
             model, kernels, _layer_blocks(gguf), head_blocks, keep_large=not alone
         )
+        if "embed_tokens" in alone:  # the table is read from its blocks, the tied head's own
+            reader: nn.Module = model.lm_head
+            if not arch.tie_word_embeddings:
+                shape = nn.Linear(arch.hidden_size, arch.vocab_size, False, "meta", dtype)
+                table = cast("Q4Blocks | Q8Blocks", gguf.blocks("model.embed_tokens.weight"))
+                reader = block_linear(shape, kernels, [table], keep_large=False)
+            model.embed_tokens = BlockEmbedding(  # type: ignore[assignment]
+                cast("Q4Linear | Q8Linear", reader), dtype
+            )
         linears = [m for m in model.modules() if isinstance(m, Q4Linear | Q8Linear)]
         most = max((m.max_rows for m in linears), default=0)
         rows = "any batch" if any(m.blocks_only for m in linears) else f"up to {most} rows"
@@ -293,8 +304,9 @@ def use_block_linears(
         if all(reads_blocks(x) for x in layer_linears(layer)):
             layer.compute_dtype = torch.float32
     if head is not None:
-        # a tied head keeps the embedding's weight, which the embedding needs anyway
-        keep_head = keep_large or model.lm_head.weight is model.embed_tokens.weight
+        # a tied head keeps the embedding's weight, where the embedding has it anyway
+        weight = model.lm_head.weight
+        keep_head = keep_large or (weight is model.embed_tokens.weight and not weight.is_meta)
         model.lm_head = block_linear(model.lm_head, kernels, [head], keep_head)  # type: ignore[assignment]
     return count
 
@@ -344,7 +356,8 @@ def _q4_blocks(source: GGUFWeights) -> Callable[[str], Q4Blocks | None]:
 
 def _block_linear_names(gguf: GGUFWeights, arch: ArchConfig) -> list[str]:
     """The linears (qualified names) that use_block_linears will give blocks: decoder linears
-    whose GGUF parts all have blocks (4- or 8-bit), and an untied LM head that has."""
+    whose GGUF parts all have blocks (4- or 8-bit), and an untied LM head that has; and
+    `embed_tokens` where the embedding has (a BlockEmbedding when the copies are not made)."""
     out = [
         f"layers.{i}.{suffix}"
         for i in range(arch.num_layers)
@@ -353,12 +366,14 @@ def _block_linear_names(gguf: GGUFWeights, arch: ArchConfig) -> list[str]:
     ]
     if not arch.tie_word_embeddings and gguf.block_bits("lm_head.weight") is not None:
         out.append("lm_head")
+    if gguf.block_bits("model.embed_tokens.weight") is not None:
+        out.append("embed_tokens")  # BlockEmbedding
     return out
 
 
 def _linear_numel(gguf: GGUFWeights, name: str) -> int:
-    if name == "lm_head":
-        return gguf.numel("lm_head.weight")
+    if name in ("lm_head", "embed_tokens"):
+        return gguf.numel("lm_head.weight" if name == "lm_head" else "model.embed_tokens.weight")
     layer, _, suffix = name.partition(".")[2].partition(".")
     return sum(gguf.numel(f"model.layers.{layer}.{p}.weight") for p in _FUSED_PARTS[suffix])
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from headrace.model.layers import Q4Linear
+from headrace.model.layers import BlockEmbedding, Q4Linear, Q8Linear
 from headrace.model.loader import bundled_model_path
 from headrace.offline import LLM
 from headrace.wire.messages import SamplingParams
@@ -112,7 +112,8 @@ def test_alone_and_batched(reference: Reference, backend: str, monkeypatch) -> N
 
 def test_blocks_alone_without_float_copies(reference: Reference, monkeypatch) -> None:
     """HEADRACE_GGUF_FLOAT_COPIES=0 (what the loader picks where the dequantized weights would
-    not fit in memory): the 4-bit blocks take every row, a 16-prompt prefill step included."""
+    not fit in memory): the 4-bit blocks take every row, a 16-prompt prefill step included, and
+    the embedding rows come from the tied head's 8-bit blocks."""
     if BEST_BUILD is None:
         pytest.skip("no C kernels here: linears do not read GGUF blocks")
     monkeypatch.setenv("HEADRACE_CPU_BACKEND", BEST_BUILD)
@@ -121,6 +122,8 @@ def test_blocks_alone_without_float_copies(reference: Reference, monkeypatch) ->
     model = llm.engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, Q4Linear)]
     assert len(linears) == 4 * 30 and all(m.large is None for m in linears)
+    assert isinstance(model.embed_tokens, BlockEmbedding)  # the Q8_0 table the head reads
+    assert isinstance(model.lm_head, Q8Linear) and model.lm_head.large is None
     outputs = llm.chat([_conv(q) for q in QUESTIONS], GREEDY)
     assert sum(len(o.prompt_token_ids) for o in outputs) > 128  # one prefill step past 128 rows
     _check_all(llm, reference, outputs)
