@@ -1,13 +1,14 @@
 """Memory and speed of a larger GGUF with and without the dequantized copies of its 4-bit linears.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/gguf_memory.py
-        [--shape 3072,8192,28,24,8,128256] [--prompt 256] [--steps 8]
+        [--mix q4_k_m] [--shape 3072,8192,28,24,8,128256] [--prompt 256] [--steps 8]
         [--file /tmp/headrace-llama-3b-q4_k_m.gguf]
 
 Writes (once, or reuses `--file`) a random-weight Llama GGUF of `--shape` (hidden, ffn, layers,
-heads, KV heads, vocab; the default is Llama-3.2-3B's) in llama.cpp's Q4_K_M mix: Q4_K linears,
-Q6_K for attn_v and ffn_down in the layers llama.cpp gives more bits (the first and last
-eighth, and every third between), a tied Q6_K embedding. Then, in a fresh process each, loads
+heads, KV heads, vocab; the default is Llama-3.2-3B's) in llama.cpp's Q4_K_M mix (`--mix`):
+Q4_K linears, Q6_K for attn_v and ffn_down in the layers llama.cpp gives more bits (the first
+and last eighth, and every third between), a tied Q6_K embedding; or Q5_K_M's, the same with
+Q5_K for Q4_K. Then, in a fresh process each, loads
 it with HEADRACE_GGUF_FLOAT_COPIES=1 (the linears keep their dequantized float32 weights for
 prompt chunks over 128 rows) and =0 (the blocks alone, which the loader picks by itself where
 the copies would take over a quarter of the memory available), and reports: load seconds, peak
@@ -74,7 +75,7 @@ def child(path: str, prompt: int, steps: int) -> None:
     )
 
 
-def write(path: Path, shape: list[int]) -> None:
+def write(path: Path, shape: list[int], mix: str) -> None:
     from tests.model.tiny_gguf import Q, Shape, write_tiny_llama
 
     s = Shape(*shape)
@@ -86,7 +87,8 @@ def write(path: Path, shape: list[int]) -> None:
     for i in more_bits:
         for name in ("attn_v", "ffn_down"):
             types[name if i == 0 else f"{name}.{i}"] = Q.Q6_K
-    write_tiny_llama(path, types, tied=True, shape=s)
+    default = Q.Q4_K if mix == "q4_k_m" else Q.Q5_K
+    write_tiny_llama(path, types, tied=True, shape=s, default=default)
 
 
 def main() -> None:
@@ -94,16 +96,18 @@ def main() -> None:
     p.add_argument("--shape", default="3072,8192,28,24,8,128256")
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--file", default="/tmp/headrace-llama-3b-q4_k_m.gguf")
+    p.add_argument("--mix", choices=("q4_k_m", "q5_k_m"), default="q4_k_m")
+    p.add_argument("--file", help="default: /tmp/headrace-llama-3b-MIX.gguf")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.file = args.file or f"/tmp/headrace-llama-3b-{args.mix}.gguf"
     if args.child:
         child(args.file, args.prompt, args.steps)
         return
     path = Path(args.file)
     if not path.is_file():
         t = time.perf_counter()
-        write(path, [int(v) for v in args.shape.split(",")])
+        write(path, [int(v) for v in args.shape.split(",")], args.mix)
         print(f"wrote {path} ({path.stat().st_size >> 20} MiB) in {time.perf_counter() - t:.0f} s")
     print(f"{path}: {path.stat().st_size >> 20} MiB; prompt {args.prompt} tokens, 1 sequence")
     print("| float copies | load | peak RSS | RSS after load | prefill step | decode step |")

@@ -6,7 +6,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -19,14 +19,17 @@ Q = GGMLQuantizationType
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 # Bytes per block of the quantized types decoded here in torch: 32 weights a block, but the
-# K-quants' super-blocks of 256 (Q4_K: eight 32-weight blocks under two float16 factors; Q6_K:
-# sixteen of 16 weights, each with an 8-bit scale under one float16 factor).
-_BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q4_K: 144, Q.Q6_K: 210}
+# K-quants' super-blocks of 256 (Q4_K, Q5_K: eight 32-weight blocks under two float16 factors;
+# Q6_K: sixteen of 16 weights, each with an 8-bit scale under one float16 factor).
+_BLOCK_BYTES = {
+    Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q5_0: 22, Q.Q5_1: 24, Q.Q4_K: 144, Q.Q5_K: 176,
+    Q.Q6_K: 210,
+}  # fmt: skip
 # llama.cpp's other quantizations (the K-quants Q4_K_M and Q5_K_M files mix in, the 5-bit and
 # i-quants), decoded by the gguf package's numpy code: slower at load, the same values.
 _GGUF_PY_TYPES = (
-    Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q5_K, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS,
-    Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS,
+    Q.Q2_K, Q.Q3_K, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
+    Q.IQ4_NL, Q.IQ4_XS,
 )  # fmt: skip
 SUPPORTED_TYPES = tuple(t.name for t in (Q.F32, Q.F16, Q.BF16, *_BLOCK_BYTES, *_GGUF_PY_TYPES))
 
@@ -56,8 +59,8 @@ def dequantize(
         )
     blocks = torch.from_numpy(raw.view(np.uint8).reshape(-1, _BLOCK_BYTES[qtype]))
     if qtype in Q8_TYPES:
-        q8, scale = _q8_fields(blocks, qtype)
-        values = q8.float() * scale
+        q8, scale, offset = _q8_fields(blocks, qtype)
+        values = q8.float() * scale if offset is None else q8.float() * scale + offset
     else:
         q, scale, offset = _q4_fields(blocks, qtype)
         values = q.float() * scale + offset
@@ -100,29 +103,50 @@ def _q4k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 Q4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # what q4_blocks takes
-Q8_TYPES = (Q.Q8_0, Q.Q6_K)  # what q8_blocks takes
+Q8_TYPES = (Q.Q8_0, Q.Q6_K, Q.Q5_0, Q.Q5_1, Q.Q5_K)  # what q8_blocks takes
 
 
 def _q8_fields(
     blocks: torch.Tensor, qtype: GGMLQuantizationType
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 blocks [B, 34] as (q [B, 32] int8, scale [B, 1]); Q6_K super-blocks [B, 210] as
-    (q [16 B, 16] int8, scale [16 B, 1]), weight = q * scale.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """8-bit (or 5- and 6-bit) blocks [B, bytes] as groups of G weights: (q [B', G] int8, scale
+    [B', 1], offset [B', 1] or None) float32, weight = q * scale (+ offset): G = 32 (B' = B, or
+    8 B for Q5_K), 16 for Q6_K (B' = 16 B). Every scale is a float16 value times a small
+    integer, exact in float32, and so is q * scale: the sum rounds as gguf's does.
 
-    Q6_K: 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales sc, float16 d. A
-    weight is d sc_j (q6 - 32): q = q6 - 32 fits int8 and scale d sc_j is exact in float32,
-    as is their product (11 + 8 + 6 bits), so the same values as gguf's. Each 128 weights take
-    64 low-nibble bytes (weights 0-63 in the low nibbles, 64-127 in the high ones) and 32 bytes
-    of high parts (weights 32 i to 32 i + 31 in bits 2 i, 2 i + 1)."""
+    Q6_K: 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales sc, float16 d; a
+    weight is d sc_j (q6 - 32). Each 128 weights take 64 low-nibble bytes (weights 0-63 in the
+    low nibbles, 64-127 in the high ones) and 32 bytes of high parts (weights 32 i to 32 i + 31
+    in bits 2 i, 2 i + 1). The 5-bit types keep 4 bits as Q4_0/Q4_1/Q4_K do and the fifth in a
+    bitfield: Q5_0 d (q5 - 16), Q5_1 d q5 + m, Q5_K d sc_j q5 - dmin m_j."""
     if qtype == Q.Q8_0:
-        return blocks[:, 2:].contiguous().view(torch.int8), _f16(blocks[:, :2])
-    low = blocks[:, :128].reshape(-1, 2, 1, 64)
-    low = torch.cat([low & 0xF, low >> 4], dim=2).reshape(-1, 8, 32)
-    high = blocks[:, 128:192].reshape(-1, 2, 1, 32)
-    high = torch.cat([(high >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(-1, 8, 32)
-    q = ((low | (high << 4)).to(torch.int16) - 32).to(torch.int8).reshape(-1, 16)
-    scale = _f16(blocks[:, 208:210]) * blocks[:, 192:208].contiguous().view(torch.int8).float()
-    return q, scale.reshape(-1, 1)
+        return blocks[:, 2:].contiguous().view(torch.int8), _f16(blocks[:, :2]), None
+    if qtype == Q.Q6_K:
+        low = blocks[:, :128].reshape(-1, 2, 1, 64)
+        low = torch.cat([low & 0xF, low >> 4], dim=2).reshape(-1, 8, 32)
+        high = blocks[:, 128:192].reshape(-1, 2, 1, 32)
+        high = torch.cat([(high >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(-1, 8, 32)
+        q6 = (low | (high << 4)).to(torch.int16) - 32
+        sc = blocks[:, 192:208].contiguous().view(torch.int8).float()
+        scale = _f16(blocks[:, 208:210]) * sc
+        return q6.to(torch.int8).reshape(-1, 16), scale.reshape(-1, 1), None
+    if qtype == Q.Q5_K:  # Q4_K's fields around 32 bytes whose bit i is block i's fifth bits
+        q4, scale, offset = _q4k_fields(torch.cat([blocks[:, :16], blocks[:, 48:]], dim=1))
+        bits = blocks[:, 16:48].reshape(-1, 1, 32)
+        fifth = torch.cat([(bits >> i) & 1 for i in range(8)], dim=1).reshape(-1, 32)
+        return (q4 | (fifth << 4)).to(torch.int8), scale, offset
+    # Q5_0 / Q5_1: d (and m), 4 bytes whose bit j is weight j's fifth, then Q4_0's nibbles
+    nibbles = blocks[:, -16:]  # as Q4_0's: weight j low, weight j + 16 high
+    q4 = torch.cat([nibbles & 0xF, nibbles >> 4], dim=1)
+    at = 2 if qtype == Q.Q5_0 else 4
+    word = blocks[:, at : at + 4].to(torch.int64)
+    word = word[:, 0] | word[:, 1] << 8 | word[:, 2] << 16 | word[:, 3] << 24
+    fifth = ((word[:, None] >> torch.arange(32)) & 1).to(torch.uint8)
+    q5 = (q4 | (fifth << 4)).to(torch.int16)
+    scale = _f16(blocks[:, :2])
+    if qtype == Q.Q5_0:
+        return (q5 - 16).to(torch.int8), scale, None
+    return q5.to(torch.int8), scale, _f16(blocks[:, 2:4])
 
 
 # A Q4 weight [N, K] as (scale, offset, q): W[n, k] = scale[n, k // 32] * q[n, k] +
@@ -144,23 +168,29 @@ def q4_blocks(
     return scale.reshape(n, k // 32), offset.reshape(n, k // 32), q.reshape(n, k)
 
 
-# An 8-bit weight [N, K] as (scale, q): W[n, k] = scale[n, k // G] * q[n, k]; scale float32
-# [N, K/G], q int8 [N, K]; G = 32 (Q8_0) or 16 (Q6_K)
-Q8Blocks = tuple[torch.Tensor, torch.Tensor]
+class Q8Blocks(NamedTuple):
+    """An 8-bit weight [N, K]: W[n, k] = scale[n, k // G] * q[n, k] (+ offset[n, k // G]); scale
+    and offset float32 [N, K/G], q int8 [N, K]; G = 32 (Q8_0, the 5-bit types) or 16 (Q6_K)."""
+
+    scale: torch.Tensor
+    q: torch.Tensor
+    offset: torch.Tensor | None = None
 
 
 def q8_blocks(
     raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
 ) -> Q8Blocks | None:
-    """A Q8_0 or Q6_K matrix as its 8-bit blocks (Q8Blocks): the values `dequantize` gives. None
-    for other types."""
+    """A Q8_0, Q6_K or 5-bit matrix as int8 blocks (Q8Blocks): the values `dequantize` gives.
+    None for other types."""
     if qtype not in Q8_TYPES or len(shape) != 2:
         return None
     n, k = shape
     raw = np.array(raw, copy=True)
     blocks = torch.from_numpy(raw.view(np.uint8).reshape(-1, _BLOCK_BYTES[qtype]))
-    q, scale = _q8_fields(blocks, qtype)
-    return scale.reshape(n, -1).contiguous(), q.reshape(n, k).contiguous()
+    q, scale, offset = _q8_fields(blocks, qtype)
+    scale = scale.reshape(n, -1).contiguous()
+    offset = None if offset is None else offset.reshape(n, -1).contiguous()
+    return Q8Blocks(scale, q.reshape(n, k).contiguous(), offset)
 
 
 # -- file parsing ----------------------------------------------------------------------------------
@@ -373,14 +403,15 @@ class GGUFWeights:
 
     def q8_blocks(self, name: str) -> Q8Blocks | None:
         """`get(name)` as 8-bit blocks (gguf.q8_blocks, rows in the same order), or None where
-        the tensor is not Q8_0 / Q6_K."""
+        the tensor is not Q8_0 / Q6_K / Q5_0 / Q5_1 / Q5_K."""
         t = self.tensors[name]
         parts = q8_blocks(t.data, t.qtype, t.shape)
         heads = self._rope_heads(name)
         if parts is None or heads is None:
             return parts
-        scale, q = (_unpermute_rope_rows(x, heads) for x in parts)
-        return scale, q
+        scale, q = (_unpermute_rope_rows(x, heads) for x in parts[:2])
+        offset = None if parts.offset is None else _unpermute_rope_rows(parts.offset, heads)
+        return Q8Blocks(scale, q, offset)
 
     def _rope_heads(self, name: str) -> int | None:
         """The head count whose Q/K row interleave llama.cpp applied to tensor `name`, or None."""

@@ -256,25 +256,28 @@ class Q4Linear(_BlockLinear):
 
 
 class Q8Linear(_BlockLinear):
-    """Q4Linear's twin for a weight stored in 8 bits: Q8_0 (int8 and a scale per 32: 1.06 bytes
-    a weight against float32's 4), the bundled model's LM head, tied to the embedding; and Q6_K
-    (int8 and a scale per 16: 1.25 bytes), what Q4_K_M files hold their embedding, attn_v and
-    ffn_down in."""
+    """Q4Linear's twin for a weight stored as int8 with a scale (and an offset) per group: Q8_0
+    (a scale per 32: 1.06 bytes a weight against float32's 4), the bundled model's LM head, tied
+    to the embedding; Q6_K (a scale per 16: 1.25 bytes), in which Q4_K_M files hold their
+    embedding, attn_v and ffn_down; and the 5-bit types (Q5_0, Q5_1, Q5_K: 1.25 or 1.125)."""
 
     def __init__(
         self, linear: nn.Linear, kernels: Kernels, q8: Q8Blocks, keep_large: bool = True
     ) -> None:
         super().__init__(linear, kernels, keep_large)
-        self.scale, self.q = q8[0].float().contiguous(), q8[1].contiguous()
+        self.scale, self.q = q8.scale.float().contiguous(), q8.q.contiguous()
+        self.offset = None if q8.offset is None else q8.offset.float().contiguous()
 
     def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.q8_linear(x, self.q, self.scale, self.bias)
+        return self.kernels.q8_linear(x, self.q, self.scale, self.bias, self.offset)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight, dequantized: [len(ids), K] float32, `dequantize`'s bits."""
         scale = self.scale[ids]
-        q = self.q[ids].float().reshape(len(ids), scale.shape[1], -1)
-        return (q * scale[..., None]).reshape(len(ids), -1)
+        w = self.q[ids].float().reshape(len(ids), scale.shape[1], -1) * scale[..., None]
+        if self.offset is not None:
+            w = w + self.offset[ids][..., None]
+        return w.reshape(len(ids), -1)
 
 
 class BlockEmbedding(nn.Module):
@@ -314,26 +317,34 @@ def block_linear(
 ) -> nn.Module:
     """The module that reads `parts`, the GGUF blocks of `linear`'s row ranges in order (one, or
     a fused linear's q/k/v or gate/up): a Q4Linear where all are 4-bit (Q4Blocks), a Q8Linear
-    where all are 8-bit (Q8Blocks; Q8_0's scale per 32 given per 16 where a Q6_K part has its
-    per 16), else a SplitLinear of one such module a part."""
-    four = [len(part) == 3 for part in parts]
-    if all(four):
+    where all are 8-bit (Q8Blocks: a part's scales and offsets per 32 given per 16 where another
+    part has them per 16, offsets of 0 where another part has some), else a SplitLinear of one
+    such module a part."""
+    eight = [isinstance(part, Q8Blocks) for part in parts]
+    if not any(eight):
         q4 = cast(list[Q4Blocks], parts)
         scale, offset, q = (torch.cat([part[i] for part in q4]) for i in range(3))
         return Q4Linear(linear, kernels, (scale, offset, q), keep_large)
-    if not any(four):
+    if all(eight):
         q8 = cast(list[Q8Blocks], parts)
-        group = min(part[1].shape[1] // part[0].shape[1] for part in q8)
-        scales = [
-            part[0].repeat_interleave(part[1].shape[1] // part[0].shape[1] // group, dim=1)
-            for part in q8
-        ]
-        return Q8Linear(
-            linear, kernels, (torch.cat(scales), torch.cat([p[1] for p in q8])), keep_large
-        )
+        groups = [part.q.shape[1] // part.scale.shape[1] for part in q8]
+        group = min(groups)
+
+        def per_group(values: list[torch.Tensor]) -> torch.Tensor:
+            pairs = zip(values, groups, strict=True)
+            return torch.cat([v.repeat_interleave(g // group, dim=1) for v, g in pairs])
+
+        scale = per_group([part.scale for part in q8])
+        offsets = None
+        if any(part.offset is not None for part in q8):
+            offsets = per_group(
+                [torch.zeros_like(p.scale) if p.offset is None else p.offset for p in q8]
+            )
+        joined = Q8Blocks(scale, torch.cat([part.q for part in q8]), offsets)
+        return Q8Linear(linear, kernels, joined, keep_large)
     pieces, start = [], 0
     for part in parts:
-        rows = part[-1].shape[0]  # q, the last of either tuple: [rows, K]
+        rows = part.q.shape[0] if isinstance(part, Q8Blocks) else part[2].shape[0]
         piece = nn.Linear(
             linear.in_features, rows, linear.bias is not None, "meta", linear.weight.dtype
         )

@@ -59,17 +59,24 @@ def test_module_uses_the_blocks_for_few_rows_and_torch_for_many(built: Kernels) 
         torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [False, True])  # Q5_1 / Q5_K's: scale * q + offset
 @pytest.mark.parametrize("group", [32, 16])  # Q8_0's blocks; Q6_K's scale per 16
 @pytest.mark.parametrize("rows", [1, 8, 9, 16, 40])
-def test_q8_equals_the_dequantized_linear(built: Kernels, rows: int, group: int) -> None:
+def test_q8_equals_the_dequantized_linear(
+    built: Kernels, rows: int, group: int, offset: bool
+) -> None:
     n, k = 80, 576
     g = torch.Generator().manual_seed(rows)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     scale = torch.rand(n, k // group, generator=g) * 0.01
-    w = (q.float().reshape(n, k // group, group) * scale[..., None]).reshape(n, k)
+    off = torch.randn(n, k // group, generator=g) * 0.05 if offset else None
+    w = q.float().reshape(n, k // group, group) * scale[..., None]
+    if off is not None:
+        w = w + off[..., None]
+    w = w.reshape(n, k)
     x = torch.randn(rows, k, generator=g)
     b = torch.randn(n, generator=g)
-    got = built.q8_linear(x, q, scale, b)
+    got = built.q8_linear(x, q, scale, b, off)
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 

@@ -49,6 +49,7 @@ _FACTORS = {
     Q.Q4_0: (0, 2e-2, None),
     Q.Q4_1: (0, 2e-2, (2, -7.5)),
     Q.Q5_0: (0, 1e-2, None),
+    Q.Q5_1: (0, 1e-2, (2, -15.5)),
     Q.Q8_0: (0, 2e-3, None),
     Q.Q4_K: (0, 1e-3, (2, 7.5)),
     Q.Q5_K: (0, 5e-4, (2, 15.5)),
@@ -80,11 +81,12 @@ def write_tiny_llama(
     tied: bool = False,
     seed: int = 0,
     shape: Shape = TINY,
+    default: GGMLQuantizationType = Q.Q4_K,
 ) -> Path:
     """A Llama GGUF at `path` (2 layers unless `shape` says otherwise). `types` maps
     "token_embd", "output" and layer tensor names (layer 0's as "ffn_down", layer 1's as
-    "ffn_down.1") to a type; the rest are Q4_K. With `tied`, no output tensor: the LM head
-    is the embedding."""
+    "ffn_down.1") to a type; the rest are `default`. With `tied`, no output tensor: the LM
+    head is the embedding."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), "llama")
     w.add_block_count(shape.layers)
@@ -106,7 +108,7 @@ def write_tiny_llama(
         return (1 + 0.1 * rng.standard_normal(shape.hidden)).astype(np.float32)
 
     def add(name: str, key: str, n: int, k: int) -> None:
-        qtype = types.get(key, Q.Q4_K)
+        qtype = types.get(key, default)
         w.add_tensor(name, random_blocks(rng, qtype, n, k), raw_dtype=qtype)
 
     add("token_embd.weight", "token_embd", shape.vocab, shape.hidden)

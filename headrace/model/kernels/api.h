@@ -50,13 +50,15 @@ HR_API void paged_prefill_attention_amx(const float *q, const void *k_cache, con
                                         int num_threads);
 
 /* q4_linear.c: float32 linears reading GGUF 4-bit (Q4_0, Q4_1, Q4_K) and 8-bit blocks (Q8_0,
- * group 32; Q6_K as int8 with a scale per 16, group 16) */
+ * group 32; Q6_K as int8 with a scale per 16, group 16; the 5-bit types as int8 with a scale and
+ * offset per 32) */
 HR_API int q4_linear_vector_bits(void);
 HR_API void q4_linear(const float *x, const uint8_t *nib, const float *scale, const float *offset,
                       const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                       int num_threads);
-HR_API void q8_linear(const float *x, const int8_t *q, const float *scale, const float *bias,
-                      float *y, int64_t M, int64_t N, int64_t K, int group, int num_threads);
+HR_API void q8_linear(const float *x, const int8_t *q, const float *scale, const float *offset,
+                      const float *bias, float *y, int64_t M, int64_t N, int64_t K, int group,
+                      int num_threads);
 
 /* decode_step.c: every decoder layer of a decode step in one call. A W_Q4F32 linear is a
  * q4_weight (q4_linear's layout); W_BF16 and W_Q4 are amx_linear's packed tiles. */

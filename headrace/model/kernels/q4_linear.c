@@ -1,8 +1,9 @@
 /* q4_linear: y[M, N] = x[M, K] . W[N, K]^T (+ bias) for float32 x and a weight kept as the GGUF
  * file's 4-bit blocks, for decode-sized batches on any x86 CPU (AVX2 + FMA; plain C elsewhere):
  * up to 8 rows by passes over the blocks (q4_rows), more by a panel product (gemm_panel).
- * q8_linear: the same for 8-bit weights with a scale per G of them: Q8_0 blocks (G = 32), the
- * bundled model's LM head, and Q6_K's (G = 16: int8 q - 32 and the scale d * sc, exact).
+ * q8_linear: the same for 8-bit weights with a scale (and optionally an offset) per G of them:
+ * Q8_0 blocks (G = 32), the bundled model's LM head; Q6_K's (G = 16: int8 q - 32 and the scale
+ * d * sc, exact); the 5-bit types' (G = 32; Q5_1 and Q5_K with an offset).
  *
  * Why: a decode step reads every weight once. As float32 that is 4 bytes a weight; as Q4 blocks
  * (16 bytes of nibbles plus a float32 scale and offset per 32 weights) 0.75, so a step bound by
@@ -135,17 +136,33 @@ int q4_linear_vector_bits(void) {
 #endif
 }
 
-/* q8_linear: W[n, k] = scale[n, k / G] * q[n, k], q int8 [N, K], scale float32 [N, K/G], G 32 or
- * 16 (each block of 32 then has two scales). */
+/* q8_linear: W[n, k] = scale[n, k / G] * q[n, k] (+ offset[n, k / G]), q int8 [N, K], scale and
+ * offset float32 [N, K/G], G 32 or 16 (each block of 32 then has two scales). With offsets, the
+ * offset's share of a row's sum is offset . sums, sums the per-group sums of x (group_sums). */
+static void group_sums(const float *x, int64_t M, int64_t K, int G, float *sums) {
+    for (int64_t i = 0; i < M * (K / G); i++) {
+        float s = 0.0f;
+        for (int j = 0; j < G; j++)
+            s += x[i * G + j];
+        sums[i] = s;
+    }
+}
+
+static inline float offset_share(const float *offset, const float *sums, int64_t ng) {
+    float off = 0.0f;
+    for (int64_t g = 0; g < ng; g++)
+        off += offset[g] * sums[g];
+    return off;
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __m256 dot16(__m256 q0, __m256 q1, const float *xb) {
     return _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb + 8), _mm256_mul_ps(q0, _mm256_loadu_ps(xb)));
 }
 
-static inline __attribute__((always_inline)) void q8_rows(const float *x, const int8_t *q,
-                                                          const float *scale, int64_t m0,
-                                                          const int R, int64_t K, int G,
-                                                          float *out) {
+static inline __attribute__((always_inline)) void
+q8_rows(const float *x, const int8_t *q, const float *scale, const float *offset,
+        const float *sums, int64_t m0, const int R, int64_t K, int G, float *out) {
     const int64_t nb = K / 32;
     __m256 acc[Q4_ROWS];
     for (int r = 0; r < R; r++)
@@ -169,51 +186,64 @@ static inline __attribute__((always_inline)) void q8_rows(const float *x, const 
             }
         }
     }
+    const int64_t ng = K / G;
     for (int r = 0; r < R; r++)
-        out[r] = hsum8(acc[r]);
+        out[r] = hsum8(acc[r]) +
+                 (offset != NULL ? offset_share(offset, sums + (m0 + r) * ng, ng) : 0.0f);
 }
 
-static void q8_row(const float *x, const int8_t *q, const float *scale, int64_t m0, int rows,
-                   int64_t K, int G, float *out) {
+static void q8_row(const float *x, const int8_t *q, const float *scale, const float *offset,
+                   const float *sums, int64_t m0, int rows, int64_t K, int G, float *out) {
     switch (rows) {
 #define Q8_CASE(R)                                                                                 \
     case R:                                                                                        \
-        q8_rows(x, q, scale, m0, R, K, G, out);                                                    \
+        q8_rows(x, q, scale, offset, sums, m0, R, K, G, out);                                      \
         break;
         Q8_CASE(1) Q8_CASE(2) Q8_CASE(3) Q8_CASE(4) Q8_CASE(5) Q8_CASE(6) Q8_CASE(7) Q8_CASE(8)
 #undef Q8_CASE
     }
 }
 #else
-static void q8_row(const float *x, const int8_t *q, const float *scale, int64_t m0, int rows,
-                   int64_t K, int G, float *out) {
+static void q8_row(const float *x, const int8_t *q, const float *scale, const float *offset,
+                   const float *sums, int64_t m0, int rows, int64_t K, int G, float *out) {
+    const int64_t ng = K / G;
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (m0 + r) * K;
         float total = 0.0f;
-        for (int64_t g = 0; g < K / G; g++) {
+        for (int64_t g = 0; g < ng; g++) {
             float t = 0.0f;
             for (int j = 0; j < G; j++)
                 t += xr[g * G + j] * (float)q[g * G + j];
             total += scale[g] * t;
         }
-        out[r] = total;
+        out[r] = total + (offset != NULL ? offset_share(offset, sums + (m0 + r) * ng, ng) : 0.0f);
     }
 }
 #endif
 
-static void q8_small(const float *x, const int8_t *q, const float *scale, const float *bias,
-                     float *y, int64_t M, int64_t N, int64_t K, int G, int num_threads) {
+static void q8_small(const float *x, const int8_t *q, const float *scale, const float *offset,
+                     const float *bias, float *y, int64_t M, int64_t N, int64_t K, int G,
+                     int num_threads) {
     const int64_t ng = K / G;
+    float *sums = NULL;
+    if (offset != NULL) {
+        sums = malloc(sizeof(float) * (size_t)(M * ng));
+        if (sums == NULL)
+            abort();
+        group_sums(x, M, K, G, sums);
+    }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         float out[Q4_ROWS];
         for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS) {
             const int rows = M - m0 < Q4_ROWS ? (int)(M - m0) : Q4_ROWS;
-            q8_row(x, q + n * K, scale + n * ng, m0, rows, K, G, out);
+            q8_row(x, q + n * K, scale + n * ng, offset != NULL ? offset + n * ng : NULL, sums, m0,
+                   rows, K, G, out);
             for (int r = 0; r < rows; r++)
                 y[(m0 + r) * N + n] = out[r] + (bias != NULL ? bias[n] : 0.0f);
         }
     }
+    free(sums);
 }
 
 /* Larger batches (GEMM_MIN_ROWS and more), for which q4_rows' passes do poorly: there each block
@@ -258,36 +288,41 @@ static void dequant_q4(const void *w, const float *scale, const float *offset, i
     }
 }
 
-/* Row n of an 8-bit weight (int8 [N, K], scale [N, K/G]) as K float32s: dequant_q8 for G = 32
- * (Q8_0), dequant_q8g16 for G = 16 (Q6_K's). */
-static inline __attribute__((always_inline)) void dequant_8bit(const int8_t *q,
-                                                               const float *scale, int64_t K,
-                                                               const int G, float *out) {
+/* Row n of an 8-bit weight (int8 [N, K], scale and offset [N, K/G], offset NULL for none) as K
+ * float32s: dequant_q8 for G = 32 (Q8_0, the 5-bit types), dequant_q8g16 for G = 16 (Q6_K's).
+ * scale * q is exact for a GGUF's, so with an offset the one rounding is the add's, fused or
+ * not. */
+static inline __attribute__((always_inline)) void
+dequant_8bit(const int8_t *q, const float *scale, const float *offset, int64_t K, const int G,
+             float *out) {
     for (int64_t g = 0; g < K / G; g++) {
 #if defined(__AVX2__) && defined(__FMA__)
         const __m256 s = _mm256_set1_ps(scale[g]);
+        const __m256 f = _mm256_set1_ps(offset != NULL ? offset[g] : 0.0f);
         for (int i = 0; i < G / 8; i++) {
             const __m128i v = _mm_loadl_epi64((const __m128i *)(q + g * G + 8 * i));
-            _mm256_storeu_ps(out + g * G + 8 * i,
-                             _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))));
+            const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+            _mm256_storeu_ps(out + g * G + 8 * i, offset != NULL ? _mm256_fmadd_ps(s, w, f)
+                                                                 : _mm256_mul_ps(s, w));
         }
 #else
         for (int j = 0; j < G; j++)
-            out[g * G + j] = scale[g] * (float)q[g * G + j];
+            out[g * G + j] = offset != NULL ? scale[g] * (float)q[g * G + j] + offset[g]
+                                            : scale[g] * (float)q[g * G + j];
 #endif
     }
 }
 
 static void dequant_q8(const void *w, const float *scale, const float *offset, int64_t n,
                        int64_t K, float *out) {
-    (void)offset;
-    dequant_8bit((const int8_t *)w + n * K, scale + n * (K / 32), K, 32, out);
+    dequant_8bit((const int8_t *)w + n * K, scale + n * (K / 32),
+                 offset != NULL ? offset + n * (K / 32) : NULL, K, 32, out);
 }
 
 static void dequant_q8g16(const void *w, const float *scale, const float *offset, int64_t n,
                           int64_t K, float *out) {
-    (void)offset;
-    dequant_8bit((const int8_t *)w + n * K, scale + n * (K / 16), K, 16, out);
+    dequant_8bit((const int8_t *)w + n * K, scale + n * (K / 16),
+                 offset != NULL ? offset + n * (K / 16) : NULL, K, 16, out);
 }
 
 /* Rows r0 .. r1 - 1 of x [M, K] into tiles: rows m0 .. m0 + width - 1 at xt + m0 * K as
@@ -464,12 +499,13 @@ void q4_linear(const float *x, const uint8_t *nib, const float *scale, const flo
     free(sums);
 }
 
-void q8_linear(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
-               int64_t M, int64_t N, int64_t K, int group, int num_threads) {
+void q8_linear(const float *x, const int8_t *q, const float *scale, const float *offset,
+               const float *bias, float *y, int64_t M, int64_t N, int64_t K, int group,
+               int num_threads) {
     if (group != 32 && group != 16)
         abort(); /* the binding passes K over the scales' count: 32 or 16 */
     if (M < GEMM_MIN_ROWS) {
-        q8_small(x, q, scale, bias, y, M, N, K, group, num_threads);
+        q8_small(x, q, scale, offset, bias, y, M, N, K, group, num_threads);
         return;
     }
     float *xt = aligned_alloc(64, sizeof(float) * (size_t)q4_prepared_floats(M, K));
@@ -479,8 +515,8 @@ void q8_linear(const float *x, const int8_t *q, const float *scale, const float 
 #pragma omp parallel num_threads(num_threads)
     {
         const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        gemm_columns(xt, q, scale, NULL, group == 32 ? dequant_q8 : dequant_q8g16, bias, y, M, N,
-                     K, N * tid / nth, N * (tid + 1) / nth);
+        gemm_columns(xt, q, scale, offset, group == 32 ? dequant_q8 : dequant_q8g16, bias, y, M,
+                     N, K, N * tid / nth, N * (tid + 1) / nth);
     }
     free(xt);
 }

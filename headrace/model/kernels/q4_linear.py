@@ -1,5 +1,5 @@
 """The binding of q4_linear.c: float32 linears reading GGUF 4-bit (Q4_0, Q4_1, Q4_K) and 8-bit
-(Q8_0, Q6_K) blocks."""
+(Q8_0, Q6_K, and the 5-bit types as int8) blocks."""
 
 from __future__ import annotations
 
@@ -44,19 +44,28 @@ class Q4Linears:
         return y
 
     def q8_linear(
-        self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [M, K] float32 @ W.T (+ bias), W = scale * q, q int8 [N, K], a scale per 32
-        weights (Q8_0) or per 16 (Q6_K's): scale [N, K/32] or [N, K/16]."""
+        """x [M, K] float32 @ W.T (+ bias), W = scale * q (+ offset), q int8 [N, K], a scale
+        (and offset) per 32 weights (Q8_0, the 5-bit types) or per 16 (Q6_K's): [N, K/32] or
+        [N, K/16] float32."""
         x = x.contiguous()
         m, k = x.shape
         n = q.shape[0]
         group = k // scale.shape[1]
         if group not in (16, 32) or scale.shape[1] * group != k:
             raise ValueError(f"q8_linear: a scale per 16 or 32 weights, not {k}/{scale.shape[1]}")
+        if offset is not None and offset.shape != scale.shape:
+            raise ValueError("q8_linear: an offset for each scale")
         y = torch.empty(m, n, dtype=torch.float32)
         self.c.q8_linear(
             x.data_ptr(), q.data_ptr(), scale.data_ptr(),
+            None if offset is None else offset.data_ptr(),
             None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k, group,
             torch.get_num_threads(),
         )  # fmt: skip
