@@ -1,6 +1,6 @@
 """A decode step's decoder layers in one C call (kernels/decode_step.c), where every linear is an
-AmxLinear (bf16, AMX tiles) or every one a Q4Linear (the GGUF's 4-bit blocks, float32
-activations whatever the weights' dtype).
+AmxLinear (bf16, AMX tiles) or every one reads GGUF blocks in float32 (Q4Linear, Q8Linear, or a
+SplitLinear of those: float32 activations whatever the weights' dtype).
 
 Layer by layer, a decode step makes ~9 kernel calls per layer from Python, each its own OpenMP
 parallel region. With the engine's OMP_WAIT_POLICY=PASSIVE (idle threads sleep, leaving the
@@ -23,8 +23,19 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from headrace.model.attention import AttentionMetadata
-from headrace.model.kernels import W_Q4F32, DecodeLayer, Kernels, Q4Weight, weight_format
-from headrace.model.layers import AmxLinear, Q4Linear
+from headrace.model.kernels import (
+    W_Q4F32,
+    W_Q8F32,
+    W_SPLIT,
+    DecodeLayer,
+    Kernels,
+    LinearPart,
+    Q4Weight,
+    Q8Weight,
+    SplitWeight,
+    weight_format,
+)
+from headrace.model.layers import AmxLinear, Q4Linear, Q8Linear, SplitLinear
 
 if TYPE_CHECKING:
     from headrace.model.llama import LlamaDecoderLayer, LlamaForCausalLM
@@ -56,7 +67,8 @@ class FusedDecode:
         self.max_rows = max_rows
         self.f32 = f32  # Q4Linears: float32 activations (else AmxLinears: bf16)
         self._layers: ctypes.Array[DecodeLayer] | None = None
-        self._q4: list[Q4Weight] = []  # what the layer table points to for Q4Linears
+        # what the layer table points to for float32 linears (kept alive with it)
+        self._weights: list[ctypes.Structure | ctypes.Array[LinearPart]] = []
         self._caches_key: tuple[int, ...] = ()
         # for the most rows `takes` lets through (~4.6 MB for SmolLM2 on AMX)
         most = kernels.decode_layers_scratch(max_rows, *self.dims, self.f32)
@@ -75,8 +87,9 @@ class FusedDecode:
         amx = all(isinstance(x, AmxLinear) and x.out_dtype == dtype for x in linears)
         if dtype == torch.bfloat16 and kernels.amx and amx:
             return FusedDecode(model, kernels, AmxLinear.max_rows, f32=False)
-        if all(isinstance(x, Q4Linear) for x in linears):
-            most = min(x.max_rows for x in linears if isinstance(x, Q4Linear))
+        readers = [p for x in linears for p in (x.parts if isinstance(x, SplitLinear) else [x])]
+        if all(isinstance(x, Q4Linear | Q8Linear) for x in readers):
+            most = min(cast("Q4Linear | Q8Linear", x).max_rows for x in readers)
             return FusedDecode(model, kernels, most, f32=True)
         return None
 
@@ -129,28 +142,44 @@ class FusedDecode:
 
         table = (DecodeLayer * len(kv_caches))()
         layers = _decoder_layers(self.model)
-        self._q4 = []
+        self._weights = []
+
+        def keep(struct: ctypes.Structure) -> int:
+            self._weights.append(struct)
+            return ctypes.addressof(struct)
 
         def weight(x: torch.nn.Module) -> tuple[int | None, int]:
             """A linear's weight address and format for the table."""
             if isinstance(x, Q4Linear):
                 q4 = Q4Weight(addr(x.q4.nibbles), addr(x.q4.scale), addr(x.q4.offset))
-                self._q4.append(q4)
-                return ctypes.addressof(q4), W_Q4F32
+                return keep(q4), W_Q4F32
+            if isinstance(x, Q8Linear):
+                group = x.q.shape[1] // x.scale.shape[1]
+                q8 = Q8Weight(addr(x.q), addr(x.scale), addr(x.offset), group)
+                return keep(q8), W_Q8F32
+            if isinstance(x, SplitLinear):
+                parts = (LinearPart * len(x.parts))()
+                self._weights.append(parts)
+                for entry, part in zip(parts, x.parts, strict=True):
+                    reader = cast("Q4Linear | Q8Linear", part)
+                    entry.weight, entry.fmt = weight(reader)
+                    entry.bias, entry.rows = addr(reader.bias), reader.out_features
+                return keep(SplitWeight(ctypes.addressof(parts), len(parts))), W_SPLIT
             assert isinstance(x, AmxLinear)
             return addr(x.packed), weight_format(x.packed)
 
         for entry, layer, cache in zip(table, layers, kv_caches, strict=True):
             assert cache.dtype in (torch.float32, torch.bfloat16) and cache.is_contiguous()
-            qkv, o, gate_up, down = (cast("AmxLinear | Q4Linear", x) for x in layer_linears(layer))
+            qkv, o, gate_up, down = layer_linears(layer)
             entry.input_norm = addr(layer.input_layernorm.weight)
             entry.post_norm = addr(layer.post_attention_layernorm.weight)
             entry.qkv, entry.qkv_fmt = weight(qkv)
             entry.o, entry.o_fmt = weight(o)
             entry.gate_up, entry.gate_up_fmt = weight(gate_up)
             entry.down, entry.down_fmt = weight(down)
-            entry.qkv_bias, entry.o_bias = addr(qkv.bias), addr(o.bias)
-            entry.gate_up_bias, entry.down_bias = addr(gate_up.bias), addr(down.bias)
+            # (a SplitLinear has none: its parts have theirs)
+            bias = [addr(getattr(x, "bias", None)) for x in (qkv, o, gate_up, down)]
+            entry.qkv_bias, entry.o_bias, entry.gate_up_bias, entry.down_bias = bias
             entry.k_cache, entry.v_cache = addr(cache[0]), addr(cache[1])
         self._layers, self._caches_key = table, key
         return table

@@ -197,6 +197,7 @@ class _BlockLinear(nn.Module):
     def __init__(self, linear: nn.Linear, kernels: Kernels, keep_large: bool = True) -> None:
         super().__init__()
         self.kernels = kernels
+        self.out_features = linear.out_features
         self.large = linear if keep_large else None
         self.large_dtype = linear.weight.dtype
         # Against a float32 `large`, the kernels' panel product (9+ rows, 256-bit vectors)

@@ -13,10 +13,11 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 from headrace.model.attention import AttentionMetadata, build_group
 from headrace.model.backend import backend_kernels, select_backend
 from headrace.model.fused import FusedDecode
-from headrace.model.layers import AmxLinear, can_pack_linears
+from headrace.model.layers import AmxLinear, can_pack_linears, reads_blocks
 from headrace.model.loader import bundled_model_path, load_model, read_arch, use_block_linears
 from headrace.model.ops import ops_for
 from tests.backends import KERNEL_BUILDS, amx_kernels
+from tests.model.tiny_gguf import GGUF_MIXES, write_tiny_llama
 
 BLOCK = 4
 CASES = {
@@ -124,7 +125,7 @@ def _fused_and_layer_by_layer(model, arch, kernels, requests):
     tables = [list(range(b * width, (b + 1) * width)) for b in range(requests)]
     shape = (2, requests * width, BLOCK, arch.num_kv_heads, arch.head_dim)
     g = arch.num_heads // arch.num_kv_heads
-    dtype = model.embed_tokens.weight.dtype  # the cache has the weights' dtype
+    dtype = model.dtype  # the cache has the weights' dtype
     caches = {k: [torch.zeros(shape, dtype=dtype) for _ in range(arch.num_layers)]
               for k in ("fused", "layers")}  # fmt: skip
     prompts = [torch.randint(0, arch.vocab_size, (n,), generator=gen) for n in lens]
@@ -147,6 +148,27 @@ def _fused_and_layer_by_layer(model, arch, kernels, requests):
             hidden[kind] = torch.stack(steps)
     model.fused_decode = fused
     return hidden, caches
+
+
+@pytest.mark.parametrize("requests", [1, 7, 16, 25])
+@pytest.mark.parametrize("build", KERNEL_BUILDS)
+@pytest.mark.parametrize("mix", list(GGUF_MIXES))
+def test_fused_decode_over_gguf_mixes(tmp_path: Path, mix: str, build: str, requests: int):
+    """llama.cpp's mixes give layers of Q8Linears (Q6_K, the 5-bit types, Q8_0) and SplitLinears
+    (Q4_K_M's Q4_K q/k with a Q6_K v) besides Q4Linears: the fused step takes them too (W_Q8F32,
+    W_SPLIT), with the layer-by-layer bits, in few-row passes and the panel product."""
+    types, default, tied, kinds = GGUF_MIXES[mix]
+    path = write_tiny_llama(tmp_path / f"{mix}.gguf", types, tied=tied, default=default)
+    arch, source = read_arch(path)
+    cpu = select_backend(torch.device("cpu"), build)
+    model = load_model(path, arch, source, torch.float32, cpu, 256).model
+    found = {type(m).__name__ for m in model.modules() if reads_blocks(m)}
+    assert found == set(kinds)
+    assert model.fused_decode is not None and model.fused_decode.max_rows == 128
+    hidden, caches = _fused_and_layer_by_layer(model, arch, cpu.kernels, requests)
+    assert torch.equal(hidden["fused"], hidden["layers"])
+    for a, b in zip(caches["fused"], caches["layers"], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_four_bit_weights_give_the_bf16_bits() -> None:

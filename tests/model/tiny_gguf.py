@@ -125,3 +125,36 @@ def write_tiny_llama(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# llama.cpp's mixes: a Q4_K_M file keeps most linears Q4_K and some Q5_K / Q6_K, a Q5_K_M file
+# Q5_K and Q6_K; older and smaller files mix Q4_0, Q5_0 and Q8_0. Expected: the modules that
+# read blocks (a decoder linear whose parts all have 4-bit blocks is a Q4Linear, 8-bit (int8:
+# Q8_0, Q6_K, the 5-bit types) a Q8Linear, both a SplitLinear of one a part; the LM head reads
+# its own where it has them), and the kind that reads an untied embedding without float copies.
+GGUF_MIXES = {
+    "q4_k_m": (
+        dict(token_embd=Q.Q4_K, output=Q.Q6_K, ffn_down=Q.Q5_K, **{"attn_v.1": Q.Q6_K}),
+        Q.Q4_K,
+        False,
+        {"Q4Linear": 3 + 2 + 3, "Q8Linear": 1 + 1 + 1, "SplitLinear": 1},
+    ),
+    "q5_k_m": (
+        dict(token_embd=Q.Q5_K, output=Q.Q6_K, ffn_down=Q.Q6_K, **{"attn_v.1": Q.Q6_K}),
+        Q.Q5_K,
+        False,
+        {"Q8Linear": 4 + 4 + 1},
+    ),
+    "tied-q4_k-with-q5_0-q5_1-q8_0": (
+        dict(
+            token_embd=Q.Q4_K,
+            attn_k=Q.Q4_0,
+            ffn_up=Q.Q5_0,
+            **{"attn_output.1": Q.Q8_0},
+            **{"ffn_down.1": Q.Q5_1},
+        ),
+        Q.Q4_K,
+        True,
+        {"Q4Linear": 4 + 2 + 1, "Q8Linear": 1 + 2, "SplitLinear": 1},
+    ),
+}

@@ -30,11 +30,18 @@ from __future__ import annotations
 import ctypes
 
 from headrace.model.kernels.amx_linear import AmxLinears, weight_format
-from headrace.model.kernels.api import API, DTYPES, W_BF16, W_Q4, W_Q4F32, bind
+from headrace.model.kernels.api import API, DTYPES, W_BF16, W_Q4, W_Q4F32, W_Q8F32, W_SPLIT, bind
 from headrace.model.kernels.api import read_api as read_api
 from headrace.model.kernels.build import build, openmp_runtimes
 from headrace.model.kernels.decode_attention import DecodeAttention
-from headrace.model.kernels.decode_step import DecodeLayer, DecodeStep, Q4Weight
+from headrace.model.kernels.decode_step import (
+    DecodeLayer,
+    DecodeStep,
+    LinearPart,
+    Q4Weight,
+    Q8Weight,
+    SplitWeight,
+)
 from headrace.model.kernels.elementwise import Elementwise
 from headrace.model.kernels.prefill_attention import PrefillAttention
 from headrace.model.kernels.q4_linear import Q4Linears, Q4Packed
@@ -58,6 +65,7 @@ def build_kernels(extra_flags: tuple[str, ...] = ()) -> Kernels:
 
 
 __all__ = [
-    "API", "DTYPES", "W_BF16", "W_Q4", "W_Q4F32", "DecodeLayer", "Kernels",
-    "Q4Packed", "Q4Weight", "build_kernels", "openmp_runtimes", "read_api", "weight_format",
+    "API", "DTYPES", "W_BF16", "W_Q4", "W_Q4F32", "W_Q8F32", "W_SPLIT", "DecodeLayer", "Kernels",
+    "LinearPart", "Q4Packed", "Q4Weight", "Q8Weight", "SplitWeight", "build_kernels",
+    "openmp_runtimes", "read_api", "weight_format",
 ]  # fmt: skip

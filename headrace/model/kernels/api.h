@@ -61,15 +61,34 @@ HR_API void q8_linear(const float *x, const int8_t *q, const float *scale, const
                       int num_threads);
 
 /* decode_step.c: every decoder layer of a decode step in one call. A W_Q4F32 linear is a
- * q4_weight (q4_linear's layout); W_BF16 and W_Q4 are amx_linear's packed tiles. */
+ * q4_weight (q4_linear's layout), a W_Q8F32 one a q8_weight (q8_linear's), a W_SPLIT one a
+ * split_weight: parts of those two kinds, each with its rows of the output and its bias, one
+ * after another. W_BF16 and W_Q4 are amx_linear's packed tiles. */
 #define W_BF16 0
 #define W_Q4 1
 #define W_Q4F32 2
+#define W_Q8F32 3
+#define W_SPLIT 4
 #define Q4_TILE_BYTES 320 /* a W_Q4 tile (amx.h) */
 typedef struct {
     const uint8_t *nibbles;
     const float *scale, *offset;
 } q4_weight;
+typedef struct {
+    const int8_t *q;
+    const float *scale, *offset;
+    int64_t group;
+} q8_weight;
+typedef struct {
+    const void *weight;
+    const float *bias;
+    int64_t rows;
+    int fmt;
+} linear_part;
+typedef struct {
+    const linear_part *parts;
+    int64_t count;
+} split_weight;
 /* One decoder layer: RMSNorm weights float32 [hidden]; linears with float32 biases or NULL, and
  * each one's format; the layer's K and V caches. */
 typedef struct {

@@ -60,8 +60,11 @@ def read_api(text: str) -> CApi:
 
 API = read_api(API_HEADER.read_text())
 # amx_linear's weight formats: what amx_pack and amx_pack_q4 return; and decode_layers'
-# W_Q4F32, a Q4Packed weight (q4_linear's) behind a Q4Weight
-W_BF16, W_Q4, W_Q4F32 = (API.constants[n] for n in ("W_BF16", "W_Q4", "W_Q4F32"))
+# W_Q4F32, a Q4Packed weight (q4_linear's) behind a Q4Weight, W_Q8F32, a Q8Linear's behind a
+# Q8Weight, and W_SPLIT, parts of those behind a SplitWeight
+W_BF16, W_Q4, W_Q4F32, W_Q8F32, W_SPLIT = (
+    API.constants[n] for n in ("W_BF16", "W_Q4", "W_Q4F32", "W_Q8F32", "W_SPLIT")
+)
 
 
 def bind(lib: ctypes.CDLL) -> Any:

@@ -246,12 +246,21 @@ void rope_rows(const void *qkv, int qkv_bf16, const int64_t *positions, const fl
                int kv_bf16, int64_t t0, int64_t t1, int64_t H, int64_t KH, int64_t D);
 void silu_rows(const void *x, void *out, int io_bf16, int64_t t0, int64_t t1, int64_t I);
 
-/* q4_linear.c: q4_linear in the two halves decode_step.c calls apart */
+/* q4_linear.c: q4_linear in the two halves decode_step.c calls apart. From GEMM_MIN_ROWS rows of
+ * x on, the panel product: at 9-16 rows it took 0.5-0.9 of q4_rows' time, at 8 and fewer up to
+ * 1.6x it (the bundled model's shapes, 2 threads). */
+#define GEMM_MIN_ROWS 9
 int64_t q4_prepared_floats(int64_t M, int64_t K);
 void q4_prepare(const float *x, int64_t M, int64_t K, int64_t r0, int64_t r1, float *xp,
                 float *sums);
 void q4_columns(const float *xp, const float *sums, const uint8_t *nib, const float *scale,
                 const float *offset, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                 int64_t n0, int64_t n1);
+/* and q8_linear's: x the rows as they are (few rows), xp q4_prepare's (the panel product's
+ * tiles), sums the sums of each group of `group` of x (group_sums; read only with offsets) */
+void group_sums(const float *x, int64_t M, int64_t K, int G, float *sums);
+void q8_columns(const float *x, const float *xp, const float *sums, const int8_t *q,
+                const float *scale, const float *offset, int G, const float *bias, float *y,
+                int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1);
 
 #endif /* HEADRACE_COMMON_H */

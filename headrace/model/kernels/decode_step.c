@@ -74,7 +74,7 @@ static void step_barrier_wait(step_barrier *b) {
 typedef struct {
     float *res[2], *q; /* the residual stream (in, out), rotated q */
     void *h, *qkv, *attn, *gate_up, *act, *mlp; /* mlp: o_proj's output, then the MLP's */
-    float *xp, *sums;
+    float *xp, *sums, *sums16; /* sums16: per 16 of x, for W_Q8F32 groups of 16 with offsets */
 } decode_buffers;
 
 /* The next `bytes` of the scratch at `base` (NULL: only counted) from offset *at. */
@@ -102,6 +102,7 @@ static int64_t decode_buffers_at(char *base, decode_buffers *b, int64_t T, int64
     b->mlp = carve(base, &at, e * T * hidden);
     b->xp = f32 ? carve(base, &at, 4 * q4_prepared_floats(T, most_k)) : NULL;
     b->sums = f32 ? carve(base, &at, 4 * T * (most_k / 32)) : NULL;
+    b->sums16 = f32 ? carve(base, &at, 4 * T * (most_k / 16)) : NULL;
     return at;
 }
 
@@ -112,18 +113,47 @@ int64_t decode_layers_scratch(int64_t T, int64_t hidden, int64_t H, int64_t KH, 
     return decode_buffers_at(NULL, &b, T, hidden, H, KH, D, I, f32);
 }
 
-/* This thread's share of a layer's linear y [T, N] = x [T, K] . W^T (+ bias): runs of 16 columns
- * taken from the shared counter. x: q4_prepare's rows (xp, sums) for W_Q4F32, else the bf16
- * activations as amx_linear reads them (tiles configured in this thread). */
-static void layer_linear(const void *x, const float *sums, const void *w, int fmt,
-                         const float *bias, void *y, int64_t T, int64_t N, int64_t K, int64_t nth,
-                         atomic_llong *next) {
+/* Columns n0 .. n1 - 1 of a W_Q4F32 or W_Q8F32 linear's output y [T, N] (row stride N). */
+static void block_columns(const decode_buffers *b, const float *x, const void *w, int fmt,
+                          const float *bias, float *y, int64_t T, int64_t N, int64_t K,
+                          int64_t n0, int64_t n1) {
     if (fmt == W_Q4F32) {
         const q4_weight *q = w;
+        q4_columns(b->xp, b->sums, q->nibbles, q->scale, q->offset, bias, y, T, N, K, n0, n1);
+    } else {
+        const q8_weight *q = w;
+        const int G = (int)q->group;
+        q8_columns(x, b->xp, G == 32 ? b->sums : b->sums16, q->q, q->scale, q->offset, G, bias, y,
+                   T, N, K, n0, n1);
+    }
+}
+
+/* This thread's share of a layer's linear y [T, N] = x [T, K] . W^T (+ bias): runs of 16 columns
+ * taken from the shared counter. Float32 linears read x (the activations as they are) or b's
+ * q4_prepare rows; a W_SPLIT linear's run is cut where its parts meet, each part writing its
+ * columns of y. AMX: x is the bf16 activations as amx_linear reads them (tiles configured in
+ * this thread). */
+static void layer_linear(const decode_buffers *b, const void *x, const void *w, int fmt,
+                         const float *bias, void *y, int64_t T, int64_t N, int64_t K, int64_t nth,
+                         atomic_llong *next) {
+    if (fmt == W_Q4F32 || fmt == W_Q8F32 || fmt == W_SPLIT) {
         const int64_t NB = (N + 15) / 16;
-        for (int64_t begin, end; (begin = take_blocks(next, NB, nth, &end)) < NB;)
-            q4_columns(x, sums, q->nibbles, q->scale, q->offset, bias, y, T, N, K, begin * 16,
-                       end * 16 < N ? end * 16 : N);
+        for (int64_t begin, end; (begin = take_blocks(next, NB, nth, &end)) < NB;) {
+            const int64_t n0 = begin * 16, n1 = end * 16 < N ? end * 16 : N;
+            if (fmt != W_SPLIT) {
+                block_columns(b, x, w, fmt, bias, y, T, N, K, n0, n1);
+                continue;
+            }
+            const split_weight *split = w;
+            for (int64_t p = 0, c0 = 0; p < split->count; c0 += split->parts[p++].rows) {
+                const linear_part *part = split->parts + p;
+                const int64_t c1 = c0 + part->rows;
+                const int64_t lo = n0 > c0 ? n0 : c0, hi = n1 < c1 ? n1 : c1;
+                if (lo < hi) /* the part's columns from c0: its weight's rows from 0 */
+                    block_columns(b, x, part->weight, part->fmt, part->bias, (float *)y + c0, T,
+                                  N, K, lo - c0, hi - c0);
+            }
+        }
         return;
     }
 #ifdef HAVE_AMX
@@ -133,11 +163,15 @@ static void layer_linear(const void *x, const float *sums, const void *w, int fm
 #endif
 }
 
-/* Rows r0 .. r1 - 1 of x [T, K] prepared for a W_Q4F32 linear (nothing for AMX). */
+/* Rows r0 .. r1 - 1 of x [T, K] prepared for float32 linears (nothing for AMX): q4_prepare's,
+ * and for few rows the sums of each 16 of x too. */
 static void prepare_rows(const decode_buffers *b, int f32, const void *x, int64_t T, int64_t r0,
                          int64_t r1, int64_t K) {
-    if (f32 && r1 > r0)
+    if (f32 && r1 > r0) {
         q4_prepare((const float *)x, T, K, r0, r1, b->xp, b->sums);
+        if (T < GEMM_MIN_ROWS) /* the 8-bit columns then read x, and these sums */
+            group_sums((const float *)x + r0 * K, r1 - r0, K, 16, b->sums16 + r0 * (K / 16));
+    }
 }
 
 /* embeds: [T, hidden], the tokens' embeddings (bf16 for AMX linears, float32 for W_Q4F32); out:
@@ -152,16 +186,13 @@ void decode_layers(const decode_layer *layers, int64_t L, const void *embeds,
                    int64_t hidden, int64_t H, int64_t KH, int64_t D, int64_t I,
                    int64_t block_size, float scale, int kv_bf16, void *scratch,
                    int num_threads) {
-    const int f32 = layers[0].qkv_fmt == W_Q4F32, bf = !f32; /* bf: bf16 activations */
+    const int f32 = layers[0].qkv_fmt >= W_Q4F32, bf = !f32; /* bf: bf16 activations */
     const int64_t QKV = (H + 2 * KH) * D;
     decode_buffers buf;
     decode_buffers_at(scratch, &buf, T, hidden, H, KH, D, I, f32);
     float **res = buf.res, *q = buf.q;
     void *h = buf.h, *qkv = buf.qkv, *attn = buf.attn, *gate_up = buf.gate_up;
     void *act = buf.act, *mlp = buf.mlp;
-    /* what each linear reads: q4_prepare's copy, or the activations themselves */
-    const void *h_in = f32 ? (void *)buf.xp : h, *attn_in = f32 ? (void *)buf.xp : attn;
-    const void *act_in = f32 ? (void *)buf.xp : act;
     const int64_t max_len = max_of(ctx_lens, T);
     step_barrier barrier = {.threads = 0};
 #pragma omp parallel num_threads(num_threads)
@@ -183,7 +214,7 @@ void decode_layers(const decode_layer *layers, int64_t L, const void *embeds,
                      res[0], h, bf, r0, r1, hidden);
             prepare_rows(&buf, f32, h, T, r0, r1, hidden);
             step_barrier_wait(&barrier);
-            layer_linear(h_in, buf.sums, ly->qkv, ly->qkv_fmt, ly->qkv_bias, qkv, T, QKV, hidden,
+            layer_linear(&buf, h, ly->qkv, ly->qkv_fmt, ly->qkv_bias, qkv, T, QKV, hidden,
                          nth, &barrier.next_block);
             step_barrier_wait(&barrier);
             rope_rows(qkv, bf, positions, cos, sin, slots, q, ly->k_cache, ly->v_cache, kv_bf16,
@@ -197,19 +228,19 @@ void decode_layers(const decode_layer *layers, int64_t L, const void *embeds,
                 prepare_rows(&buf, f32, attn, T, r0, r1, H * D);
                 step_barrier_wait(&barrier);
             }
-            layer_linear(attn_in, buf.sums, ly->o, ly->o_fmt, ly->o_bias, mlp, T, hidden, H * D,
+            layer_linear(&buf, attn, ly->o, ly->o_fmt, ly->o_bias, mlp, T, hidden, H * D,
                          nth, &barrier.next_block);
             step_barrier_wait(&barrier);
             rms_rows(mlp, bf, res[0], ly->post_norm, eps, res[1], h, bf, r0, r1, hidden);
             prepare_rows(&buf, f32, h, T, r0, r1, hidden);
             step_barrier_wait(&barrier);
-            layer_linear(h_in, buf.sums, ly->gate_up, ly->gate_up_fmt, ly->gate_up_bias, gate_up,
+            layer_linear(&buf, h, ly->gate_up, ly->gate_up_fmt, ly->gate_up_bias, gate_up,
                          T, 2 * I, hidden, nth, &barrier.next_block);
             step_barrier_wait(&barrier);
             silu_rows(gate_up, act, bf, r0, r1, I);
             prepare_rows(&buf, f32, act, T, r0, r1, I);
             step_barrier_wait(&barrier);
-            layer_linear(act_in, buf.sums, ly->down, ly->down_fmt, ly->down_bias, mlp, T, hidden,
+            layer_linear(&buf, act, ly->down, ly->down_fmt, ly->down_bias, mlp, T, hidden,
                          I, nth, &barrier.next_block);
             step_barrier_wait(&barrier);
         }

@@ -24,6 +24,25 @@ class Q4Weight(ctypes.Structure):
     _fields_ = API.structs["q4_weight"]
 
 
+class Q8Weight(ctypes.Structure):
+    """api.h's q8_weight: a Q8Linear's int8 weight, scales and offsets (or NULL) and its group,
+    as decode_layers reads a W_Q8F32 linear."""
+
+    _fields_ = API.structs["q8_weight"]
+
+
+class LinearPart(ctypes.Structure):
+    """api.h's linear_part: one part of a W_SPLIT linear (its weight, bias, rows and format)."""
+
+    _fields_ = API.structs["linear_part"]
+
+
+class SplitWeight(ctypes.Structure):
+    """api.h's split_weight: a W_SPLIT linear's parts, as an array of LinearPart."""
+
+    _fields_ = API.structs["split_weight"]
+
+
 class DecodeStep:
     """Kernels' methods over decode_step.c."""
 

@@ -139,7 +139,7 @@ int q4_linear_vector_bits(void) {
 /* q8_linear: W[n, k] = scale[n, k / G] * q[n, k] (+ offset[n, k / G]), q int8 [N, K], scale and
  * offset float32 [N, K/G], G 32 or 16 (each block of 32 then has two scales). With offsets, the
  * offset's share of a row's sum is offset . sums, sums the per-group sums of x (group_sums). */
-static void group_sums(const float *x, int64_t M, int64_t K, int G, float *sums) {
+void group_sums(const float *x, int64_t M, int64_t K, int G, float *sums) {
     for (int64_t i = 0; i < M * (K / G); i++) {
         float s = 0.0f;
         for (int j = 0; j < G; j++)
@@ -224,24 +224,18 @@ static void q8_row(const float *x, const int8_t *q, const float *scale, const fl
 static void q8_small(const float *x, const int8_t *q, const float *scale, const float *offset,
                      const float *bias, float *y, int64_t M, int64_t N, int64_t K, int G,
                      int num_threads) {
-    const int64_t ng = K / G;
     float *sums = NULL;
     if (offset != NULL) {
-        sums = malloc(sizeof(float) * (size_t)(M * ng));
+        sums = malloc(sizeof(float) * (size_t)(M * (K / G)));
         if (sums == NULL)
             abort();
         group_sums(x, M, K, G, sums);
     }
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float out[Q4_ROWS];
-        for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS) {
-            const int rows = M - m0 < Q4_ROWS ? (int)(M - m0) : Q4_ROWS;
-            q8_row(x, q + n * K, scale + n * ng, offset != NULL ? offset + n * ng : NULL, sums, m0,
-                   rows, K, G, out);
-            for (int r = 0; r < rows; r++)
-                y[(m0 + r) * N + n] = out[r] + (bias != NULL ? bias[n] : 0.0f);
-        }
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        q8_columns(x, NULL, sums, q, scale, offset, G, bias, y, M, N, K, N * tid / nth,
+                   N * (tid + 1) / nth);
     }
     free(sums);
 }
@@ -429,10 +423,6 @@ static void gemm_columns(const float *xt, const void *w, const float *scale, con
     free(panel);
 }
 
-/* From this many rows of x on, the panel product: at 9-16 rows it took 0.5-0.9 of q4_rows'
- * time, at 8 and fewer up to 1.6x it (the bundled model's shapes, 2 threads). */
-#define GEMM_MIN_ROWS 9
-
 /* The float32s q4_prepare writes to xp for M rows of K. */
 int64_t q4_prepared_floats(int64_t M, int64_t K) {
     return M < GEMM_MIN_ROWS ? M * K : (M + 15) / 16 * 16 * K;
@@ -497,6 +487,29 @@ void q4_linear(const float *x, const uint8_t *nib, const float *scale, const flo
     }
     free(xp);
     free(sums);
+}
+
+/* Columns n0 .. n1 - 1 of y [M, N] = x . W^T (+ bias) for an 8-bit weight: few rows from x as it
+ * is (and, with offsets, sums: group_sums of x), more from xp, q4_prepare's tiles of x. The same
+ * arithmetic as q8_linear's, column by column. */
+void q8_columns(const float *x, const float *xp, const float *sums, const int8_t *q,
+                const float *scale, const float *offset, int G, const float *bias, float *y,
+                int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    if (M >= GEMM_MIN_ROWS) {
+        gemm_columns(xp, q, scale, offset, G == 32 ? dequant_q8 : dequant_q8g16, bias, y, M, N, K,
+                     n0, n1);
+        return;
+    }
+    const int64_t ng = K / G;
+    float out[Q4_ROWS];
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS) {
+            const int rows = M - m0 < Q4_ROWS ? (int)(M - m0) : Q4_ROWS;
+            q8_row(x, q + n * K, scale + n * ng, offset != NULL ? offset + n * ng : NULL, sums, m0,
+                   rows, K, G, out);
+            for (int r = 0; r < rows; r++)
+                y[(m0 + r) * N + n] = out[r] + (bias != NULL ? bias[n] : 0.0f);
+        }
 }
 
 void q8_linear(const float *x, const int8_t *q, const float *scale, const float *offset,
