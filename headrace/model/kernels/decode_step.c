@@ -7,9 +7,10 @@
  * (phases end close together) and only then sleeps. The arithmetic is that of the separate
  * kernels, in the same order, so the results are the same bits.
  *
- * Two kinds of linears, the same for every layer: AMX tiles (W_BF16, W_Q4; bf16 activations,
- * at most 128 requests) or q4_columns (W_Q4F32: the GGUF's 4-bit blocks, float32 activations,
- * as many requests as the Q4Linears take: 128, or 16 over bf16 weights or on AVX-512). */
+ * Two kinds of linears, one for every layer: AMX tiles (W_BF16, W_Q4; bf16 activations, at most
+ * 128 requests) or the GGUF's blocks in float32 (float32 activations, as many requests as the
+ * block linears take: 128, or 16 over bf16 weights or on AVX-512): q4_columns for 4-bit blocks
+ * (W_Q4F32), q8_columns for int8 ones (W_Q8F32), and parts of the two in one linear (W_SPLIT). */
 #include <limits.h>
 #include <linux/futex.h>
 #include <omp.h>
@@ -68,9 +69,9 @@ static void step_barrier_wait(step_barrier *b) {
 }
 
 /* decode_layers' buffers, carved one after another out of its scratch, each 64-byte aligned;
- * activations are bf16 (AMX) or float32 (W_Q4F32). Those an amx_linear reads (h, attn, act) have
- * room for T rounded up to 16 rows; xp and sums hold q4_prepare's rows of the input of the
- * W_Q4F32 linear at hand. */
+ * activations are bf16 (AMX) or float32 (block linears). Those an amx_linear reads (h, attn, act)
+ * have room for T rounded up to 16 rows; xp and sums hold q4_prepare's rows of the input of the
+ * block linear at hand, sums16 its sums per 16. */
 typedef struct {
     float *res[2], *q; /* the residual stream (in, out), rotated q */
     void *h, *qkv, *attn, *gate_up, *act, *mlp; /* mlp: o_proj's output, then the MLP's */
@@ -106,7 +107,7 @@ static int64_t decode_buffers_at(char *base, decode_buffers *b, int64_t T, int64
     return at;
 }
 
-/* The scratch decode_layers needs for T tokens, in bytes (f32: W_Q4F32 linears). */
+/* The scratch decode_layers needs for T tokens, in bytes (f32: block linears). */
 int64_t decode_layers_scratch(int64_t T, int64_t hidden, int64_t H, int64_t KH, int64_t D,
                               int64_t I, int f32) {
     decode_buffers b;
@@ -174,7 +175,7 @@ static void prepare_rows(const decode_buffers *b, int f32, const void *x, int64_
     }
 }
 
-/* embeds: [T, hidden], the tokens' embeddings (bf16 for AMX linears, float32 for W_Q4F32); out:
+/* embeds: [T, hidden], the tokens' embeddings (bf16 for AMX linears, float32 for block ones); out:
  * [T, hidden] float32, the final RMSNorm (final_norm) of the last layer's output plus the
  * residual stream. positions, slots: [T]; block_table [T, W] and ctx_lens [T] as for
  * paged_decode_attention (token t is request t's new token). Biases, caches and dims as the

@@ -58,7 +58,7 @@ class DecodeStep:
         inter: int,
         f32: bool,
     ) -> int:
-        """Bytes of scratch decode_layers needs for `tokens` tokens (f32: W_Q4F32 linears)."""
+        """Bytes of scratch decode_layers needs for `tokens` tokens (f32: block linears)."""
         return int(
             self.c.decode_layers_scratch(tokens, hidden, heads, kv_heads, head_dim, inter, int(f32))
         )
@@ -81,7 +81,7 @@ class DecodeStep:
         scratch: torch.Tensor,
     ) -> torch.Tensor:
         """Every decoder layer of a decode step and the final norm in one call (C:
-        decode_layers): embeds [T, hidden] (bf16 for AMX linears, float32 for W_Q4F32), token
+        decode_layers): embeds [T, hidden] (bf16 for AMX linears, float32 for block ones), token
         t being request t's new token at positions[t], written to slots[t]; block_table [T, W],
         ctx_lens [T] int64. dims:
         (hidden, heads, kv_heads, head_dim, intermediate, block_size). Returns [T, hidden]
