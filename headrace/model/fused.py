@@ -11,8 +11,8 @@ The arithmetic is the separate kernels', in the same order: the hidden states ar
 as the layer-by-layer path (tests/model/test_fused.py).
 
 It takes steps of decodes only (one new token per request), up to the linears' max_rows of them
-(128 AMX; Q4 128 or 16, see layers._BlockLinear); any other step, and models whose linears are
-neither, keep the layer-by-layer path.
+(128 AMX; block linears 128 or 16, see layers._BlockLinear); any other step, and models whose
+linears are neither, keep the layer-by-layer path.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class FusedDecode:
         self.scale = cfg.head_dim**-0.5
         self.eps = model.norm.eps
         self.max_rows = max_rows
-        self.f32 = f32  # Q4Linears: float32 activations (else AmxLinears: bf16)
+        self.f32 = f32  # block linears: float32 activations (else AmxLinears: bf16)
         self._layers: ctypes.Array[DecodeLayer] | None = None
         # what the layer table points to for float32 linears (kept alive with it)
         self._weights: list[ctypes.Structure | ctypes.Array[LinearPart]] = []

@@ -39,6 +39,12 @@ def _f16(col: torch.Tensor) -> torch.Tensor:
     return col.contiguous().view(torch.float16).float()
 
 
+def split_nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bytes as their low nibbles, then their high ones, joined along `dim` (uint8 0-15): the
+    order in which every 4-bit GGUF type lays out a run of weights."""
+    return torch.cat([packed & 0xF, packed >> 4], dim=dim)
+
+
 def dequantize(
     raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
 ) -> torch.Tensor:
@@ -77,7 +83,7 @@ def _q4_fields(
     # Q4_0's offset is -8 scale: both products exact, so the same values as (q - 8) * scale.
     # Byte j holds weight j in its low nibble and weight j + 16 in its high nibble.
     packed = blocks[:, -16:]
-    q = torch.cat([packed & 0xF, packed >> 4], dim=1)
+    q = split_nibbles(packed, dim=1)
     scale = _f16(blocks[:, :2])
     offset = -8.0 * scale if qtype == Q.Q4_0 else _f16(blocks[:, 2:4])
     return q, scale, offset
@@ -96,7 +102,7 @@ def _q4k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     sc = torch.cat([low & 0x3F, (mixed & 0x0F) | ((low >> 6) << 4)], dim=1)
     m = torch.cat([high & 0x3F, (mixed >> 4) | ((high >> 6) << 4)], dim=1)
     nibbles = blocks[:, 16:].reshape(-1, 4, 1, 32)
-    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=2).reshape(-1, 32)
+    q = split_nibbles(nibbles, dim=2).reshape(-1, 32)
     scale = (d * sc.float()).reshape(-1, 1)
     offset = -(dmin * m.float()).reshape(-1, 1)
     return q, scale, offset
@@ -123,7 +129,7 @@ def _q8_fields(
         return blocks[:, 2:].contiguous().view(torch.int8), _f16(blocks[:, :2]), None
     if qtype == Q.Q6_K:
         low = blocks[:, :128].reshape(-1, 2, 1, 64)
-        low = torch.cat([low & 0xF, low >> 4], dim=2).reshape(-1, 8, 32)
+        low = split_nibbles(low, dim=2).reshape(-1, 8, 32)
         high = blocks[:, 128:192].reshape(-1, 2, 1, 32)
         high = torch.cat([(high >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(-1, 8, 32)
         q6 = (low | (high << 4)).to(torch.int16) - 32
@@ -136,8 +142,7 @@ def _q8_fields(
         fifth = torch.cat([(bits >> i) & 1 for i in range(8)], dim=1).reshape(-1, 32)
         return (q4 | (fifth << 4)).to(torch.int8), scale, offset
     # Q5_0 / Q5_1: d (and m), 4 bytes whose bit j is weight j's fifth, then Q4_0's nibbles
-    nibbles = blocks[:, -16:]  # as Q4_0's: weight j low, weight j + 16 high
-    q4 = torch.cat([nibbles & 0xF, nibbles >> 4], dim=1)
+    q4 = split_nibbles(blocks[:, -16:], dim=1)  # as Q4_0's: weight j low, weight j + 16 high
     at = 2 if qtype == Q.Q5_0 else 4
     word = blocks[:, at : at + 4].to(torch.int64)
     word = word[:, 0] | word[:, 1] << 8 | word[:, 2] << 16 | word[:, 3] << 24

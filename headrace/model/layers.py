@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from headrace.model.gguf import Q4Blocks, Q8Blocks
+from headrace.model.gguf import Q4Blocks, Q8Blocks, split_nibbles
 from headrace.model.kernels import W_Q4, Kernels, weight_format
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ class Q4Linear(_BlockLinear):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight, dequantized: [len(ids), K] float32, `dequantize`'s bits."""
         nibbles = self.q4.nibbles[ids]
-        q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).float()
+        q = split_nibbles(nibbles, dim=-1).float()
         w = q * self.q4.scale[ids][..., None] + self.q4.offset[ids][..., None]
         return w.reshape(len(ids), -1)
 

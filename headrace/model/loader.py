@@ -169,8 +169,8 @@ def load_model(
     alone: set[str] = set()
     if block_linears:
         assert gguf is not None
-        with_blocks = _block_linear_names(gguf, arch)
-        nbytes = dtype.itemsize * sum(_linear_numel(gguf, n) for n in with_blocks)
+        with_blocks = _block_linears(gguf, arch)
+        nbytes = dtype.itemsize * sum(with_blocks.values())
         if float_copies is None:
             float_copies = keeps_float_copies(nbytes, setting=envs.gguf_float_copies())
         if not float_copies:
@@ -332,7 +332,7 @@ def _layer_blocks(
         index, _, suffix = rest.partition(".")
         if layer != "layers" or suffix not in _FUSED_PARTS:
             return None
-        tensors = [f"model.layers.{index}.{part}.weight" for part in _FUSED_PARTS[suffix]]
+        tensors = _part_tensors(index, suffix)
         if any(source.block_bits(t) not in bits for t in tensors):
             return None
         return [cast("Q4Blocks | Q8Blocks", source.blocks(t)) for t in tensors]
@@ -354,28 +354,29 @@ def _q4_blocks(source: GGUFWeights) -> Callable[[str], Q4Blocks | None]:
     return blocks
 
 
-def _block_linear_names(gguf: GGUFWeights, arch: ArchConfig) -> list[str]:
-    """The linears (qualified names) that use_block_linears will give blocks: decoder linears
-    whose GGUF parts all have blocks (4- or 8-bit), and an untied LM head that has; and
-    `embed_tokens` where the embedding has (a BlockEmbedding when the copies are not made)."""
-    out = [
-        f"layers.{i}.{suffix}"
-        for i in range(arch.num_layers)
-        for suffix, parts in _FUSED_PARTS.items()
-        if all(gguf.block_bits(f"model.layers.{i}.{p}.weight") is not None for p in parts)
-    ]
-    if not arch.tie_word_embeddings and gguf.block_bits("lm_head.weight") is not None:
-        out.append("lm_head")
-    if gguf.block_bits("model.embed_tokens.weight") is not None:
-        out.append("embed_tokens")  # BlockEmbedding
+def _part_tensors(layer: int | str, suffix: str) -> list[str]:
+    """The GGUF tensors (HF names) a decoder linear (`mlp.gate_up_proj`) is joined from."""
+    return [f"model.layers.{layer}.{part}.weight" for part in _FUSED_PARTS[suffix]]
+
+
+def _block_linears(gguf: GGUFWeights, arch: ArchConfig) -> dict[str, int]:
+    """The linears (qualified names) that use_block_linears will give blocks, with their
+    weights' counts: decoder linears whose GGUF parts all have blocks (4- or 8-bit), an untied
+    LM head that has; and `embed_tokens` where the embedding has (a BlockEmbedding when the
+    copies are not made)."""
+    out = {}
+    for i in range(arch.num_layers):
+        for suffix in _FUSED_PARTS:
+            tensors = _part_tensors(i, suffix)
+            if all(gguf.block_bits(t) is not None for t in tensors):
+                out[f"layers.{i}.{suffix}"] = sum(gguf.numel(t) for t in tensors)
+    top = {"embed_tokens": "model.embed_tokens.weight"}
+    if not arch.tie_word_embeddings:
+        top["lm_head"] = "lm_head.weight"
+    for name, tensor in top.items():
+        if gguf.block_bits(tensor) is not None:
+            out[name] = gguf.numel(tensor)
     return out
-
-
-def _linear_numel(gguf: GGUFWeights, name: str) -> int:
-    if name in ("lm_head", "embed_tokens"):
-        return gguf.numel("lm_head.weight" if name == "lm_head" else "model.embed_tokens.weight")
-    layer, _, suffix = name.partition(".")[2].partition(".")
-    return sum(gguf.numel(f"model.layers.{layer}.{p}.weight") for p in _FUSED_PARTS[suffix])
 
 
 def available_memory() -> int | None:
