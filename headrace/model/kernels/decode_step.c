@@ -164,13 +164,29 @@ static void layer_linear(const decode_buffers *b, const void *x, const void *w, 
 #endif
 }
 
+/* Whether a linear reads the sums of each 16 of x: a W_Q8F32 weight in groups of 16 with
+ * offsets, alone or as a W_SPLIT part. */
+static int reads_sums16(const void *w, int fmt) {
+    if (fmt == W_Q8F32) {
+        const q8_weight *q = w;
+        return q->group == 16 && q->offset != NULL;
+    }
+    if (fmt == W_SPLIT) {
+        const split_weight *split = w;
+        for (int64_t p = 0; p < split->count; p++)
+            if (reads_sums16(split->parts[p].weight, split->parts[p].fmt))
+                return 1;
+    }
+    return 0;
+}
+
 /* Rows r0 .. r1 - 1 of x [T, K] prepared for float32 linears (nothing for AMX): q4_prepare's,
- * and for few rows the sums of each 16 of x too. */
+ * and for few rows the sums of each 16 of x too where a linear reads them (b->sums16 set). */
 static void prepare_rows(const decode_buffers *b, int f32, const void *x, int64_t T, int64_t r0,
                          int64_t r1, int64_t K) {
     if (f32 && r1 > r0) {
         q4_prepare((const float *)x, T, K, r0, r1, b->xp, b->sums);
-        if (T < GEMM_MIN_ROWS) /* the 8-bit columns then read x, and these sums */
+        if (b->sums16 != NULL && T < GEMM_MIN_ROWS) /* the 8-bit columns then read x, these */
             group_sums((const float *)x + r0 * K, r1 - r0, K, 16, b->sums16 + r0 * (K / 16));
     }
 }
@@ -191,6 +207,14 @@ void decode_layers(const decode_layer *layers, int64_t L, const void *embeds,
     const int64_t QKV = (H + 2 * KH) * D;
     decode_buffers buf;
     decode_buffers_at(scratch, &buf, T, hidden, H, KH, D, I, f32);
+    int sums16 = 0;
+    for (int64_t l = 0; l < L && f32; l++) {
+        const decode_layer *ly = layers + l;
+        sums16 |= reads_sums16(ly->qkv, ly->qkv_fmt) | reads_sums16(ly->o, ly->o_fmt) |
+                  reads_sums16(ly->gate_up, ly->gate_up_fmt) | reads_sums16(ly->down, ly->down_fmt);
+    }
+    if (!sums16)
+        buf.sums16 = NULL; /* no linear reads them: not computed */
     float **res = buf.res, *q = buf.q;
     void *h = buf.h, *qkv = buf.qkv, *attn = buf.attn, *gate_up = buf.gate_up;
     void *act = buf.act, *mlp = buf.mlp;
