@@ -282,6 +282,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         if args.max_engine_restarts < 0:
             raise ValueError("--max-engine-restarts must be at least 0")
+        envs.gguf_float_copies()  # read by each engine: a bad value stops here, not in restarts
         cfg = LaunchConfig(
             server,
             engine_config(args),

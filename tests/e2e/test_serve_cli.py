@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -39,6 +40,20 @@ def test_unknown_flag_is_an_error() -> None:
         text=True,
     )
     assert proc.returncode == 2 and "--no-such-flag" in proc.stderr
+
+
+def test_bad_gguf_float_copies_setting_stops_serve_at_start() -> None:
+    """Each engine reads HEADRACE_GGUF_FLOAT_COPIES while loading; a bad value is refused before
+    any process starts, rather than failing every engine start."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "headrace", "serve", "--port", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HEADRACE_GGUF_FLOAT_COPIES": "maybe"},
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "HEADRACE_GGUF_FLOAT_COPIES must be auto, 1 or 0, not 'maybe'" in proc.stderr
 
 
 def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
