@@ -67,6 +67,13 @@ static inline void softmax_heads(float *scores, int64_t H, int64_t len, float *i
     }
 }
 
+/* How many positions from t on, at most 16, lie in t's cache block and before len. */
+static inline int64_t chunk_len(int64_t t, int64_t len, int64_t block_size) {
+    int64_t n = block_size - t % block_size;
+    n = n < 16 ? n : 16;
+    return n < len - t ? n : len - t;
+}
+
 #if defined(__AVX512F__)
 /* head_dim 64 with at most 4 query heads per KV head (SmolLM2, Llama 3.2 1B, Qwen2 0.5B):
  * each KV head keeps its G query heads, then its G accumulators, in registers, 4 zmm each, and
@@ -84,13 +91,6 @@ static inline void load64(const void *base, int64_t index, int bf16, __m512 x[4]
         for (int c = 0; c < 4; c++)
             x[c] = _mm512_loadu_ps(p + 16 * c);
     }
-}
-
-/* How many positions from t on, at most 16, lie in t's cache block and before len. */
-static inline int64_t chunk_len(int64_t t, int64_t len, int64_t block_size) {
-    int64_t n = block_size - t % block_size;
-    n = n < 16 ? n : 16;
-    return n < len - t ? n : len - t;
 }
 
 /* One request, in one pass over its cache with the online softmax: chunk by chunk of up to 16
@@ -186,6 +186,134 @@ request_d64(const float *qb, const void *k_cache, const void *v_cache, const int
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* request_d64's AVX2 twin (head_dim 64, at most 4 query heads per KV head): one pass per
+ * request with the online softmax, chunk by chunk of up to 16 positions. A K row lives in 8 ymm
+ * while each query head's dot product with it is summed into one vector; the chunk's vectors
+ * are reduced 8 at a time by a transposing hadd tree (one horizontal sum per score costs more
+ * than the dot product). bf16 rows are widened in registers; V rows are widened once per chunk
+ * into a float32 buffer the G heads then read from L1. Without this the AVX2 build ran the
+ * two-pass loop, which was bound by its own arithmetic: a bf16 cache took as long as a float32
+ * one, though it is half the bytes. */
+static inline void load64_avx2(const void *base, int64_t index, int bf16, __m256 x[8]) {
+    if (bf16) {
+        const uint16_t *p = (const uint16_t *)base + index;
+        for (int c = 0; c < 8; c++)
+            x[c] = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 8 * c))), 16));
+    } else {
+        const float *p = (const float *)base + index;
+        for (int c = 0; c < 8; c++)
+            x[c] = _mm256_loadu_ps(p + 8 * c);
+    }
+}
+
+/* out[j] = the sum of the 8 lanes of v[j], j < 8. */
+static inline __m256 hsum8x8(const __m256 v[8]) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* acc: the per-thread buffer, G * KH * 66 floats (outputs, running max, running sum);
+ * ob: the request's output [H, 64]. */
+static inline __attribute__((always_inline)) void
+request_d64_avx2(const float *qb, const void *k_cache, const void *v_cache,
+                 const int64_t *table, int64_t len, int64_t block_size, int64_t KH,
+                 float scale, int bf16, int64_t elem, float *acc, float *ob, const int G) {
+    const int64_t row = KH * 64, H = KH * G;
+    float *run_max = acc + H * 64, *run_sum = run_max + H;
+    for (int64_t h = 0; h < H; h++) {
+        run_max[h] = -INFINITY;
+        run_sum[h] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)(H * 64));
+    float vbuf[16 * 64] __attribute__((aligned(32)));
+    for (int64_t t0 = 0, n; t0 < len; t0 += n) {
+        n = chunk_len(t0, len, block_size);
+        const int64_t base = (table[t0 / block_size] * block_size + t0 % block_size) * row;
+        const char *next_k = NULL, *next_v = NULL;
+        int64_t next_n = 0;
+        if (t0 + n < len) {
+            const int64_t t1 = t0 + n;
+            const int64_t at = (table[t1 / block_size] * block_size + t1 % block_size) * row;
+            next_k = (const char *)k_cache + at * elem;
+            next_v = (const char *)v_cache + at * elem;
+            next_n = chunk_len(t1, len, block_size);
+        }
+        for (int64_t kh = 0; kh < KH; kh++) {
+            __m256 part[4][16];
+            float p[4][16] __attribute__((aligned(32)));
+            for (int64_t i = 0; i < n; i++) {
+                __m256 k[8];
+                load64_avx2(k_cache, base + i * row + kh * 64, bf16, k);
+                if (i < next_n) /* this head's slice of the next chunk's row i, K and V */
+                    for (int64_t off = (i * row + kh * 64) * elem, o = 0; o < 64 * elem; o += 64) {
+                        _mm_prefetch(next_k + off + o, _MM_HINT_T1);
+                        _mm_prefetch(next_v + off + o, _MM_HINT_T1);
+                    }
+                for (int g = 0; g < G; g++) {
+                    const float *q = qb + (kh * G + g) * 64;
+                    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), k[0]);
+                    for (int c = 1; c < 8; c++)
+                        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), k[c], a);
+                    part[g][i] = a;
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                for (int64_t i = n; i < 16; i++)
+                    part[g][i] = _mm256_setzero_ps();
+                _mm256_store_ps(p[g], hsum8x8(part[g]));
+                _mm256_store_ps(p[g] + 8, hsum8x8(part[g] + 8));
+            }
+            for (int64_t i = 0; i < n; i++) /* V's rows once, for every head */
+                if (bf16) {
+                    __m256 v[8];
+                    load64_avx2(v_cache, base + i * row + kh * 64, 1, v);
+                    for (int c = 0; c < 8; c++)
+                        _mm256_store_ps(vbuf + i * 64 + 8 * c, v[c]);
+                }
+            for (int g = 0; g < G; g++) {
+                const int64_t h = kh * G + g;
+                float m = run_max[h];
+                for (int64_t i = 0; i < n; i++) {
+                    p[g][i] *= scale;
+                    m = p[g][i] > m ? p[g][i] : m;
+                }
+                /* exp(old max - new max): the earlier sum and outputs in the new max's scale */
+                const float r = run_max[h] == -INFINITY ? 0.0f : exp_nonpos(run_max[h] - m);
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t i = 0; i < n; i++) {
+                    p[g][i] = exp_nonpos(p[g][i] - m);
+                    sum += p[g][i];
+                }
+                run_sum[h] = run_sum[h] * r + sum;
+                run_max[h] = m;
+                __m256 o[8];
+                for (int c = 0; c < 8; c++)
+                    o[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + h * 64 + 8 * c), _mm256_set1_ps(r));
+                for (int64_t i = 0; i < n; i++) {
+                    const float *v = bf16 ? vbuf + i * 64
+                                          : (const float *)v_cache + base + i * row + kh * 64;
+                    const __m256 w = _mm256_set1_ps(p[g][i]);
+                    for (int c = 0; c < 8; c++)
+                        o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), o[c]);
+                }
+                for (int c = 0; c < 8; c++)
+                    _mm256_storeu_ps(acc + h * 64 + 8 * c, o[c]);
+            }
+        }
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const __m256 r = _mm256_set1_ps(1.0f / run_sum[h]);
+        for (int c = 0; c < 8; c++)
+            _mm256_storeu_ps(ob + h * 64 + 8 * c,
+                             _mm256_mul_ps(_mm256_loadu_ps(acc + h * 64 + 8 * c), r));
+    }
+}
+#endif
+
 void decode_scratch_init(decode_scratch *s, int64_t H, int64_t KH, int64_t D,
                          int64_t max_len) {
     s->scores = malloc(sizeof(float) * (size_t)(H * max_len));
@@ -220,6 +348,20 @@ static void decode_request(const float *qb, const void *k_cache, const void *v_c
 #define REQUEST_D64(g)                                                                        \
     request_d64(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_bf16, elem,      \
                 s->acc, ob, g)
+        switch (G) {
+        case 1: REQUEST_D64(1); break;
+        case 2: REQUEST_D64(2); break;
+        case 3: REQUEST_D64(3); break;
+        default: REQUEST_D64(4); break;
+        }
+#undef REQUEST_D64
+        return;
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    if (D == 64 && G >= 1 && G <= 4) {
+#define REQUEST_D64(g)                                                                        \
+    request_d64_avx2(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_bf16, elem, \
+                     s->acc, ob, g)
         switch (G) {
         case 1: REQUEST_D64(1); break;
         case 2: REQUEST_D64(2); break;
