@@ -1,14 +1,16 @@
 """headrace vs llama.cpp's llama-server on the same GGUF, same workload, one invocation.
 
     .venv/bin/python benchmarks/compare_peers.py [--users 1,16,64] [--llama-server PATH]
+        [--headrace-args "--kv-cache-dtype bfloat16"]
 
 Run by hand (not in CI). Without --llama-server it builds `llama-server` from the llama.cpp
 vendored in the `llama-cpp-python` source package on PyPI (cmake + a C++ compiler; ~8 minutes
 on 2 cores the first time, then cached under HEADRACE_CACHE_DIR/llama.cpp/) for this CPU's
 vector instructions: AVX-512 (with VNNI and BF16 where the CPU has them) or AVX2, never AMX (a
 -march=native build dies with SIGILL where the VM does not grant AMX tile state). Each server runs
-alone: headrace first (`headrace serve`, default flags), then llama-server with continuous
-batching (`-np` = users, `-t` = cores, one KV slot per user, no unified KV cache). The load is
+alone: headrace first (`headrace serve`, default flags plus --headrace-args), then llama-server
+with continuous batching (`-np` = users, `-t` = cores, one KV slot per user, no unified KV cache;
+its KV cache is float16, its default). The load is
 `headrace bench serve` logic with the bundled model's tokenizer (so both get identical
 prompts): --input-len-token prompts, --output-len tokens (ignore_eos), streaming completions.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -147,6 +150,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--llama-server", default=None, help="use this binary instead of building")
     p.add_argument("--llama-cpp-python-version", default=None, help="sdist to build from")
+    p.add_argument("--headrace-args", default="", help="more `headrace serve` flags, one string")
     args = p.parse_args()
     users = [int(u) for u in args.users.split(",")]
     binary = (
@@ -155,9 +159,11 @@ def main() -> None:
         else build_llama_server(args.llama_cpp_python_version)
     )
     ours: dict[int, Result] = {}
-    srv = ServerProcess("--disable-log-requests", "--disable-log-stats").wait_ready()
+    flags = shlex.split(args.headrace_args)
+    srv = ServerProcess("--disable-log-requests", "--disable-log-stats", *flags).wait_ready()
     chosen = [ln for ln in srv.log_tail(400).splitlines() if "compute backend" in ln]
-    print(f"headrace {chosen[-1].split('compute backend')[-1] if chosen else '(backend?)'}")
+    backend = chosen[-1].split("compute backend")[-1] if chosen else "(backend?)"
+    print(f"headrace {backend}; flags: {' '.join(flags) or '(defaults)'}")
     try:
         for u in users:
             ours[u] = bench(srv.url, u, args)

@@ -1,7 +1,7 @@
 """Time one engine decode step at a fixed batch and context, optionally with an op profile.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/decode_step.py [--seqs 64] [--context 192]
-        [--dtype auto] [--block-size 16] [--profile]
+        [--dtype auto] [--kv-cache-dtype auto] [--block-size 16] [--profile]
 
 Fills the engine with `--seqs` random prompts of `--context` tokens, prefills them, then reports
 the median of `--steps` decode steps (every sequence decoding one token) as ms and tok/s. The
@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=192)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"])
     p.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
     p.add_argument("--profile", action="store_true", help="also print torch's op profile")
     args = p.parse_args()
@@ -40,6 +41,8 @@ def main() -> None:
         max_num_batched_tokens=8192,
         enable_prefix_caching=False,
         block_size=args.block_size,
+        # only when asked: ab_commits.py runs this script against commits without the argument
+        **({"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype != "auto" else {}),
     )
     engine = llm.engine
     rng = random.Random(0)

@@ -14,6 +14,7 @@ from headrace.config import (
     TOOL_CALL_PARSERS,
     CacheConfig,
     EngineConfig,
+    KVCacheDType,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -38,7 +39,6 @@ VLLM_IGNORED_FLAGS: dict[str, bool] = {
     "--disable-custom-all-reduce": False,
     "--enable-chunked-prefill": False,
     "--no-enable-chunked-prefill": False,
-    "--kv-cache-dtype": True,
     "--load-format": True,
     "--download-dir": True,
     "--tokenizer-mode": True,
@@ -71,6 +71,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# vLLM's fp8 cache types: headrace has no fp8 cache, and bfloat16 is the nearest smaller one
+_FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc")
+
+
+def _kv_cache_dtype(text: str) -> KVCacheDType:
+    if text in ("auto", "bfloat16"):
+        return text  # type: ignore[return-value]
+    if text in _FP8_KV_CACHE_DTYPES:
+        logger.warning("--kv-cache-dtype %s: headrace has no fp8 cache; storing bfloat16", text)
+        return "bfloat16"
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: expected auto or bfloat16 (or vLLM's {', '.join(_FP8_KV_CACHE_DTYPES)})"
+    )
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -100,6 +115,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=2 << 30,
         help="KV-cache size per engine (2GiB)",
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        type=_kv_cache_dtype,
+        default="auto",
+        metavar="{auto,bfloat16}",
+        help="KV-cache element type: auto (the weights' dtype) or bfloat16 (half of float32's "
+        "bytes a token); vLLM's fp8 names store bfloat16, with a warning",
+    )
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -109,7 +132,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(args.model, args.dtype, args.device, args.max_model_len, args.seed),
         cache=CacheConfig(
-            args.block_size, args.num_kv_blocks, args.kv_cache_memory, args.enable_prefix_caching
+            args.block_size,
+            args.num_kv_blocks,
+            args.kv_cache_memory,
+            args.enable_prefix_caching,
+            args.kv_cache_dtype,
         ),
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
     )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 DType = Literal["auto", "float32", "bfloat16"]
+KVCacheDType = Literal["auto", "bfloat16"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,12 +22,14 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    """Paged KV cache shape; block count from `num_kv_blocks`, else `kv_cache_memory` bytes."""
+    """Paged KV cache shape; block count from `num_kv_blocks`, else `kv_cache_memory` bytes.
+    `kv_cache_dtype`: `auto` (the backend's choice for the weights' dtype) or `bfloat16`."""
 
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory: int = 2 << 30
     enable_prefix_caching: bool = True
+    kv_cache_dtype: KVCacheDType = "auto"
 
 
 @dataclass(frozen=True, slots=True)

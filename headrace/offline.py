@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from headrace.config import CacheConfig, DType, EngineConfig, ModelConfig, SchedulerConfig
+from headrace.config import (
+    CacheConfig,
+    DType,
+    EngineConfig,
+    KVCacheDType,
+    ModelConfig,
+    SchedulerConfig,
+)
 from headrace.engine.core import EngineCore
 from headrace.frontend.output import (
     Choice,
@@ -54,7 +61,7 @@ class LLM:
 
     `LLM()` loads the bundled SmolLM2-135M-Instruct. Engine arguments mirror `headrace serve`'s
     flags: dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
-    num_kv_blocks, kv_cache_memory, enable_prefix_caching, seed.
+    num_kv_blocks, kv_cache_memory, enable_prefix_caching, kv_cache_dtype, seed.
     """
 
     def __init__(
@@ -70,13 +77,18 @@ class LLM:
         num_kv_blocks: int | None = None,
         kv_cache_memory: int = 2 << 30,
         enable_prefix_caching: bool = True,
+        kv_cache_dtype: KVCacheDType = "auto",
         seed: int = 0,
     ) -> None:
         self._start(
             EngineConfig(
                 model=ModelConfig(model, dtype, device, max_model_len, seed),
                 cache=CacheConfig(
-                    block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching
+                    block_size,
+                    num_kv_blocks,
+                    kv_cache_memory,
+                    enable_prefix_caching,
+                    kv_cache_dtype,
                 ),
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             )

@@ -59,7 +59,7 @@ class ModelRunner:
         self.ops = ops_for(self.backend.kernels)
         # prompt chunks: the C kernel reads lengths; the torch path needs them padded and masked
         self.padded_attention = self.ops.prefill_padded(self.arch.head_dim)
-        self.kv_dtype = self.backend.kv_cache_dtype(self.dtype)
+        self.kv_dtype = self.backend.kv_cache_dtype(self.dtype, cache_cfg.kv_cache_dtype)
         per_block = (
             2
             * arch.num_layers

@@ -123,11 +123,16 @@ class Backend:
             return torch.bfloat16 if caps in ("AVX512", "AMX") else torch.float32
         return torch.bfloat16
 
-    def kv_cache_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The weights' dtype, except on CPU without the C kernels, where it is float32.
-        Attention computes in float32 on CPU either way (torch's CPU attention is several
-        times slower in bf16); the cache's dtype decides how many bytes each decode step
-        reads, and a bf16 cache halves them."""
+    def kv_cache_dtype(self, dtype: torch.dtype, requested: str = "auto") -> torch.dtype:
+        """For `--kv-cache-dtype` over weights of `dtype`. `auto`: the weights' dtype, except
+        on CPU without the C kernels, where it is float32. Attention computes in float32 on CPU
+        either way (torch's CPU attention is several times slower in bf16); the cache's dtype
+        decides how many bytes each decode step reads and how many tokens fit, and a bf16 cache
+        halves the one and doubles the other."""
+        if requested == "bfloat16":
+            return torch.bfloat16
+        if requested != "auto":
+            raise ValueError(f"kv_cache_dtype {requested!r}: expected auto or bfloat16")
         if self.device.type == "cpu" and self.kernels is None:
             return torch.float32
         return dtype

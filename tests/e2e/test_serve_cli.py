@@ -12,6 +12,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.server import ServerProcess, poll, process_running
 
@@ -28,7 +29,7 @@ def test_serve_help_lists_the_vllm_shaped_flags() -> None:
     for flag in (
         "--host", "--port", "--served-model-name", "--max-model-len", "--max-num-seqs",
         "--max-num-batched-tokens", "--block-size", "--num-kv-blocks", "--dtype", "--device",
-        "--seed", "--api-key", "--disable-log-requests",
+        "--seed", "--api-key", "--disable-log-requests", "--kv-cache-dtype",
     ):  # fmt: skip
         assert flag in out, flag
 
@@ -40,6 +41,12 @@ def test_unknown_flag_is_an_error() -> None:
         text=True,
     )
     assert proc.returncode == 2 and "--no-such-flag" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "headrace", "serve", "--kv-cache-dtype", "int4"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "'int4': expected auto or bfloat16" in proc.stderr
 
 
 def test_bad_gguf_float_copies_setting_stops_serve_at_start() -> None:
@@ -62,7 +69,7 @@ def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
     srv = ServerProcess(
         "--api-key", "sekret", "--served-model-name", "smol", "alias",
         "--gpu-memory-utilization", "0.9", "--enforce-eager", "--tensor-parallel-size=1",
-        "--max-model-len", "1024", "--disable-log-requests",
+        "--max-model-len", "1024", "--disable-log-requests", "--kv-cache-dtype", "fp8",
         env={"HEADRACE_TEST_LOAD_DELAY": "8"},
     )  # fmt: skip
     try:
@@ -99,6 +106,10 @@ def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
         assert out.model == "alias" and out.usage is not None
         assert out.usage.completion_tokens <= 3
         assert httpx.get(srv.url + "/health").status_code == 200  # probes need no key
+        # a manifest's fp8 cache: the nearest headrace stores, and /metrics says which
+        families = text_string_to_metric_families(httpx.get(srv.url + "/metrics").text)
+        info = next(f for f in families if f.name == "vllm:cache_config_info")
+        assert [m.labels["cache_dtype"] for m in info.samples] == ["bfloat16"]
         children = srv.children()
         assert len(children) >= 2  # an engine and an API server
     finally:
@@ -107,6 +118,7 @@ def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
     log = srv.log.read_text()
     assert "ignoring vLLM flag --gpu-memory-utilization 0.9" in log
     assert "ignoring vLLM flag --enforce-eager" in log
+    assert "--kv-cache-dtype fp8: headrace has no fp8 cache; storing bfloat16" in log
     assert code == 0, srv.log_tail()
 
 

@@ -167,6 +167,26 @@ def test_bfloat16_stays_close_to_float32() -> None:
     assert_bf16_close(f32, bf16_llm.chat(convs, GREEDY))
 
 
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_bfloat16_kv_cache_stays_close_to_float32(backend: str, monkeypatch) -> None:
+    """kv_cache_dtype="bfloat16" (`--kv-cache-dtype bfloat16`) over float32 weights, on every
+    backend this CPU runs: twice the tokens in the same memory, and text as close to the float32
+    cache's as bf16 weights keep it."""
+    monkeypatch.setenv("HEADRACE_CPU_BACKEND", backend)
+    convs = [_conv(q) for q in QUESTIONS[:8]]
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5)
+    memory = 64 << 20
+    f32_llm = LLM(dtype="float32", kv_cache_memory=memory)
+    f32 = f32_llm.chat(convs, with_logprobs)
+    llm = LLM(dtype="float32", kv_cache_memory=memory, kv_cache_dtype="bfloat16")
+    runner = llm.engine.runner
+    assert runner.backend.name == backend and runner.dtype == torch.float32
+    assert runner.kv_caches[0].dtype == torch.bfloat16
+    assert llm.engine.info.kv_cache_dtype == "bfloat16"  # what cache_config_info reports
+    assert llm.engine.info.num_kv_blocks == 2 * f32_llm.engine.info.num_kv_blocks
+    assert_bf16_close(f32, llm.chat(convs, GREEDY))
+
+
 def assert_bf16_close(f32: list[Any], bf16: list[Any]) -> None:
     """Where bf16's greedy text first parts from float32's (run with logprobs=5), the two tokens
     are a near-tie for float32 (within bf16's rounding), and most text agrees."""
