@@ -11,13 +11,16 @@ KVCacheDType = Literal["auto", "bfloat16"]
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Which weights to load and how. `model=None` means the bundled SmolLM2-135M-Instruct."""
+    """Which weights to load and how. `model=None` means the bundled SmolLM2-135M-Instruct.
+    `engines_per_machine`: the engines loading on this machine; each counts on its share of the
+    memory available where the loader decides what to keep."""
 
     model: str | None = None
     dtype: DType = "auto"
     device: str = "cpu"
     max_model_len: int | None = None
     seed: int = 0
+    engines_per_machine: int = 1
 
 
 @dataclass(frozen=True, slots=True)

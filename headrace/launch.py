@@ -25,6 +25,7 @@ signal arrives (exit 0), or the head goes silent (exit 1).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -241,12 +242,15 @@ def settle_child_environment() -> None:
 
 def engine_spawn(cfg: LaunchConfig, addresses: Addresses) -> EngineSpawn:
     """How this machine's engines start. Several engines on one machine share its cores: each
-    gets an equal share of threads unless OMP_NUM_THREADS says otherwise."""
+    gets an equal share of threads unless OMP_NUM_THREADS says otherwise. They share its memory
+    too: each loader counts on its share of what is available."""
     ranks = cfg.parallel.local_ranks
     threads = 0
     if len(ranks) > 1 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, len(os.sched_getaffinity(0)) // len(ranks))
-    return EngineSpawn(cfg.engine, addresses, cfg.load_delay_s, threads)
+    model = dataclasses.replace(cfg.engine.model, engines_per_machine=max(1, len(ranks)))
+    engine = dataclasses.replace(cfg.engine, model=model)
+    return EngineSpawn(engine, addresses, cfg.load_delay_s, threads)
 
 
 def _mark_dead(pid: int | None) -> None:

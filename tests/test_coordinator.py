@@ -3,6 +3,7 @@ and the handshake of headless nodes."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,8 +13,9 @@ import pytest
 import zmq
 
 from headrace import coordinator as coord_mod
-from headrace.config import ParallelConfig
+from headrace.config import EngineConfig, ParallelConfig, ServerConfig
 from headrace.coordinator import Coordinator, CoordinatorConfig, check_hello
+from headrace.launch import LaunchConfig, engine_spawn
 from headrace.wire.messages import (
     WIRE_VERSION,
     EngineLoad,
@@ -39,6 +41,17 @@ def test_check_hello() -> None:
     assert "--data-parallel-size 3" in check_hello(hello(data_parallel_size=3), 4, (0, 1))
     assert "outside 0..3" in check_hello(hello(start_rank=3), 4, (0, 1))
     assert "on the head itself" in check_hello(hello(start_rank=1), 4, (0, 1))
+
+
+def test_engines_of_one_machine_share_its_cores_and_memory(monkeypatch) -> None:
+    """Two local engines of four: each gets half the threads, and its loader half the memory."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    parallel = ParallelConfig(data_parallel_size=4, data_parallel_size_local=2)
+    spawn = engine_spawn(LaunchConfig(ServerConfig(), EngineConfig(), parallel), Addresses((), ()))
+    assert spawn.engine.model.engines_per_machine == 2
+    assert spawn.num_threads == max(1, len(os.sched_getaffinity(0)) // 2)
+    one = engine_spawn(LaunchConfig(ServerConfig(), EngineConfig()), Addresses((), ()))
+    assert one.engine.model.engines_per_machine == 1 and one.num_threads == 0
 
 
 def test_parallel_config_checks_the_topology() -> None:

@@ -53,7 +53,10 @@ class ModelRunner:
         logger.info("compute backend %s: %s", self.backend.name, self.backend.why)
         self.dtype = self.backend.dtype(model_cfg.dtype)
         torch.manual_seed(model_cfg.seed)
-        loaded = load_model(path, arch, source, self.dtype, self.backend, max_len, progress)
+        loaded = load_model(
+            path, arch, source, self.dtype, self.backend, max_len, progress,
+            engines_per_machine=model_cfg.engines_per_machine,
+        )  # fmt: skip
         self.model, self.arch = loaded.model, loaded.arch
         self.block_size = cache_cfg.block_size
         self.ops = ops_for(self.backend.kernels)

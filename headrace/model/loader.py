@@ -148,13 +148,14 @@ def load_model(
     progress: ProgressFn | None = None,
     read_blocks: bool = True,
     float_copies: bool | None = None,
+    engines_per_machine: int = 1,
 ) -> LoadedModel:
     """Build the module on the meta device, then fill every parameter from the weight source,
     and give its linears the backend's kernels. read_blocks=False (tests): linears do not read
     a GGUF file's 4-bit blocks, only the weights dequantized from them. float_copies: whether
     linears that read blocks also hold their dequantized weight, for prompt chunks (None:
-    HEADRACE_GGUF_FLOAT_COPIES, whose default keeps them where they fit in memory,
-    `keeps_float_copies`); without, the blocks take every row."""
+    HEADRACE_GGUF_FLOAT_COPIES, whose default keeps them where they fit in this engine's share
+    of the memory, `keeps_float_copies`); without, the blocks take every row."""
     device = backend.device
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, max_positions, dtype)
@@ -172,7 +173,9 @@ def load_model(
         with_blocks = _block_linears(gguf, arch)
         nbytes = dtype.itemsize * sum(with_blocks.values())
         if float_copies is None:
-            float_copies = keeps_float_copies(nbytes, setting=envs.gguf_float_copies())
+            float_copies = keeps_float_copies(
+                nbytes, setting=envs.gguf_float_copies(), engines=engines_per_machine
+            )
         if not float_copies:
             alone = set(with_blocks)
 
@@ -426,11 +429,12 @@ FLOAT_COPIES_SHARE = 0.25
 
 
 def keeps_float_copies(
-    nbytes: int, available: int | None = None, setting: bool | None = None
+    nbytes: int, available: int | None = None, setting: bool | None = None, engines: int = 1
 ) -> bool:
     """Whether linears that read GGUF blocks also hold their dequantized weight (`nbytes` in
     all): `setting` (HEADRACE_GGUF_FLOAT_COPIES) where given, else while they take at most
-    FLOAT_COPIES_SHARE of the memory available. Logs the choice and why."""
+    FLOAT_COPIES_SHARE of this engine's share of the memory available (`engines` load on this
+    machine, each deciding alone). Logs the choice and why."""
     if nbytes == 0:
         return True
     if setting is not None:
@@ -438,12 +442,15 @@ def keeps_float_copies(
     else:
         if available is None:
             available = available_memory()
-        keep = available is None or nbytes <= FLOAT_COPIES_SHARE * available
+        budget = None if available is None else FLOAT_COPIES_SHARE * available / engines
+        keep = budget is None or nbytes <= budget
         share = f"{int(FLOAT_COPIES_SHARE * 100)}%"
+        of = "" if engines == 1 else f" / {engines} engines"
         why = (
             "the memory available is unknown"
             if available is None
-            else f"{'within' if keep else 'over'} {share} of the {available >> 20} MiB available"
+            else f"{'within' if keep else 'over'} {share} of the {available >> 20} MiB "
+            f"available{of}"
         )
     if keep:
         logger.info(

@@ -144,6 +144,9 @@ def test_float_copies_kept_where_they_fit() -> None:
     assert keeps_float_copies(0, available=0)
     assert not keeps_float_copies(1, available=1000, setting=False)
     assert keeps_float_copies(999, available=1000, setting=True)
+    # two engines on the machine (--data-parallel-size 2): each counts on half
+    assert keeps_float_copies(125, available=1000, engines=2)
+    assert not keeps_float_copies(126, available=1000, engines=2)
     meminfo = Path("/proc/meminfo").read_text().split()
     total = int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024
     available = available_memory()
