@@ -8,7 +8,8 @@ Writes (once, or reuses `--file`) a random-weight Llama GGUF of `--shape` (hidde
 heads, KV heads, vocab; the default is Llama-3.2-3B's) in llama.cpp's Q4_K_M mix (`--mix`):
 Q4_K linears, Q6_K for attn_v and ffn_down in the layers llama.cpp gives more bits (the first
 and last eighth, and every third between), a tied Q6_K embedding; or Q5_K_M's, the same with
-Q5_K for Q4_K. Then, in a fresh process each, loads
+Q5_K for Q4_K; or Q3_K_M's, Q3_K linears with attn_v and ffn_down in Q5_K in those layers and
+Q4_K elsewhere, attn_output in Q4_K. Then, in a fresh process each, loads
 it with HEADRACE_GGUF_FLOAT_COPIES=1 (the linears keep their dequantized float32 weights for
 prompt chunks over 128 rows) and =0 (the blocks alone, which the loader picks by itself where
 the copies would take over a quarter of the memory available), and reports: load seconds, peak
@@ -87,7 +88,15 @@ def write(path: Path, shape: list[int], mix: str) -> None:
     for i in more_bits:
         for name in ("attn_v", "ffn_down"):
             types[name if i == 0 else f"{name}.{i}"] = Q.Q6_K
-    default = Q.Q4_K if mix == "q4_k_m" else Q.Q5_K
+    if mix == "q3_k_m":  # as llama.cpp's: 3-bit, those layers' v and down in 5, the rest's in 4
+        rest = {"token_embd": Q.Q6_K}
+        for i in range(s.layers):
+            for name in ("attn_v", "ffn_down", "attn_output"):
+                key = name if i == 0 else f"{name}.{i}"
+                wide = i in more_bits and name != "attn_output"
+                rest[key] = Q.Q5_K if wide else Q.Q4_K
+        types = rest
+    default = {"q4_k_m": Q.Q4_K, "q5_k_m": Q.Q5_K, "q3_k_m": Q.Q3_K}[mix]
     write_tiny_llama(path, types, tied=True, shape=s, default=default)
 
 
@@ -96,7 +105,7 @@ def main() -> None:
     p.add_argument("--shape", default="3072,8192,28,24,8,128256")
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--mix", choices=("q4_k_m", "q5_k_m"), default="q4_k_m")
+    p.add_argument("--mix", choices=("q4_k_m", "q5_k_m", "q3_k_m"), default="q4_k_m")
     p.add_argument("--file", help="default: /tmp/headrace-llama-3b-MIX.gguf")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -19,18 +19,21 @@ Q = GGMLQuantizationType
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 # Bytes per block of the quantized types decoded here in torch: 32 weights a block, but the
-# K-quants' super-blocks of 256 (Q4_K, Q5_K: eight 32-weight blocks under two float16 factors;
-# Q6_K: sixteen of 16 weights, each with an 8-bit scale under one float16 factor).
+# K-quants' and IQ4_XS's super-blocks of 256 (Q4_K, Q5_K, IQ4_XS: eight 32-weight blocks;
+# Q2_K, Q3_K, Q6_K: sixteen of 16 weights, each with a small integer scale under float16 ones).
 _BLOCK_BYTES = {
-    Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q5_0: 22, Q.Q5_1: 24, Q.Q4_K: 144, Q.Q5_K: 176,
-    Q.Q6_K: 210,
+    Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q5_0: 22, Q.Q5_1: 24, Q.Q2_K: 84, Q.Q3_K: 110,
+    Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210, Q.IQ4_NL: 18, Q.IQ4_XS: 136,
 }  # fmt: skip
-# llama.cpp's other quantizations (the K-quants Q4_K_M and Q5_K_M files mix in, the 5-bit and
-# i-quants), decoded by the gguf package's numpy code: slower at load, the same values.
+# llama.cpp's other i-quants (codebooks of 8-value grids), decoded by the gguf package's numpy
+# code: slower at load, the same values.
 _GGUF_PY_TYPES = (
-    Q.Q2_K, Q.Q3_K, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
-    Q.IQ4_NL, Q.IQ4_XS,
+    Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
 )  # fmt: skip
+# IQ4_NL's and IQ4_XS's 16 levels: a 4-bit code picks one of these, times the block's scale
+_IQ4_LEVELS = torch.tensor(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.int8
+)
 SUPPORTED_TYPES = tuple(t.name for t in (Q.F32, Q.F16, Q.BF16, *_BLOCK_BYTES, *_GGUF_PY_TYPES))
 
 
@@ -109,7 +112,60 @@ def _q4k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 Q4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # what q4_blocks takes
-Q8_TYPES = (Q.Q8_0, Q.Q6_K, Q.Q5_0, Q.Q5_1, Q.Q5_K)  # what q8_blocks takes
+# what q8_blocks takes
+Q8_TYPES = (Q.Q8_0, Q.Q6_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS)
+
+
+def _two_bit_order(packed: torch.Tensor) -> torch.Tensor:
+    """Q2_K's and Q3_K's 64 bytes of 2-bit fields [B, 64] -> [B, 256] in weight order: each
+    half of 32 bytes holds 128 weights, bits 2s, 2s + 1 of byte l being weight 32 s + l."""
+    halves = packed.reshape(-1, 2, 1, 32)
+    return torch.cat([(halves >> (2 * s)) & 3 for s in range(4)], dim=2).reshape(-1, 256)
+
+
+def _low_k_fields(
+    blocks: torch.Tensor, qtype: GGMLQuantizationType
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Q2_K, Q3_K, IQ4_NL and IQ4_XS as _q8_fields gives them; every scale a float16 value
+    times a small integer and every product with q exact in float32, as for the others.
+
+    Q2_K [B, 84]: 16 bytes of 4-bit scales sc (low) and mins m (high), 64 bytes of 2-bit q,
+    float16 d and dmin; weight = d sc_j q - dmin m_j (groups of 16). Q3_K [B, 110]: 32 bytes
+    whose bit b of byte l is weight 32 b + l's third bit h, 64 bytes of its low 2 bits, 12 bytes
+    of 6-bit scales, float16 d; weight = d (sc_j - 32) (q2 - 4 (1 - h)). Its scales: bytes 0-7
+    hold scales 0-7's low 4 bits in their low nibbles and 8-15's in their high ones; bits
+    2s, 2s + 1 of bytes 8-11 are the top 2 bits of scale 4s + i (byte 8 + i). IQ4_NL [B, 18]:
+    float16 d, then 16 bytes of 4-bit codes (weights 0-15 low, 16-31 high); weight = d
+    level[code]. IQ4_XS [B, 136]: float16 d, a 16-bit word and 4 bytes of 6-bit scales (block
+    j: the nibble j of the bytes, bits 2j, 2j + 1 of the word), then IQ4_NL's codes for eight
+    blocks of 32; weight = d (sc_j - 32) level[code]."""
+    if qtype == Q.Q2_K:
+        sc, m = blocks[:, :16] & 0xF, blocks[:, :16] >> 4
+        d, dmin = _f16(blocks[:, 80:82]), _f16(blocks[:, 82:84])
+        q = _two_bit_order(blocks[:, 16:80]).to(torch.int8).reshape(-1, 16)
+        return q, (d * sc.float()).reshape(-1, 1), (-(dmin * m.float())).reshape(-1, 1)
+    if qtype == Q.Q3_K:
+        h = blocks[:, :32].reshape(-1, 1, 32)
+        h = torch.cat([(h >> b) & 1 for b in range(8)], dim=1).reshape(-1, 256)
+        q = _two_bit_order(blocks[:, 32:96]).to(torch.int8) - 4 * (1 - h.to(torch.int8))
+        packed = blocks[:, 96:108]
+        low = split_nibbles(packed[:, :8], dim=1)
+        top = torch.cat([(packed[:, 8:12] >> (2 * s)) & 3 for s in range(4)], dim=1)
+        sc = (low | (top << 4)).to(torch.int16) - 32
+        scale = _f16(blocks[:, 108:110]) * sc.float()
+        return q.reshape(-1, 16), scale.reshape(-1, 1), None
+    if qtype == Q.IQ4_NL:
+        codes = split_nibbles(blocks[:, 2:], dim=1)
+        return _IQ4_LEVELS[codes.long()], _f16(blocks[:, :2]), None
+    # IQ4_XS
+    word = blocks[:, 2].to(torch.int32) | blocks[:, 3].to(torch.int32) << 8
+    top = ((word[:, None] >> (2 * torch.arange(8))) & 3).to(torch.uint8)
+    low = blocks[:, 4:8].reshape(-1, 4, 1)
+    low = torch.cat([low & 0xF, low >> 4], dim=2).reshape(-1, 8)
+    sc = (low | (top << 4)).to(torch.int16) - 32
+    scale = _f16(blocks[:, :2]) * sc.float()
+    codes = split_nibbles(blocks[:, 8:].reshape(-1, 8, 16), dim=2)
+    return _IQ4_LEVELS[codes.long()].reshape(-1, 32), scale.reshape(-1, 1), None
 
 
 def _q8_fields(
@@ -117,8 +173,9 @@ def _q8_fields(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """8-bit (or 5- and 6-bit) blocks [B, bytes] as groups of G weights: (q [B', G] int8, scale
     [B', 1], offset [B', 1] or None) float32, weight = q * scale (+ offset): G = 32 (B' = B, or
-    8 B for Q5_K), 16 for Q6_K (B' = 16 B). Every scale is a float16 value times a small
-    integer, exact in float32, and so is q * scale: the sum rounds as gguf's does.
+    8 B for Q5_K and IQ4_XS), 16 for Q6_K, Q2_K and Q3_K (B' = 16 B). Every scale is a float16
+    value times a small integer, exact in float32, and so is q * scale: the sum rounds as
+    gguf's does.
 
     Q6_K: 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales sc, float16 d; a
     weight is d sc_j (q6 - 32). Each 128 weights take 64 low-nibble bytes (weights 0-63 in the
@@ -127,6 +184,8 @@ def _q8_fields(
     bitfield: Q5_0 d (q5 - 16), Q5_1 d q5 + m, Q5_K d sc_j q5 - dmin m_j."""
     if qtype == Q.Q8_0:
         return blocks[:, 2:].contiguous().view(torch.int8), _f16(blocks[:, :2]), None
+    if qtype in (Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS):
+        return _low_k_fields(blocks, qtype)
     if qtype == Q.Q6_K:
         low = blocks[:, :128].reshape(-1, 2, 1, 64)
         low = split_nibbles(low, dim=2).reshape(-1, 8, 32)
@@ -175,7 +234,8 @@ def q4_blocks(
 
 class Q8Blocks(NamedTuple):
     """An 8-bit weight [N, K]: W[n, k] = scale[n, k // G] * q[n, k] (+ offset[n, k // G]); scale
-    and offset float32 [N, K/G], q int8 [N, K]; G = 32 (Q8_0, the 5-bit types) or 16 (Q6_K)."""
+    and offset float32 [N, K/G], q int8 [N, K]; G = 32 (Q8_0, the 5-bit types, the IQ4s) or 16
+    (Q2_K, Q3_K, Q6_K)."""
 
     scale: torch.Tensor
     q: torch.Tensor
@@ -185,7 +245,7 @@ class Q8Blocks(NamedTuple):
 def q8_blocks(
     raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
 ) -> Q8Blocks | None:
-    """A Q8_0, Q6_K or 5-bit matrix as int8 blocks (Q8Blocks): the values `dequantize` gives.
+    """A matrix of one of Q8_TYPES as int8 blocks (Q8Blocks): the values `dequantize` gives.
     None for other types."""
     if qtype not in Q8_TYPES or len(shape) != 2:
         return None

@@ -35,7 +35,9 @@ def test_dequantize_matches_reference(qtype: GGMLQuantizationType) -> None:
     np.testing.assert_allclose(ours.numpy(), ref, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q5_0, Q.Q5_1])
+@pytest.mark.parametrize(
+    "qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS]
+)
 def test_k_quants_match_reference(qtype: GGMLQuantizationType) -> None:
     """llama.cpp's types that gguf cannot make: random blocks, decoded bit for bit alike."""
     raw = random_blocks(np.random.default_rng(2), qtype, 4, 512)
@@ -44,17 +46,20 @@ def test_k_quants_match_reference(qtype: GGMLQuantizationType) -> None:
     assert torch.equal(ours, torch.from_numpy(ref)) and float(ours.abs().max()) > 0
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K, Q.Q5_0, Q.Q5_1, Q.Q5_K])
+@pytest.mark.parametrize(
+    "qtype",
+    [Q.Q8_0, Q.Q6_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS],
+)
 def test_q8_blocks_give_the_dequantized_weight(qtype: GGMLQuantizationType) -> None:
-    """int8 q times a scale per 32 weights (per 16 for Q6_K), plus an offset for Q5_1 and Q5_K,
-    is `dequantize`'s weight to the bit."""
+    """int8 q times a scale per 32 weights (per 16 for Q6_K, Q2_K, Q3_K), plus an offset for
+    Q5_1, Q5_K and Q2_K, is `dequantize`'s weight to the bit."""
     raw = random_blocks(np.random.default_rng(4), qtype, 8, 512)
     blocks = q8_blocks(raw, qtype, (8, 512))
     assert blocks is not None
-    group = 16 if qtype == Q.Q6_K else 32
+    group = 16 if qtype in (Q.Q6_K, Q.Q2_K, Q.Q3_K) else 32
     scale, q, offset = blocks
     assert scale.shape == (8, 512 // group) and q.shape == (8, 512) and q.dtype == torch.int8
-    assert (offset is not None) == (qtype in (Q.Q5_1, Q.Q5_K))
+    assert (offset is not None) == (qtype in (Q.Q5_1, Q.Q5_K, Q.Q2_K))
     w = q.float().reshape(8, -1, group) * scale[..., None]
     if offset is not None:
         w = w + offset[..., None]

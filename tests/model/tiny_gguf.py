@@ -54,6 +54,10 @@ _FACTORS = {
     Q.Q4_K: (0, 1e-3, (2, 7.5)),
     Q.Q5_K: (0, 5e-4, (2, 15.5)),
     Q.Q6_K: (208, 5e-4, None),
+    Q.Q2_K: (80, 1e-3, (82, 1.5)),
+    Q.Q3_K: (108, 2e-4, None),
+    Q.IQ4_NL: (0, 2e-4, None),
+    Q.IQ4_XS: (0, 1e-5, None),
 }
 
 
@@ -142,6 +146,30 @@ GGUF_MIXES = {
     "q5_k_m": (
         dict(token_embd=Q.Q5_K, output=Q.Q6_K, ffn_down=Q.Q6_K, **{"attn_v.1": Q.Q6_K}),
         Q.Q5_K,
+        False,
+        {"Q8Linear": 4 + 4 + 1},
+    ),
+    "q3_k_m": (
+        dict(
+            token_embd=Q.Q3_K,
+            output=Q.Q6_K,
+            attn_v=Q.Q5_K,
+            ffn_down=Q.Q4_K,
+            **{"attn_v.1": Q.Q4_K, "ffn_down.1": Q.Q5_K},
+        ),
+        Q.Q3_K,
+        False,
+        {"Q8Linear": 3 + 2 + 3 + 1, "Q4Linear": 1 + 1, "SplitLinear": 1},
+    ),
+    "q2_k-with-iq4": (
+        dict(
+            token_embd=Q.Q2_K,
+            output=Q.Q6_K,
+            attn_v=Q.Q3_K,
+            ffn_down=Q.IQ4_XS,
+            **{"attn_q.1": Q.IQ4_NL, "ffn_down.1": Q.IQ4_NL},
+        ),
+        Q.Q2_K,
         False,
         {"Q8Linear": 4 + 4 + 1},
     ),
