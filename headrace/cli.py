@@ -13,12 +13,14 @@ from headrace import envs
 from headrace.config import (
     TOOL_CALL_PARSERS,
     CacheConfig,
+    DType,
     EngineConfig,
     KVCacheDType,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
     ServerConfig,
+    dtype_name,
 )
 from headrace.wire.messages import SamplingParams
 
@@ -75,6 +77,13 @@ def _positive_int(text: str) -> int:
 _FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc")
 
 
+def _dtype(text: str) -> DType:
+    try:
+        return dtype_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _kv_cache_dtype(text: str) -> KVCacheDType:
     if text in ("auto", "bfloat16"):
         return text  # type: ignore[return-value]
@@ -93,7 +102,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument(
+        "--dtype",
+        type=_dtype,
+        default="auto",
+        metavar="{auto,float32,bfloat16,float16}",
+        help="weights' dtype (vLLM's half = float16, float = float32); float16 runs off CPU "
+        "only, and on CPU means auto, with a warning",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--max-model-len", type=int, default=None, help="context length (default: the model's)"

@@ -5,8 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-DType = Literal["auto", "float32", "bfloat16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 KVCacheDType = Literal["auto", "bfloat16"]
+
+
+def dtype_name(text: str) -> DType:
+    """`--dtype` / `LLM(dtype=...)`, vLLM's other names included (`half`, `float`)."""
+    name = {"half": "float16", "float": "float32"}.get(text, text)
+    if name not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"{text!r}: expected auto, float32 (float), bfloat16 or float16 (half)")
+    return name  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)

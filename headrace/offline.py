@@ -15,6 +15,7 @@ from headrace.config import (
     KVCacheDType,
     ModelConfig,
     SchedulerConfig,
+    dtype_name,
 )
 from headrace.engine.core import EngineCore
 from headrace.frontend.output import (
@@ -68,7 +69,7 @@ class LLM:
         self,
         model: str | None = None,
         *,
-        dtype: DType = "auto",
+        dtype: DType | str = "auto",
         device: str = "cpu",
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
@@ -82,7 +83,7 @@ class LLM:
     ) -> None:
         self._start(
             EngineConfig(
-                model=ModelConfig(model, dtype, device, max_model_len, seed),
+                model=ModelConfig(model, dtype_name(dtype), device, max_model_len, seed),
                 cache=CacheConfig(
                     block_size,
                     num_kv_blocks,

@@ -110,7 +110,17 @@ class Backend:
     def dtype(self, requested: str) -> torch.dtype:
         """The weights' dtype for `--dtype` (`auto`: bfloat16 where the hardware multiplies it
         fast: CUDA, AMX, AVX512-BF16; float32 elsewhere, where the decode linears read 4-bit
-        blocks into float32 arithmetic)."""
+        blocks into float32 arithmetic). float16 (vLLM's `half`, common in GPU manifests) off
+        CPU; on CPU, where no backend computes in it, `auto`'s choice, with a warning."""
+        if requested == "float16":
+            if self.device.type != "cpu":
+                return torch.float16
+            chosen = self.dtype("auto")
+            logger.warning(
+                "--dtype float16: the CPU backends do not compute in float16; using %s "
+                "(what auto picks here)", str(chosen).removeprefix("torch."),
+            )  # fmt: skip
+            return chosen
         if requested != "auto":
             return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
         if self.device.type != "cpu":

@@ -1,6 +1,6 @@
 """The torch backend on CUDA (`--device cuda`): the backend and its bf16 KV cache, greedy parity
-with transformers, bf16 close to float32, and a served request with its metrics, seeded sampling
-and a JSON schema. Runs where torch sees a CUDA device; skipped elsewhere."""
+with transformers, bf16 and float16 close to float32, and a served request with its metrics,
+seeded sampling and a JSON schema. Runs where torch sees a CUDA device; skipped elsewhere."""
 
 from __future__ import annotations
 
@@ -48,6 +48,18 @@ def test_bfloat16_stays_close_to_float32() -> None:
     with_logprobs = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5)
     f32 = LLM(device="cuda", dtype="float32").chat(convs, with_logprobs)
     assert_bf16_close(f32, LLM(device="cuda", dtype="bfloat16").chat(convs, GREEDY))
+
+
+def test_float16_stays_close_to_float32() -> None:
+    """`--dtype half`, as vLLM manifests for GPUs without bf16 give it: float16 weights and
+    cache, text within the bounds bf16's is held to."""
+    convs = [_conv(q) for q in QUESTIONS[:8]]
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5)
+    f32 = LLM(device="cuda", dtype="float32").chat(convs, with_logprobs)
+    llm = LLM(device="cuda", dtype="float16")
+    assert llm.engine.runner.dtype == llm.engine.runner.kv_dtype == torch.float16
+    assert llm.engine.info.kv_cache_dtype == "float16"
+    assert_bf16_close(f32, llm.chat(convs, GREEDY))
 
 
 def test_served_on_cuda() -> None:

@@ -47,6 +47,12 @@ def test_unknown_flag_is_an_error() -> None:
         text=True,
     )
     assert proc.returncode == 2 and "'int4': expected auto or bfloat16" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "headrace", "serve", "--dtype", "fp64"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "'fp64': expected auto, float32 (float)" in proc.stderr
 
 
 def test_bad_gguf_float_copies_setting_stops_serve_at_start() -> None:
@@ -70,6 +76,7 @@ def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
         "--api-key", "sekret", "--served-model-name", "smol", "alias",
         "--gpu-memory-utilization", "0.9", "--enforce-eager", "--tensor-parallel-size=1",
         "--max-model-len", "1024", "--disable-log-requests", "--kv-cache-dtype", "fp8",
+        "--dtype", "half",
         env={"HEADRACE_TEST_LOAD_DELAY": "8"},
     )  # fmt: skip
     try:
@@ -119,6 +126,8 @@ def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
     assert "ignoring vLLM flag --gpu-memory-utilization 0.9" in log
     assert "ignoring vLLM flag --enforce-eager" in log
     assert "--kv-cache-dtype fp8: headrace has no fp8 cache; storing bfloat16" in log
+    # a GPU manifest's --dtype half: the CPU backends take auto's choice, and say so
+    assert "--dtype float16: the CPU backends do not compute in float16; using" in log
     assert code == 0, srv.log_tail()
 
 

@@ -215,6 +215,17 @@ def test_decode_group_without_padding_lays_out_the_same(block):
     ]
 
 
+def test_dtype_float16_off_cpu_only(caplog):
+    """`--dtype half` from a GPU manifest: float16 where the torch backend runs off CPU (a meta
+    device stands in for CUDA here); on CPU, auto's choice, with a warning."""
+    off_cpu = select_backend(torch.device("meta"))
+    assert off_cpu.name == "torch" and off_cpu.dtype("float16") == torch.float16
+    assert off_cpu.kv_cache_dtype(torch.float16) == torch.float16
+    cpu = select_backend(torch.device("cpu"))
+    assert cpu.dtype("float16") == cpu.dtype("auto")
+    assert "do not compute in float16" in caplog.text
+
+
 def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("HEADRACE_CACHE_DIR", str(tmp_path))

@@ -201,3 +201,27 @@ def test_quantized_gguf_matches_transformers(
     # float32 sums in another order: ~2e-5 of the logits' size apart, ~1e-4 allowed
     torch.testing.assert_close(prefill, ref[:-1], atol=1e-4 * top, rtol=0)
     torch.testing.assert_close(decode[0], ref[-1], atol=1e-4 * top, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_float16_weights_on_the_torch_path(tmp_path: Path, name: str) -> None:
+    """float16 weights (`--dtype half` off CPU, where the torch backend runs): the torch ops
+    that CUDA runs, here on the CPU, stay close to float32's logits and pick the same tokens."""
+    torch_cpu = _cpu("torch")
+    path, hf = _save(tmp_path, name)
+    arch, source = read_arch(path)
+    ours = load_model(path, arch, source, torch.float16, torch_cpu, 256).model
+    assert all(p.dtype == torch.float16 for n, p in ours.named_parameters() if "norm" not in n)
+    g = arch.num_heads // arch.num_kv_heads
+    shape = (2, 64, BLOCK, arch.num_kv_heads, arch.head_dim)
+    caches = [torch.zeros(shape, dtype=torch.float16) for _ in range(arch.num_layers)]
+    seq = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        meta = _meta([11], [0], [[0, 1, 2]], g)
+        prefill = ours.compute_logits(ours(seq[:-1], torch.arange(11), caches, meta)).float()
+        meta = _meta([1], [11], [[0, 1, 2]], g)
+        decode = ours.compute_logits(ours(seq[-1:], torch.tensor([11]), caches, meta)).float()
+        ref = hf(seq[None]).logits[0]
+    got = torch.cat([prefill, decode])
+    err, top = float((got - ref).abs().max()), float(ref.abs().max())
+    assert 0 < err < 0.01 * top, (err, top)
