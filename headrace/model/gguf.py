@@ -26,10 +26,15 @@ _BLOCK_BYTES = {
     Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210, Q.IQ4_NL: 18, Q.IQ4_XS: 136,
 }  # fmt: skip
 # llama.cpp's other i-quants (codebooks of 8-value grids), decoded by the gguf package's numpy
-# code: slower at load, the same values.
+# code: slower at load, the same values. As int8 blocks (q8_blocks) too: (bytes a super-block of
+# 256, weights a scale); see _grid_fields.
 _GGUF_PY_TYPES = (
     Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
 )  # fmt: skip
+_GRID_TYPES = {
+    Q.IQ2_XXS: (66, 32), Q.IQ2_XS: (74, 16), Q.IQ2_S: (82, 16), Q.IQ3_XXS: (98, 32),
+    Q.IQ3_S: (110, 32), Q.IQ1_S: (50, 32), Q.IQ1_M: (56, 16),
+}  # fmt: skip
 # IQ4_NL's and IQ4_XS's 16 levels: a 4-bit code picks one of these, times the block's scale
 _IQ4_LEVELS = torch.tensor(
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.int8
@@ -113,7 +118,64 @@ def _q4k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 Q4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # what q4_blocks takes
 # what q8_blocks takes
-Q8_TYPES = (Q.Q8_0, Q.Q6_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS)
+Q8_TYPES = (
+    Q.Q8_0, Q.Q6_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS, *_GRID_TYPES,
+)  # fmt: skip
+
+
+def _nibbles_in_order(packed: torch.Tensor) -> torch.Tensor:
+    """Bytes [B, n] -> [B, 2n]: each byte's low nibble, then its high one, byte after byte."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
+def _grid_scales(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """The grid i-quants' scale of each group [B, 256 / G] float32, as gguf computes it: the
+    IQ2s d (0.5 + s) / 4 and IQ3_XXS d (0.5 + s) / 2 (s: the top 4 bits of the 32-bit words
+    after each group's grid indices, or 4-bit fields of the trailing bytes for IQ2_XS/IQ2_S),
+    IQ3_S d (1 + 2 s), the IQ1s d (2 s + 1) / 8 (their weights are in eighths: grid values of
+    -1/0/1 plus a delta of +-1/8). IQ1_M's float16 d is spread over the top nibbles of its four
+    16-bit scale words, each of which holds four 3-bit s."""
+
+    def words(lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        return blocks[:, lo:hi].contiguous().view(dtype).to(torch.int64)
+
+    if qtype in (Q.IQ2_XXS, Q.IQ3_XXS):
+        at = 2 if qtype == Q.IQ2_XXS else 66
+        s = words(at, at + 64 if qtype == Q.IQ2_XXS else at + 32, torch.int32) & 0xFFFFFFFF
+        if qtype == Q.IQ2_XXS:
+            s = s.reshape(-1, 8, 2)[:, :, 1]
+        factor = 0.25 if qtype == Q.IQ2_XXS else 0.5
+        return _f16(blocks[:, :2]) * (0.5 + (s >> 28).float()) * factor
+    if qtype in (Q.IQ2_XS, Q.IQ2_S):
+        s = _nibbles_in_order(blocks[:, -8:])
+        return _f16(blocks[:, :2]) * (0.5 + s.float()) * 0.25
+    if qtype == Q.IQ3_S:
+        return _f16(blocks[:, :2]) * (1 + 2 * _nibbles_in_order(blocks[:, -4:])).float()
+    if qtype == Q.IQ1_S:
+        s = (words(34, 50, torch.int16) >> 12) & 7
+        return _f16(blocks[:, :2]) * (2 * s + 1).float() / 8
+    # IQ1_M
+    w = words(48, 56, torch.int16) & 0xFFFF
+    d = (w[:, 0] >> 12) | ((w[:, 1] >> 8) & 0xF0) | ((w[:, 2] >> 4) & 0xF00) | (w[:, 3] & 0xF000)
+    d = torch.where(d >= 1 << 15, d - (1 << 16), d)  # as int16, to view its bits as float16
+    d = d.to(torch.int16).view(torch.float16).float()[:, None]
+    s = torch.stack([(w >> (3 * i)) & 7 for i in range(4)], dim=2).reshape(-1, 16)
+    return d * (2 * s + 1).float() / 8
+
+
+def _grid_fields(
+    blocks: torch.Tensor, qtype: GGMLQuantizationType
+) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """A grid i-quant as _q8_fields gives it: gguf decodes the weights, _grid_scales reads each
+    group's scale, and q = weight / scale, checked to give the weights back bit for bit (a
+    RuntimeError otherwise: a decoder bug, never a silent change)."""
+    group = _GRID_TYPES[qtype][1]
+    scale = _grid_scales(blocks, qtype).reshape(-1, 1)
+    values = torch.from_numpy(gguf_dequantize(blocks.numpy(), qtype)).float().reshape(-1, group)
+    q = torch.where(scale == 0, 0.0, values / scale).round()
+    if not (q.abs().max() <= 127 and torch.equal(q * scale, values)):
+        raise RuntimeError(f"{qtype.name} blocks did not decode into int8 times their scales")
+    return q.to(torch.int8), scale, None
 
 
 def _two_bit_order(packed: torch.Tensor) -> torch.Tensor:
@@ -186,6 +248,8 @@ def _q8_fields(
         return blocks[:, 2:].contiguous().view(torch.int8), _f16(blocks[:, :2]), None
     if qtype in (Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS):
         return _low_k_fields(blocks, qtype)
+    if qtype in _GRID_TYPES:
+        return _grid_fields(blocks, qtype)
     if qtype == Q.Q6_K:
         low = blocks[:, :128].reshape(-1, 2, 1, 64)
         low = split_nibbles(low, dim=2).reshape(-1, 8, 32)
@@ -251,7 +315,8 @@ def q8_blocks(
         return None
     n, k = shape
     raw = np.array(raw, copy=True)
-    blocks = torch.from_numpy(raw.view(np.uint8).reshape(-1, _BLOCK_BYTES[qtype]))
+    nbytes = _GRID_TYPES[qtype][0] if qtype in _GRID_TYPES else _BLOCK_BYTES[qtype]
+    blocks = torch.from_numpy(raw.view(np.uint8).reshape(-1, nbytes))
     q, scale, offset = _q8_fields(blocks, qtype)
     scale = scale.reshape(n, -1).contiguous()
     offset = None if offset is None else offset.reshape(n, -1).contiguous()

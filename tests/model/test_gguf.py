@@ -46,17 +46,21 @@ def test_k_quants_match_reference(qtype: GGMLQuantizationType) -> None:
     assert torch.equal(ours, torch.from_numpy(ref)) and float(ours.abs().max()) > 0
 
 
+GRID_TYPES = [Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M]
+
+
 @pytest.mark.parametrize(
     "qtype",
-    [Q.Q8_0, Q.Q6_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS],
+    [Q.Q8_0, Q.Q6_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS, *GRID_TYPES],
 )
 def test_q8_blocks_give_the_dequantized_weight(qtype: GGMLQuantizationType) -> None:
-    """int8 q times a scale per 32 weights (per 16 for Q6_K, Q2_K, Q3_K), plus an offset for
-    Q5_1, Q5_K and Q2_K, is `dequantize`'s weight to the bit."""
+    """int8 q times a scale per 32 weights (per 16 for Q6_K, Q2_K, Q3_K, IQ2_XS, IQ2_S, IQ1_M),
+    plus an offset for Q5_1, Q5_K and Q2_K, is `dequantize`'s weight to the bit."""
     raw = random_blocks(np.random.default_rng(4), qtype, 8, 512)
     blocks = q8_blocks(raw, qtype, (8, 512))
     assert blocks is not None
-    group = 16 if qtype in (Q.Q6_K, Q.Q2_K, Q.Q3_K) else 32
+    sixteen = (Q.Q6_K, Q.Q2_K, Q.Q3_K, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M)
+    group = 16 if qtype in sixteen else 32
     scale, q, offset = blocks
     assert scale.shape == (8, 512 // group) and q.shape == (8, 512) and q.dtype == torch.int8
     assert (offset is not None) == (qtype in (Q.Q5_1, Q.Q5_K, Q.Q2_K))

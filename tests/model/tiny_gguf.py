@@ -58,6 +58,13 @@ _FACTORS = {
     Q.Q3_K: (108, 2e-4, None),
     Q.IQ4_NL: (0, 2e-4, None),
     Q.IQ4_XS: (0, 1e-5, None),
+    Q.IQ2_XXS: (0, 1e-4, None),
+    Q.IQ2_XS: (0, 1e-4, None),
+    Q.IQ2_S: (0, 1e-4, None),
+    Q.IQ3_XXS: (0, 1e-4, None),
+    Q.IQ3_S: (0, 1e-4, None),
+    Q.IQ1_S: (0, 2e-3, None),
+    Q.IQ1_M: (None, 2e-3, None),  # its float16 d: the top nibbles of its last four 16-bit words
 }
 
 
@@ -73,7 +80,14 @@ def random_blocks(
     def put(offset: int, values: np.ndarray) -> None:
         raw[:, offset : offset + 2] = values.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
-    put(at, d)
+    if at is not None:
+        put(at, d)
+    else:
+        bits = d.astype(np.float16).view(np.uint16).astype(np.uint16)
+        words = raw[:, -8:].copy().view(np.uint16) & 0x0FFF
+        for i in range(4):
+            words[:, i] |= ((bits >> (4 * i)) & 0xF) << 12
+        raw[:, -8:] = words.view(np.uint8)
     if second is not None:
         put(second[0], d * second[1])
     return raw.reshape(n, -1)
@@ -170,6 +184,19 @@ GGUF_MIXES = {
             **{"attn_q.1": Q.IQ4_NL, "ffn_down.1": Q.IQ4_NL},
         ),
         Q.Q2_K,
+        False,
+        {"Q8Linear": 4 + 4 + 1},
+    ),
+    "grid-i-quants": (
+        dict(
+            token_embd=Q.IQ2_XXS,
+            output=Q.Q6_K,
+            attn_v=Q.IQ3_S,
+            ffn_down=Q.IQ3_XXS,
+            **{"attn_q.1": Q.IQ1_S, "ffn_gate.1": Q.IQ1_M, "attn_output.1": Q.IQ2_XS},
+            **{"ffn_up.1": Q.IQ2_S},
+        ),
+        Q.IQ2_XXS,
         False,
         {"Q8Linear": 4 + 4 + 1},
     ),
