@@ -222,9 +222,7 @@ def _low_k_fields(
     # IQ4_XS
     word = blocks[:, 2].to(torch.int32) | blocks[:, 3].to(torch.int32) << 8
     top = ((word[:, None] >> (2 * torch.arange(8))) & 3).to(torch.uint8)
-    low = blocks[:, 4:8].reshape(-1, 4, 1)
-    low = torch.cat([low & 0xF, low >> 4], dim=2).reshape(-1, 8)
-    sc = (low | (top << 4)).to(torch.int16) - 32
+    sc = (_nibbles_in_order(blocks[:, 4:8]) | (top << 4)).to(torch.int16) - 32
     scale = _f16(blocks[:, :2]) * sc.float()
     codes = split_nibbles(blocks[:, 8:].reshape(-1, 8, 16), dim=2)
     return _IQ4_LEVELS[codes.long()].reshape(-1, 32), scale.reshape(-1, 1), None
