@@ -74,6 +74,53 @@ static inline int64_t chunk_len(int64_t t, int64_t len, int64_t block_size) {
     return n < len - t ? n : len - t;
 }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+/* Where position t's row lies in the cache, in elements (`row` of them a position). */
+static inline __attribute__((always_inline)) int64_t row_at(const int64_t *table, int64_t t, int64_t block_size, int64_t row) {
+    return (table[t / block_size] * block_size + t % block_size) * row;
+}
+
+/* The chunk after the one of n positions at t0: its first K and V rows, and its length (0 and
+ * NULL rows at the context's end). */
+typedef struct {
+    const char *k, *v;
+    int64_t n;
+} next_chunk;
+
+static inline __attribute__((always_inline)) next_chunk chunk_after(const void *k_cache, const void *v_cache,
+                                     const int64_t *table, int64_t t0, int64_t n, int64_t len,
+                                     int64_t block_size, int64_t row, int64_t elem) {
+    next_chunk next = {NULL, NULL, 0};
+    if (t0 + n < len) {
+        const int64_t at = row_at(table, t0 + n, block_size, row) * elem;
+        next.k = (const char *)k_cache + at;
+        next.v = (const char *)v_cache + at;
+        next.n = chunk_len(t0 + n, len, block_size);
+    }
+    return next;
+}
+
+/* Asks for one head's 64-element slice of row i of the next chunk, K and V, into L2. */
+static inline __attribute__((always_inline)) void prefetch_slice(next_chunk next, int64_t off, int64_t elem) {
+    for (int64_t o = 0; o < 64 * elem; o += 64) {
+        _mm_prefetch(next.k + off + o, _MM_HINT_T1);
+        _mm_prefetch(next.v + off + o, _MM_HINT_T1);
+    }
+}
+
+/* The online softmax's state for H heads before the first chunk: outputs acc [H, 64] at 0,
+ * then the running maxima at -inf and sums at 0. */
+static inline __attribute__((always_inline)) void online_start(float *acc, int64_t H) {
+    float *run_max = acc + H * 64, *run_sum = run_max + H;
+    for (int64_t h = 0; h < H; h++) {
+        run_max[h] = -INFINITY;
+        run_sum[h] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)(H * 64));
+}
+
+#endif
+
 #if defined(__AVX512F__)
 /* head_dim 64 with at most 4 query heads per KV head (SmolLM2, Llama 3.2 1B, Qwen2 0.5B):
  * each KV head keeps its G query heads, then its G accumulators, in registers, 4 zmm each, and
@@ -106,23 +153,12 @@ request_d64(const float *qb, const void *k_cache, const void *v_cache, const int
             float *acc, float *ob, const int G) {
     const int64_t row = KH * 64, H = KH * G;
     float *run_max = acc + H * 64, *run_sum = run_max + H;
-    for (int64_t h = 0; h < H; h++) {
-        run_max[h] = -INFINITY;
-        run_sum[h] = 0.0f;
-    }
-    memset(acc, 0, sizeof(float) * (size_t)(H * 64));
+    online_start(acc, H);
     for (int64_t t0 = 0, n; t0 < len; t0 += n) {
         n = chunk_len(t0, len, block_size);
-        const int64_t base = (table[t0 / block_size] * block_size + t0 % block_size) * row;
-        const char *next_k = NULL, *next_v = NULL;
-        int64_t next_n = 0;
-        if (t0 + n < len) {
-            const int64_t t1 = t0 + n;
-            const int64_t at = (table[t1 / block_size] * block_size + t1 % block_size) * row;
-            next_k = (const char *)k_cache + at * elem;
-            next_v = (const char *)v_cache + at * elem;
-            next_n = chunk_len(t1, len, block_size);
-        }
+        const int64_t base = row_at(table, t0, block_size, row);
+        const next_chunk next =
+            chunk_after(k_cache, v_cache, table, t0, n, len, block_size, row, elem);
         const __mmask16 live = (__mmask16)((1u << n) - 1);
         for (int64_t kh = 0; kh < KH; kh++) {
             float p[4][16] __attribute__((aligned(64)));
@@ -133,11 +169,8 @@ request_d64(const float *qb, const void *k_cache, const void *v_cache, const int
             for (int64_t i = 0; i < n; i++) {
                 __m512 k[4];
                 load64(k_cache, base + i * row + kh * 64, bf16, k);
-                if (i < next_n) /* this head's slice of the next chunk's row i, K and V */
-                    for (int64_t off = (i * row + kh * 64) * elem, o = 0; o < 64 * elem; o += 64) {
-                        _mm_prefetch(next_k + off + o, _MM_HINT_T1);
-                        _mm_prefetch(next_v + off + o, _MM_HINT_T1);
-                    }
+                if (i < next.n) /* this head's slice of the next chunk's row i */
+                    prefetch_slice(next, (i * row + kh * 64) * elem, elem);
                 for (int g = 0; g < G; g++) {
                     __m512 a = _mm512_mul_ps(q[g][0], k[0]);
                     for (int c = 1; c < 4; c++)
@@ -223,35 +256,21 @@ request_d64_avx2(const float *qb, const void *k_cache, const void *v_cache,
                  float scale, int bf16, int64_t elem, float *acc, float *ob, const int G) {
     const int64_t row = KH * 64, H = KH * G;
     float *run_max = acc + H * 64, *run_sum = run_max + H;
-    for (int64_t h = 0; h < H; h++) {
-        run_max[h] = -INFINITY;
-        run_sum[h] = 0.0f;
-    }
-    memset(acc, 0, sizeof(float) * (size_t)(H * 64));
+    online_start(acc, H);
     float vbuf[16 * 64] __attribute__((aligned(32)));
     for (int64_t t0 = 0, n; t0 < len; t0 += n) {
         n = chunk_len(t0, len, block_size);
-        const int64_t base = (table[t0 / block_size] * block_size + t0 % block_size) * row;
-        const char *next_k = NULL, *next_v = NULL;
-        int64_t next_n = 0;
-        if (t0 + n < len) {
-            const int64_t t1 = t0 + n;
-            const int64_t at = (table[t1 / block_size] * block_size + t1 % block_size) * row;
-            next_k = (const char *)k_cache + at * elem;
-            next_v = (const char *)v_cache + at * elem;
-            next_n = chunk_len(t1, len, block_size);
-        }
+        const int64_t base = row_at(table, t0, block_size, row);
+        const next_chunk next =
+            chunk_after(k_cache, v_cache, table, t0, n, len, block_size, row, elem);
         for (int64_t kh = 0; kh < KH; kh++) {
             __m256 part[4][16];
             float p[4][16] __attribute__((aligned(32)));
             for (int64_t i = 0; i < n; i++) {
                 __m256 k[8];
                 load64_avx2(k_cache, base + i * row + kh * 64, bf16, k);
-                if (i < next_n) /* this head's slice of the next chunk's row i, K and V */
-                    for (int64_t off = (i * row + kh * 64) * elem, o = 0; o < 64 * elem; o += 64) {
-                        _mm_prefetch(next_k + off + o, _MM_HINT_T1);
-                        _mm_prefetch(next_v + off + o, _MM_HINT_T1);
-                    }
+                if (i < next.n) /* this head's slice of the next chunk's row i */
+                    prefetch_slice(next, (i * row + kh * 64) * elem, elem);
                 for (int g = 0; g < G; g++) {
                     const float *q = qb + (kh * G + g) * 64;
                     __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), k[0]);
