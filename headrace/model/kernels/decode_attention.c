@@ -75,8 +75,11 @@ static inline int64_t chunk_len(int64_t t, int64_t len, int64_t block_size) {
 }
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-/* Where position t's row lies in the cache, in elements (`row` of them a position). */
-static inline __attribute__((always_inline)) int64_t row_at(const int64_t *table, int64_t t, int64_t block_size, int64_t row) {
+/* Where position t's row lies in the cache, in elements (`row` of them a position). These
+ * helpers are forced inline: the one-pass paths call them in their inner loops, and as calls
+ * they cost a bf16 cache ~30% (decode_attention.py, 20.8 -> 27.0 ms). */
+static inline __attribute__((always_inline)) int64_t
+row_at(const int64_t *table, int64_t t, int64_t block_size, int64_t row) {
     return (table[t / block_size] * block_size + t % block_size) * row;
 }
 
@@ -87,9 +90,9 @@ typedef struct {
     int64_t n;
 } next_chunk;
 
-static inline __attribute__((always_inline)) next_chunk chunk_after(const void *k_cache, const void *v_cache,
-                                     const int64_t *table, int64_t t0, int64_t n, int64_t len,
-                                     int64_t block_size, int64_t row, int64_t elem) {
+static inline __attribute__((always_inline)) next_chunk
+chunk_after(const void *k_cache, const void *v_cache, const int64_t *table, int64_t t0, int64_t n,
+            int64_t len, int64_t block_size, int64_t row, int64_t elem) {
     next_chunk next = {NULL, NULL, 0};
     if (t0 + n < len) {
         const int64_t at = row_at(table, t0 + n, block_size, row) * elem;
@@ -101,7 +104,8 @@ static inline __attribute__((always_inline)) next_chunk chunk_after(const void *
 }
 
 /* Asks for one head's 64-element slice of row i of the next chunk, K and V, into L2. */
-static inline __attribute__((always_inline)) void prefetch_slice(next_chunk next, int64_t off, int64_t elem) {
+static inline __attribute__((always_inline)) void
+prefetch_slice(next_chunk next, int64_t off, int64_t elem) {
     for (int64_t o = 0; o < 64 * elem; o += 64) {
         _mm_prefetch(next.k + off + o, _MM_HINT_T1);
         _mm_prefetch(next.v + off + o, _MM_HINT_T1);
