@@ -1,14 +1,16 @@
-"""Time the decode attention kernel (kernels/decode_attention.c) over a float32 and a bf16 KV
-cache, at the bundled model's shape.
+"""Time the decode attention kernel (kernels/decode_attention.c) over KV caches of each dtype
+(float32, bf16, fp8 E4M3 and E5M2), at the bundled model's shape.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/decode_attention.py [--backend avx2]
         [--seqs 64] [--context 192] [--rounds 7]
+        [--dtypes float32,bfloat16,float8_e4m3fn,float8_e5m2]
 
 SmolLM2-135M's attention (9 query heads over 3 KV heads of 64) for --seqs requests whose
 contexts lie in (context - 64, context], blocks of 16 scattered through the cache. Each call
 covers 30 layers' caches, one after the other as a decode step reads them, so the reads come
-from memory, not from a cache that the last call warmed. The two dtypes alternate round by
-round; prints the medians, the bytes a call reads and the rate it reads them at.
+from memory, not from a cache that the last call warmed. The dtypes alternate round by round
+(their order reversed every other round); prints the medians, the bytes a call reads and the
+rate it reads them at.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     p.add_argument("--seqs", type=int, default=64)
     p.add_argument("--context", type=int, default=192)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--dtypes", default="float32,bfloat16,float8_e4m3fn,float8_e5m2")
     args = p.parse_args()
     kernels = backend_kernels(args.backend)
     gen = torch.Generator().manual_seed(0)
@@ -41,7 +44,7 @@ def main() -> None:
     shape = (2, blocks, BLOCK, KV_HEADS, HEAD_DIM)
     caches = {
         dtype: [torch.randn(shape, generator=gen).to(dtype) for _ in range(LAYERS)]
-        for dtype in (torch.float32, torch.bfloat16)
+        for dtype in (getattr(torch, name) for name in args.dtypes.split(","))
     }
     times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in caches}
     for r in range(args.rounds + 1):

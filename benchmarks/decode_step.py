@@ -31,7 +31,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=192)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16"])
+    p.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8", "fp8_e5m2"]
+    )
     p.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
     p.add_argument("--profile", action="store_true", help="also print torch's op profile")
     args = p.parse_args()

@@ -2,7 +2,7 @@
 prompt-chunk attention and without it.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/prefill_step.py [--shapes 16x128,1x2048]
-        [--kv-cache-dtype auto,bfloat16] [--dtype auto] [--rounds 8]
+        [--kv-cache-dtype auto,bfloat16,fp8] [--dtype auto] [--rounds 8]
 
 Each shape NxL is N random prompts of L tokens, prefilled in one step (max_num_batched_tokens is
 raised to fit) with max_tokens=1. One engine per --kv-cache-dtype, all in one process, the runs
@@ -30,7 +30,7 @@ from headrace.wire.messages import EngineCoreRequest, SamplingParams
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default="16x128,1x1024,1x2048", help="prompts x tokens, commas")
-    p.add_argument("--kv-cache-dtype", default="auto", help="auto and/or bfloat16, commas")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto, bfloat16, fp8, fp8_e5m2: commas")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--rounds", type=int, default=8)
     args = p.parse_args()

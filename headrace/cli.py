@@ -21,6 +21,7 @@ from headrace.config import (
     SchedulerConfig,
     ServerConfig,
     dtype_name,
+    kv_cache_dtype_name,
 )
 from headrace.wire.messages import SamplingParams
 
@@ -73,10 +74,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-# vLLM's fp8 cache types: headrace has no fp8 cache, and bfloat16 is the nearest smaller one
-_FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc")
-
-
 def _dtype(text: str) -> DType:
     try:
         return dtype_name(text)
@@ -85,14 +82,10 @@ def _dtype(text: str) -> DType:
 
 
 def _kv_cache_dtype(text: str) -> KVCacheDType:
-    if text in ("auto", "bfloat16"):
-        return text  # type: ignore[return-value]
-    if text in _FP8_KV_CACHE_DTYPES:
-        logger.warning("--kv-cache-dtype %s: headrace has no fp8 cache; storing bfloat16", text)
-        return "bfloat16"
-    raise argparse.ArgumentTypeError(
-        f"{text!r}: expected auto or bfloat16 (or vLLM's {', '.join(_FP8_KV_CACHE_DTYPES)})"
-    )
+    try:
+        return kv_cache_dtype_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -135,9 +128,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype",
         type=_kv_cache_dtype,
         default="auto",
-        metavar="{auto,bfloat16}",
-        help="KV-cache element type: auto (the weights' dtype) or bfloat16 (half of float32's "
-        "bytes a token); vLLM's fp8 names store bfloat16, with a warning",
+        metavar="{auto,bfloat16,fp8,fp8_e4m3,fp8_e5m2}",
+        help="KV-cache element type: auto (the weights' dtype), bfloat16 (half of float32's "
+        "bytes a token) or fp8 (a quarter; fp8 is fp8_e4m3, stored without a scale)",
     )
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true")

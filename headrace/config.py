@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-KVCacheDType = Literal["auto", "bfloat16"]
+KVCacheDType = Literal["auto", "bfloat16", "fp8_e4m3", "fp8_e5m2"]
 
 
 def dtype_name(text: str) -> DType:
@@ -14,6 +14,15 @@ def dtype_name(text: str) -> DType:
     name = {"half": "float16", "float": "float32"}.get(text, text)
     if name not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"{text!r}: expected auto, float32 (float), bfloat16 or float16 (half)")
+    return name  # type: ignore[return-value]
+
+
+def kv_cache_dtype_name(text: str) -> KVCacheDType:
+    """`--kv-cache-dtype` / `LLM(kv_cache_dtype=...)`: vLLM's `fp8` (and Gaudi's `fp8_inc`) is
+    E4M3, as in vLLM."""
+    name = {"fp8": "fp8_e4m3", "fp8_inc": "fp8_e4m3"}.get(text, text)
+    if name not in ("auto", "bfloat16", "fp8_e4m3", "fp8_e5m2"):
+        raise ValueError(f"{text!r}: expected auto, bfloat16, fp8 (fp8_e4m3, fp8_inc) or fp8_e5m2")
     return name  # type: ignore[return-value]
 
 
@@ -34,7 +43,9 @@ class ModelConfig:
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """Paged KV cache shape; block count from `num_kv_blocks`, else `kv_cache_memory` bytes.
-    `kv_cache_dtype`: `auto` (the backend's choice for the weights' dtype) or `bfloat16`."""
+    `kv_cache_dtype`: `auto` (the backend's choice for the weights' dtype), `bfloat16`, or fp8
+    (`fp8_e4m3`, `fp8_e5m2`: one byte an element, stored without a scale, as vLLM does when a
+    checkpoint brings none)."""
 
     block_size: int = 16
     num_kv_blocks: int | None = None

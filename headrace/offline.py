@@ -16,6 +16,7 @@ from headrace.config import (
     ModelConfig,
     SchedulerConfig,
     dtype_name,
+    kv_cache_dtype_name,
 )
 from headrace.engine.core import EngineCore
 from headrace.frontend.output import (
@@ -78,7 +79,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         kv_cache_memory: int = 2 << 30,
         enable_prefix_caching: bool = True,
-        kv_cache_dtype: KVCacheDType = "auto",
+        kv_cache_dtype: KVCacheDType | str = "auto",
         seed: int = 0,
     ) -> None:
         self._start(
@@ -89,7 +90,7 @@ class LLM:
                     num_kv_blocks,
                     kv_cache_memory,
                     enable_prefix_caching,
-                    kv_cache_dtype,
+                    kv_cache_dtype_name(kv_cache_dtype),
                 ),
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             )

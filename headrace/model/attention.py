@@ -29,6 +29,8 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from headrace.model.ops import TorchOps
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # the fp8 KV caches
+
 
 @dataclass(slots=True)
 class AttnGroup:
@@ -155,11 +157,16 @@ def build_group(
 def write_kv(
     kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> None:
-    """This step's K and V [T, KH, D] into the cache at their slots."""
+    """This step's K and V [T, KH, D] into the cache at their slots, rounded to its dtype (fp8:
+    to nearest even, saturating at the largest finite value, as the C kernels store it)."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    if kv_cache.dtype in FP8_DTYPES:  # torch has no index_copy_ for fp8: its bytes, then
+        top = torch.finfo(kv_cache.dtype).max
+        k, v = (x.float().clamp(-top, top).to(kv_cache.dtype).view(torch.uint8) for x in (k, v))
+        flat = flat.view(torch.uint8)
+    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
 
 
 def torch_attend(
@@ -169,8 +176,11 @@ def torch_attend(
     with padded=True): q [tokens, H, D] -> [tokens, H * D]."""
     _, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
-    # On CPU attention computes in float32 whatever the cache holds (bf16 SDPA is slow there).
+    # On CPU attention computes in float32 whatever the cache holds (bf16 SDPA is slow there);
+    # elsewhere in the cache's dtype, or the queries' over an fp8 cache.
     compute = torch.float32 if kv_cache.device.type == "cpu" else kv_cache.dtype
+    if compute in FP8_DTYPES:
+        compute = q.dtype
     g = num_heads // num_kv_heads
     assert group.padded, "the torch path needs the padded layout (build_group(padded=True))"
     qg = q

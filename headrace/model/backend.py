@@ -50,6 +50,14 @@ _BUILD_FLAGS: dict[str, tuple[str, ...]] = {
 _X86 = platform.machine() in ("x86_64", "AMD64", "i686")
 
 
+# `--kv-cache-dtype` names other than auto, as CacheConfig holds them
+KV_CACHE_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (/proc/cpuinfo); empty where they cannot be read."""
@@ -136,13 +144,15 @@ class Backend:
     def kv_cache_dtype(self, dtype: torch.dtype, requested: str = "auto") -> torch.dtype:
         """For `--kv-cache-dtype` over weights of `dtype`. `auto`: the weights' dtype, except
         on CPU without the C kernels, where it is float32. Attention computes in float32 on CPU
-        either way (torch's CPU attention is several times slower in bf16); the cache's dtype
-        decides how many bytes each decode step reads and how many tokens fit, and a bf16 cache
-        halves the one and doubles the other."""
-        if requested == "bfloat16":
-            return torch.bfloat16
+        whatever the cache holds (torch's CPU attention is several times slower in bf16), in
+        the weights' dtype elsewhere; the cache's dtype decides how many bytes each decode
+        step reads and how many tokens fit: bf16 halves float32's, fp8 quarters them."""
+        if requested in KV_CACHE_DTYPES:
+            return KV_CACHE_DTYPES[requested]
         if requested != "auto":
-            raise ValueError(f"kv_cache_dtype {requested!r}: expected auto or bfloat16")
+            raise ValueError(
+                f"kv_cache_dtype {requested!r}: expected auto or {', '.join(KV_CACHE_DTYPES)}"
+            )
         if self.device.type == "cpu" and self.kernels is None:
             return torch.float32
         return dtype

@@ -24,6 +24,7 @@ import torch
 
 from headrace.model.attention import AttentionMetadata
 from headrace.model.kernels import (
+    KV_FORMATS,
     W_Q4F32,
     W_Q8F32,
     W_SPLIT,
@@ -126,7 +127,7 @@ class FusedDecode:
             group.ctx_lens,
             (*self.dims, kv_cache.shape[2]),
             self.scale,
-            kv_cache.dtype == torch.bfloat16,
+            kv_cache.dtype,
             self._scratch,
         )
 
@@ -169,7 +170,7 @@ class FusedDecode:
             return addr(x.packed), weight_format(x.packed)
 
         for entry, layer, cache in zip(table, layers, kv_caches, strict=True):
-            assert cache.dtype in (torch.float32, torch.bfloat16) and cache.is_contiguous()
+            assert cache.dtype in KV_FORMATS and cache.is_contiguous()
             qkv, o, gate_up, down = layer_linears(layer)
             entry.input_norm = addr(layer.input_layernorm.weight)
             entry.post_norm = addr(layer.post_attention_layernorm.weight)

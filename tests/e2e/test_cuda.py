@@ -1,6 +1,7 @@
 """The torch backend on CUDA (`--device cuda`): the backend and its bf16 KV cache, greedy parity
-with transformers, bf16 and float16 close to float32, and a served request with its metrics,
-seeded sampling and a JSON schema. Runs where torch sees a CUDA device; skipped elsewhere."""
+with transformers, bf16, float16 and an fp8 cache close to float32, and a served request with
+its metrics, seeded sampling and a JSON schema. Runs where torch sees a CUDA device; skipped
+elsewhere."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tests.engine.test_greedy_vs_transformers import (
     _check_all,
     _conv,
     assert_bf16_close,
+    assert_close_to_f32,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -60,6 +62,17 @@ def test_float16_stays_close_to_float32() -> None:
     assert llm.engine.runner.dtype == llm.engine.runner.kv_dtype == torch.float16
     assert llm.engine.info.kv_cache_dtype == "float16"
     assert_bf16_close(f32, llm.chat(convs, GREEDY))
+
+
+def test_fp8_kv_cache_stays_close_to_float32() -> None:
+    """`--kv-cache-dtype fp8` (E4M3) over float32 weights: one byte an element, attention in the
+    weights' dtype, text within the bounds the CPU backends' fp8 cache is held to."""
+    convs = [_conv(q) for q in QUESTIONS[:8]]
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5)
+    f32 = LLM(device="cuda", dtype="float32").chat(convs, with_logprobs)
+    llm = LLM(device="cuda", dtype="float32", kv_cache_dtype="fp8")
+    assert all(c.dtype == torch.float8_e4m3fn for c in llm.engine.runner.kv_caches)
+    assert_close_to_f32(f32, llm.chat(convs, GREEDY), 1.5, 6, "fp8")
 
 
 def test_served_on_cuda() -> None:

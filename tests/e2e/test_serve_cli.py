@@ -46,7 +46,7 @@ def test_unknown_flag_is_an_error() -> None:
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 2 and "'int4': expected auto or bfloat16" in proc.stderr
+    assert proc.returncode == 2 and "'int4': expected auto, bfloat16, fp8" in proc.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "headrace", "serve", "--dtype", "fp64"],
         capture_output=True,
@@ -113,10 +113,10 @@ def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
         assert out.model == "alias" and out.usage is not None
         assert out.usage.completion_tokens <= 3
         assert httpx.get(srv.url + "/health").status_code == 200  # probes need no key
-        # a manifest's fp8 cache: the nearest headrace stores, and /metrics says which
+        # a manifest's fp8 cache (vLLM's fp8 is E4M3), and /metrics says what is stored
         families = text_string_to_metric_families(httpx.get(srv.url + "/metrics").text)
         info = next(f for f in families if f.name == "vllm:cache_config_info")
-        assert [m.labels["cache_dtype"] for m in info.samples] == ["bfloat16"]
+        assert [m.labels["cache_dtype"] for m in info.samples] == ["float8_e4m3fn"]
         children = srv.children()
         assert len(children) >= 2  # an engine and an API server
     finally:
@@ -125,7 +125,7 @@ def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
     log = srv.log.read_text()
     assert "ignoring vLLM flag --gpu-memory-utilization 0.9" in log
     assert "ignoring vLLM flag --enforce-eager" in log
-    assert "--kv-cache-dtype fp8: headrace has no fp8 cache; storing bfloat16" in log
+    assert "KV cache torch.float8_e4m3fn: " in log  # the engine's load line
     # a GPU manifest's --dtype half: the CPU backends take auto's choice, and say so
     assert "--dtype float16: the CPU backends do not compute in float16; using" in log
     assert code == 0, srv.log_tail()

@@ -115,9 +115,10 @@ def test_fused_decode_gives_the_layer_by_layer_bits(
         assert torch.equal(a, b)
 
 
-def _fused_and_layer_by_layer(model, arch, kernels, requests):
+def _fused_and_layer_by_layer(model, arch, kernels, requests, kv_dtype=None):
     """Random prompts (layer by layer), then 3 decode steps, fused and layer by layer: each
-    way's final hidden states [3, requests, hidden] and its KV caches."""
+    way's final hidden states [3, requests, hidden] and its KV caches (of kv_dtype, else the
+    weights' dtype)."""
     fused = model.fused_decode
     gen = torch.Generator().manual_seed(requests)
     lens = torch.randint(1, 40, (requests,), generator=gen).tolist()
@@ -125,7 +126,7 @@ def _fused_and_layer_by_layer(model, arch, kernels, requests):
     tables = [list(range(b * width, (b + 1) * width)) for b in range(requests)]
     shape = (2, requests * width, BLOCK, arch.num_kv_heads, arch.head_dim)
     g = arch.num_heads // arch.num_kv_heads
-    dtype = model.dtype  # the cache has the weights' dtype
+    dtype = kv_dtype or model.dtype
     caches = {k: [torch.zeros(shape, dtype=dtype) for _ in range(arch.num_layers)]
               for k in ("fused", "layers")}  # fmt: skip
     prompts = [torch.randint(0, arch.vocab_size, (n,), generator=gen) for n in lens]
@@ -169,6 +170,25 @@ def test_fused_decode_over_gguf_mixes(tmp_path: Path, mix: str, build: str, requ
     assert torch.equal(hidden["fused"], hidden["layers"])
     for a, b in zip(caches["fused"], caches["layers"], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("requests", [1, 16])
+@pytest.mark.parametrize(
+    "kv_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2], ids=str
+)
+@pytest.mark.parametrize("build", KERNEL_BUILDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_decode_over_smaller_caches(
+    tmp_path: Path, name: str, build: str, kv_dtype, requests: int
+):
+    """`--kv-cache-dtype` bfloat16 or fp8 under float32 weights: the fused step writes and reads
+    the cache as the layer-by-layer path does, to the bit."""
+    model, arch = _load(tmp_path, name, f"q4-{build}-float32")
+    hidden, caches = _fused_and_layer_by_layer(model, arch, _kernels(f"q4-{build}"), requests,
+                                               kv_dtype)  # fmt: skip
+    assert torch.equal(hidden["fused"], hidden["layers"])
+    for a, b in zip(caches["fused"], caches["layers"], strict=True):
+        assert a.dtype == kv_dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def test_four_bit_weights_give_the_bf16_bits() -> None:

@@ -18,6 +18,8 @@ from headrace.model.ops import TORCH_OPS, KernelOps, ops_for
 from tests.backends import KERNEL_BUILDS, amx_kernels
 
 BLOCK = 16
+# every cache dtype the kernels read: float32, bf16 and fp8 (E4M3, E5M2)
+KV_DTYPES = [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 
 
 @pytest.fixture(scope="module", params=KERNEL_BUILDS)
@@ -71,7 +73,7 @@ def _reference(q, cache, tables, lens, scale):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", KV_DTYPES)
 @pytest.mark.parametrize(
     "heads,kv_heads,d",
     # head_dim 64 with 1-4 query heads per KV head takes the register-tiled path (GQA 3 is
@@ -91,7 +93,7 @@ def test_kernel_matches_torch(kernels, dtype, heads, kv_heads, d):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", KV_DTYPES)
 @pytest.mark.parametrize("block", [8, 32])
 def test_kernel_matches_torch_at_other_block_sizes(kernels, dtype, block):
     """The one-pass path walks chunks of at most 16 positions inside a block: smaller blocks end
@@ -128,8 +130,8 @@ def _causal_reference(q, cache, tables, q_lens, ctx_lens, scale):
 PREFILL_SHAPES = [(9, 3, 64, 16), (4, 4, 128, 8), (8, 1, 64, 32), (14, 2, 64, 16), (6, 3, 80, 16)]
 
 
-# the float32-FMA kernel for both cache dtypes (every build)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# the float32-FMA kernel for every cache dtype (every build)
+@pytest.mark.parametrize("dtype", KV_DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,d,block", PREFILL_SHAPES)
 def test_prefill_kernel_matches_torch(kernels, dtype, heads, kv_heads, d, block):
     _check_prefill(kernels, False, dtype, heads, kv_heads, d, block)
@@ -173,7 +175,7 @@ def test_amx_attention_follows_the_build(kernels):
     assert not kernels.prefill_on_amx(torch.bfloat16, 80)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", KV_DTYPES)
 def test_paged_attention_same_with_and_without_kernel(kernels, dtype):
     """A step with decodes and a prefill chunk: the torch path, and the kernels (one per group)."""
     lens = [5, 40, 18, 77]
@@ -262,7 +264,7 @@ def test_add_rms_norm_matches_torch(kernels, x_dtype, out_dtype, with_residual, 
 
 
 @pytest.mark.parametrize("qkv_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_rope_write_kv_matches_torch(kernels, qkv_dtype, kv_dtype):
     heads, kv_heads, d, tokens = 9, 3, 64, 40
     gen = torch.Generator().manual_seed(3)
@@ -276,16 +278,68 @@ def test_rope_write_kv_matches_torch(kernels, qkv_dtype, kv_dtype):
 
     q, k, v = qkv.float().split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     want_q, k = rope(positions, q.view(tokens, heads, d), k.view(tokens, kv_heads, d))
-    flat = want_cache.view(2, -1, kv_heads, d)
-    flat[0].index_copy_(0, slots, k.to(kv_dtype))
-    flat[1].index_copy_(0, slots, v.reshape(tokens, kv_heads, d).to(kv_dtype))
+    write_kv(want_cache, slots, k, v.reshape(tokens, kv_heads, d))
 
     got_q = kernels.rope_write_kv(qkv, positions, rope.cos, rope.sin, slots, got_cache, heads)
     torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=1e-5)
     if kv_dtype == torch.float32:
         torch.testing.assert_close(got_cache, want_cache, atol=1e-5, rtol=1e-5)
-    else:  # the same float32 value rounded once; the product order may differ by an ulp
-        torch.testing.assert_close(got_cache.float(), want_cache.float(), atol=1e-2, rtol=8e-3)
+        return
+    # V is stored as it came: rounded the same way, bit for bit
+    assert torch.equal(got_cache[1].view(torch.uint8), want_cache[1].view(torch.uint8))
+    # rotated K: the same float32 value, rounded once, where the products' order may move it by
+    # an ulp across a rounding boundary: one step of the cache's dtype at most
+    step = torch.finfo(kv_dtype).eps  # 2^-mantissa bits
+    torch.testing.assert_close(
+        got_cache[0].float(), want_cache[0].float(), atol=1e-2, rtol=1.01 * step
+    )
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_cache_holds_torchs_bits_and_reads_them_exactly(kernels, kv_dtype):
+    """The kernels' fp8 store against torch's conversion (write_kv's clamp, then the cast) on
+    values at every edge: halfway between codes (to even), subnormals, the largest finite value
+    and past it (saturation), zeros of both signs, NaN; and every code but NaN read back
+    exactly (a one-position decode attention returns its V row as it reads it)."""
+    heads, kv_heads, d = 3, 3, 64
+    info = torch.finfo(kv_dtype)
+    codes = torch.arange(256, dtype=torch.uint8).view(kv_dtype).float()
+    finite = codes[codes.isfinite()].unique()
+    mids = (finite[:-1] + finite[1:]) / 2  # exact halfway points: round to even
+    specials = torch.tensor([0.0, -0.0, info.max, -info.max, 2 * info.max, -1e30, float("inf")])
+    specials = torch.cat([specials, torch.tensor([float("nan"), info.tiny, info.tiny / 3])])
+    gen = torch.Generator().manual_seed(5)
+    scales = 10.0 ** torch.randint(-8, 6, (2048,), generator=gen)
+    values = torch.cat([finite, mids, specials, torch.randn(2048, generator=gen) * scales])
+    tokens = -(-values.numel() // (kv_heads * d))
+    v = torch.zeros(tokens * kv_heads * d)
+    v[: values.numel()] = values
+    v = v.view(tokens, kv_heads, d)
+    qkv = torch.cat([torch.zeros(tokens, (heads + kv_heads) * d), v.view(tokens, -1)], 1)
+    rope = RotaryEmbedding(d, 64, 10000.0, None)
+    rope.build(torch.device("cpu"))
+    slots = torch.arange(tokens)
+    blocks = -(-tokens // BLOCK)
+    want = torch.zeros(2, blocks, BLOCK, kv_heads, d, dtype=kv_dtype)
+    got = want.clone()
+    write_kv(want, slots, torch.zeros(tokens, kv_heads, d), v)
+    kernels.rope_write_kv(qkv, torch.zeros(tokens, dtype=torch.long), rope.cos, rope.sin, slots,
+                          got, heads)  # fmt: skip
+    assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8))
+
+    # every non-NaN code as V of one-position requests: softmax weight 1, the row comes back
+    readable = torch.arange(256, dtype=torch.uint8)
+    readable = readable[~readable.view(kv_dtype).float().isnan()]
+    rows = -(-readable.numel() // (kv_heads * d))
+    cache = torch.zeros(2, rows, BLOCK, kv_heads, d, dtype=torch.uint8)
+    flat = torch.zeros(rows * kv_heads * d, dtype=torch.uint8)
+    flat[: readable.numel()] = readable
+    cache[1, :, 0] = flat.view(rows, kv_heads, d)
+    cache = cache.view(kv_dtype)
+    q = torch.randn(rows, heads, d, generator=gen)
+    table = torch.arange(rows).view(rows, 1)
+    out = kernels.paged_decode_attention(q, cache, table, torch.ones(rows, dtype=torch.long), 0.1)
+    assert torch.equal(out.view(-1), cache[1, :, 0].float().reshape(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

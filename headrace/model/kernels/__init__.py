@@ -31,6 +31,7 @@ import ctypes
 
 from headrace.model.kernels.amx_linear import AmxLinears, weight_format
 from headrace.model.kernels.api import API, DTYPES, W_BF16, W_Q4, W_Q4F32, W_Q8F32, W_SPLIT, bind
+from headrace.model.kernels.api import KV_FORMATS as KV_FORMATS
 from headrace.model.kernels.api import read_api as read_api
 from headrace.model.kernels.build import build, openmp_runtimes
 from headrace.model.kernels.decode_attention import DecodeAttention

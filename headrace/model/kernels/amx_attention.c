@@ -199,8 +199,8 @@ void paged_prefill_attention_amx(const float *q, const void *k_cache, const void
                                  const int64_t *block_table, const int64_t *q_lens,
                                  const int64_t *ctx_lens, float *out, int64_t B, int64_t W,
                                  int64_t H, int64_t KH, int64_t D, int64_t block_size,
-                                 float scale, int kv_bf16, int num_threads) {
-    (void)kv_bf16; /* bf16: the caller's check */
+                                 float scale, int kv_fmt, int num_threads) {
+    (void)kv_fmt; /* bf16: the caller's check */
     const int64_t G = H / KH, R = PF_TOK * G, RG = R / 16, row = KH * D, DS = D / 32;
     const uint16_t *kc = k_cache, *vc = v_cache;
     int64_t *starts = prefill_item_starts(q_lens, B, KH);
@@ -309,10 +309,10 @@ void paged_prefill_attention_amx(const float *q, const void *k_cache, const void
                                  const int64_t *block_table, const int64_t *q_lens,
                                  const int64_t *ctx_lens, float *out, int64_t B, int64_t W,
                                  int64_t H, int64_t KH, int64_t D, int64_t block_size,
-                                 float scale, int kv_bf16, int num_threads) {
+                                 float scale, int kv_fmt, int num_threads) {
     (void)q, (void)k_cache, (void)v_cache, (void)block_table, (void)q_lens, (void)ctx_lens;
     (void)out, (void)B, (void)W, (void)H, (void)KH, (void)D, (void)block_size, (void)scale;
-    (void)kv_bf16, (void)num_threads;
+    (void)kv_fmt, (void)num_threads;
     abort(); /* callers check amx_available() */
 }
 #endif

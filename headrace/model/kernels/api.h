@@ -8,11 +8,18 @@
 
 #define HR_API __attribute__((visibility("default")))
 
+/* The KV cache's element formats (kv_fmt): float32, bf16, and OCP fp8 E4M3 (finite, max 448)
+ * or E5M2 (max 57344), stored without a scale. Attention computes in float32 whichever. */
+#define KV_F32 0
+#define KV_BF16 1
+#define KV_E4M3 2
+#define KV_E5M2 3
+
 /* decode_attention.c: decode attention over the paged cache (q, out [B, H, D] float32) */
 HR_API void paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                                    const int64_t *block_table, const int64_t *ctx_lens,
                                    float *out, int64_t B, int64_t W, int64_t H, int64_t KH,
-                                   int64_t D, int64_t block_size, float scale, int kv_bf16,
+                                   int64_t D, int64_t block_size, float scale, int kv_fmt,
                                    int num_threads);
 
 /* prefill_attention.c: causal attention of prompt chunks over the paged cache */
@@ -20,7 +27,7 @@ HR_API void paged_prefill_attention(const float *q, const void *k_cache, const v
                                     const int64_t *block_table, const int64_t *q_lens,
                                     const int64_t *ctx_lens, float *out, int64_t B, int64_t W,
                                     int64_t H, int64_t KH, int64_t D, int64_t block_size,
-                                    float scale, int kv_bf16, int num_threads);
+                                    float scale, int kv_fmt, int num_threads);
 
 /* elementwise.c: the small steps around the linears, and greedy's argmax */
 HR_API void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *weight,
@@ -28,7 +35,7 @@ HR_API void add_rms_norm(const void *x, int x_bf16, const float *residual, const
                          int num_threads);
 HR_API void rope_write_kv(const void *qkv, int qkv_bf16, const int64_t *positions,
                           const float *cos, const float *sin, const int64_t *slots, float *q_out,
-                          void *k_cache, void *v_cache, int kv_bf16, int64_t T, int64_t H,
+                          void *k_cache, void *v_cache, int kv_fmt, int64_t T, int64_t H,
                           int64_t KH, int64_t D, int num_threads);
 HR_API void silu_mul(const void *x, void *out, int io_bf16, int64_t T, int64_t I, int num_threads);
 HR_API void argmax_rows(const void *x, int bf16, int64_t rows, int64_t n, int64_t *out,
@@ -46,7 +53,7 @@ HR_API void paged_prefill_attention_amx(const float *q, const void *k_cache, con
                                         const int64_t *block_table, const int64_t *q_lens,
                                         const int64_t *ctx_lens, float *out, int64_t B,
                                         int64_t W, int64_t H, int64_t KH, int64_t D,
-                                        int64_t block_size, float scale, int kv_bf16,
+                                        int64_t block_size, float scale, int kv_fmt,
                                         int num_threads);
 
 /* q4_linear.c: float32 linears reading GGUF 4-bit (Q4_0, Q4_1, Q4_K) and 8-bit blocks (Q8_0,
@@ -106,6 +113,6 @@ HR_API void decode_layers(const decode_layer *layers, int64_t L, const void *emb
                           const int64_t *slots, const int64_t *block_table, int64_t W,
                           const int64_t *ctx_lens, int64_t T, int64_t hidden, int64_t H,
                           int64_t KH, int64_t D, int64_t I, int64_t block_size, float scale,
-                          int kv_bf16, void *scratch, int num_threads);
+                          int kv_fmt, void *scratch, int num_threads);
 
 #endif /* HEADRACE_API_H */

@@ -65,6 +65,18 @@ API = read_api(API_HEADER.read_text())
 W_BF16, W_Q4, W_Q4F32, W_Q8F32, W_SPLIT = (
     API.constants[n] for n in ("W_BF16", "W_Q4", "W_Q4F32", "W_Q8F32", "W_SPLIT")
 )
+# the KV cache's element formats, by the cache tensor's dtype
+KV_FORMATS = {
+    torch.float32: API.constants["KV_F32"],
+    torch.bfloat16: API.constants["KV_BF16"],
+    torch.float8_e4m3fn: API.constants["KV_E4M3"],
+    torch.float8_e5m2: API.constants["KV_E5M2"],
+}
+
+
+def kv_format(kv_cache: torch.Tensor) -> int:
+    """The kernels' code (api.h's KV_*) for the cache's dtype; KeyError for one they lack."""
+    return KV_FORMATS[kv_cache.dtype]
 
 
 def bind(lib: ctypes.CDLL) -> Any:

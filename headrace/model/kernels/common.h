@@ -21,16 +21,22 @@
 #define HAVE_AMX 1
 #endif
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
+static inline uint32_t f32_bits(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return bits;
+}
+
+static inline float bits_f32(uint32_t bits) {
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
 }
 
+static inline float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+
 static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
+    const uint32_t bits = f32_bits(f);
     if ((bits & 0x7fffffffu) > 0x7f800000u) /* NaN stays NaN */
         return (uint16_t)((bits >> 16) | 0x40u);
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16); /* round to nearest even */
@@ -53,24 +59,129 @@ static inline __m256i to_bf16x16(__m512 x) {
 }
 #endif
 
-/* A row of D cache elements as float32, into `dst`. */
-static inline const float *row_f32(const void *base, int64_t index, int64_t D, int bf16,
+/* Bytes per cache element of format kv_fmt (api.h's KV_*). */
+static inline int64_t kv_elem_bytes(int kv_fmt) {
+    return kv_fmt == KV_F32 ? 4 : kv_fmt == KV_BF16 ? 2 : 1;
+}
+
+/* float32 -> OCP fp8 with `mant` mantissa bits and exponent bias `bias` (E4M3: 3, 7; E5M2: 2,
+ * 15): round to nearest even, saturating at the largest finite code `max_code` (0x7e, 0x7b; as
+ * torch's float8_e4m3fn conversion does, and its float8_e5m2 one after a clamp); a NaN stays
+ * NaN (0x7f). */
+static inline uint8_t f32_to_fp8(float f, int mant, int bias, uint32_t max_code) {
+    const uint32_t bits = f32_bits(f), sign = (bits >> 24) & 0x80u, a = bits & 0x7fffffffu;
+    if (a > 0x7f800000u)
+        return (uint8_t)(sign | 0x7fu);
+    uint32_t code;
+    if (a < (uint32_t)(128 - bias) << 23) { /* below the smallest normal: multiples of 2^-(bias
+                                              * - 1 + mant), the top one the smallest normal */
+        code = (uint32_t)__builtin_rintf(bits_f32(a) * ldexpf(1.0f, bias - 1 + mant));
+    } else {
+        const int shift = 23 - mant;
+        code = ((a + (1u << (shift - 1)) - 1u + ((a >> shift) & 1u)) >> shift) -
+               ((uint32_t)(127 - bias) << mant);
+        code = code > max_code ? max_code : code;
+    }
+    return (uint8_t)(sign | code);
+}
+
+static inline uint8_t f32_to_e4m3(float f) { return f32_to_fp8(f, 3, 7, 0x7eu); }
+static inline uint8_t f32_to_e5m2(float f) { return f32_to_fp8(f, 2, 15, 0x7bu); }
+
+/* OCP fp8 -> float32, exact (E4M3's 0x7f and E5M2's top exponent: NaN, infinity). */
+static inline float fp8_to_f32(uint8_t b, int mant, int bias) {
+    const uint32_t e = (b & 0x7fu) >> mant, m = b & ((1u << mant) - 1u);
+    float mag;
+    if (e == 0)
+        mag = (float)m * ldexpf(1.0f, 1 - bias - mant);
+    else if (mant == 3 ? (b & 0x7fu) == 0x7fu : e == 31)
+        mag = mant == 3 || m != 0 ? NAN : INFINITY;
+    else
+        mag = bits_f32(((e + 127 - (uint32_t)bias) << 23) | (m << (23 - mant)));
+    return b & 0x80u ? -mag : mag;
+}
+
+/* What the vector widening below leaves fp8 values to be multiplied by: 2^8 for E4M3, 1
+ * otherwise (and for float32 and bf16, which it does not widen). The one-pass decode attention
+ * folds it into the score scale and the output's normalization. */
+static inline float fp8_unit(int kv_fmt) { return kv_fmt == KV_E4M3 ? 256.0f : 1.0f; }
+
+#if defined(__F16C__) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)))
+#define HAVE_FP8_VECTORS 1
+/* 16 fp8 values in 16-bit lanes, each byte in the lane's high half (b << 8), as the float16s of
+ * the same value, E4M3's scaled by 2^-8: E5M2 is float16's top byte as it is; E4M3's sign,
+ * exponent and mantissa shift right by one into float16's fields (the bias left at 15, not 7).
+ * (E4M3's NaN code reads as 480; a cache written from finite values holds none.) */
+static inline __m128i fp8_as_f16(__m128i hi_bytes, int kv_fmt) {
+    if (kv_fmt == KV_E5M2)
+        return hi_bytes;
+    return _mm_and_si128(_mm_srai_epi16(hi_bytes, 1), _mm_set1_epi16(-16385 /* 0xbfff */));
+}
+
+/* 16 fp8 values at p as float32 over fp8_unit (E4M3's scaled by 2^-8), out[0] the first 8. */
+static inline void fp8x16_to_ps(const uint8_t *p, int kv_fmt, __m256 out[2]) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p), z = _mm_setzero_si128();
+    out[0] = _mm256_cvtph_ps(fp8_as_f16(_mm_unpacklo_epi8(z, b), kv_fmt));
+    out[1] = _mm256_cvtph_ps(fp8_as_f16(_mm_unpackhi_epi8(z, b), kv_fmt));
+}
+#endif
+
+/* A row of D cache elements (format kv_fmt) as float32: the cache itself where it holds
+ * float32, else widened into `dst`. */
+static inline const float *row_f32(const void *base, int64_t index, int64_t D, int kv_fmt,
                                    float *dst) {
-    if (!bf16)
+    if (kv_fmt == KV_F32)
         return (const float *)base + index;
-    const uint16_t *src = (const uint16_t *)base + index;
+    if (kv_fmt == KV_BF16) {
+        const uint16_t *src = (const uint16_t *)base + index;
 #pragma omp simd
+        for (int64_t d = 0; d < D; d++)
+            dst[d] = bf16_to_f32(src[d]);
+        return dst;
+    }
+    const uint8_t *src = (const uint8_t *)base + index;
+#if defined(HAVE_FP8_VECTORS)
+    if (D % 16 == 0) {
+        const __m256 unit = _mm256_set1_ps(fp8_unit(kv_fmt));
+        for (int64_t d = 0; d < D; d += 16) {
+            __m256 x[2];
+            fp8x16_to_ps(src + d, kv_fmt, x);
+            _mm256_storeu_ps(dst + d, _mm256_mul_ps(x[0], unit));
+            _mm256_storeu_ps(dst + d + 8, _mm256_mul_ps(x[1], unit));
+        }
+        return dst;
+    }
+#endif
+    const int mant = kv_fmt == KV_E4M3 ? 3 : 2, bias = kv_fmt == KV_E4M3 ? 7 : 15;
     for (int64_t d = 0; d < D; d++)
-        dst[d] = bf16_to_f32(src[d]);
+        dst[d] = fp8_to_f32(src[d], mant, bias);
     return dst;
 }
 
 /* The same row as float32, always copied into `dst`. */
-static inline void copy_row_f32(const void *base, int64_t index, int64_t D, int bf16, float *dst) {
-    const float *src = row_f32(base, index, D, bf16, dst);
+static inline void copy_row_f32(const void *base, int64_t index, int64_t D, int kv_fmt,
+                                float *dst) {
+    const float *src = row_f32(base, index, D, kv_fmt, dst);
     if (src != dst)
         memcpy(dst, src, sizeof(float) * (size_t)D);
 }
+
+/* D float32 values into a cache row of format kv_fmt, rounded to nearest even. */
+static inline void store_row(void *base, int64_t index, const float *src, int64_t D,
+                             int kv_fmt) {
+    if (kv_fmt == KV_F32) {
+        memcpy((float *)base + index, src, sizeof(float) * (size_t)D);
+    } else if (kv_fmt == KV_BF16) {
+        uint16_t *dst = (uint16_t *)base + index;
+        for (int64_t d = 0; d < D; d++)
+            dst[d] = f32_to_bf16(src[d]);
+    } else {
+        uint8_t *dst = (uint8_t *)base + index;
+        for (int64_t d = 0; d < D; d++)
+            dst[d] = kv_fmt == KV_E4M3 ? f32_to_e4m3(src[d]) : f32_to_e5m2(src[d]);
+    }
+}
+
 
 /* exp(x) for x <= 0, vectorizable: 2^n * 2^f with a degree-6 polynomial for 2^f, f in
  * [-0.5, 0.5] (relative error ~2e-7); below -87 it is 0, where expf would go denormal. */
@@ -223,7 +334,7 @@ void decode_scratch_init(decode_scratch *s, int64_t H, int64_t KH, int64_t D, in
 void decode_scratch_free(decode_scratch *s);
 void decode_requests(atomic_llong *next, const float *q, const void *k_cache, const void *v_cache,
                      const int64_t *block_table, const int64_t *ctx_lens, int64_t B, int64_t W,
-                     int64_t H, int64_t KH, int64_t D, int64_t block_size, float scale, int kv_bf16,
+                     int64_t H, int64_t KH, int64_t D, int64_t block_size, float scale, int kv_fmt,
                      decode_scratch *s, float *out, uint16_t *out_bf16);
 
 /* prefill_attention.c: the work items both prompt kernels share (PF_TOK query tokens each) */
@@ -243,7 +354,7 @@ void rms_rows(const void *x, int x_bf16, const float *residual, const float *wei
               float *res_out, void *out, int out_bf16, int64_t t0, int64_t t1, int64_t N);
 void rope_rows(const void *qkv, int qkv_bf16, const int64_t *positions, const float *cos,
                const float *sin, const int64_t *slots, float *q_out, void *k_cache, void *v_cache,
-               int kv_bf16, int64_t t0, int64_t t1, int64_t H, int64_t KH, int64_t D);
+               int kv_fmt, int64_t t0, int64_t t1, int64_t H, int64_t KH, int64_t D);
 void silu_rows(const void *x, void *out, int io_bf16, int64_t t0, int64_t t1, int64_t I);
 
 /* q4_linear.c: q4_linear in the two halves decode_step.c calls apart. From GEMM_MIN_ROWS rows of

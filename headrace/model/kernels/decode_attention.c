@@ -3,7 +3,8 @@
  * block by block through the block table, so K and V are read once, where they lie, with no
  * gathered copy. Head dim 64 (up to 4 query heads per KV head) takes one pass per request with
  * the online softmax; other shapes take two: scores (kept in a per-thread buffer), then the
- * softmax-weighted sum of V. Arithmetic is float32 whatever the cache's dtype (float32, bf16).
+ * softmax-weighted sum of V. Arithmetic is float32 whatever the cache's dtype (float32, bf16,
+ * fp8).
  * decode_step.c runs the same per-request code (decode_requests) inside its fused step. */
 #include "common.h"
 
@@ -131,16 +132,27 @@ static inline __attribute__((always_inline)) void online_start(float *acc, int64
  * converts each 64-element K or V slice once, in registers. The generic loop instead
  * round-trips every token row through a float32 buffer and reloads q and the accumulators from
  * memory for each head. `G` is a constant in each inlined copy. */
-static inline void load64(const void *base, int64_t index, int bf16, __m512 x[4]) {
-    if (bf16) {
+static inline void load64(const void *base, int64_t index, int kv_fmt, __m512 x[4]) {
+    if (kv_fmt == KV_F32) {
+        const float *p = (const float *)base + index;
+        for (int c = 0; c < 4; c++)
+            x[c] = _mm512_loadu_ps(p + 16 * c);
+    } else if (kv_fmt == KV_BF16) {
         const uint16_t *p = (const uint16_t *)base + index;
         for (int c = 0; c < 4; c++)
             x[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 16 * c))), 16));
-    } else {
-        const float *p = (const float *)base + index;
-        for (int c = 0; c < 4; c++)
-            x[c] = _mm512_loadu_ps(p + 16 * c);
+    } else { /* fp8 over fp8_unit (HAVE_FP8_VECTORS: decode_request's check) */
+#if defined(HAVE_FP8_VECTORS)
+        const uint8_t *p = (const uint8_t *)base + index;
+        for (int c = 0; c < 4; c++) {
+            const __m128i b = _mm_loadu_si128((const __m128i *)(p + 16 * c));
+            const __m128i z = _mm_setzero_si128();
+            const __m256i h = _mm256_set_m128i(fp8_as_f16(_mm_unpackhi_epi8(z, b), kv_fmt),
+                                               fp8_as_f16(_mm_unpacklo_epi8(z, b), kv_fmt));
+            x[c] = _mm512_cvtph_ps(h);
+        }
+#endif
     }
 }
 
@@ -153,9 +165,10 @@ static inline void load64(const void *base, int64_t index, int bf16, __m512 x[4]
  * G * KH * 66 floats (outputs, running max, running sum); ob: the request's output [H, 64]. */
 static inline __attribute__((always_inline)) void
 request_d64(const float *qb, const void *k_cache, const void *v_cache, const int64_t *table,
-            int64_t len, int64_t block_size, int64_t KH, float scale, int bf16, int64_t elem,
+            int64_t len, int64_t block_size, int64_t KH, float scale, int kv_fmt, int64_t elem,
             float *acc, float *ob, const int G) {
     const int64_t row = KH * 64, H = KH * G;
+    const float unit = fp8_unit(kv_fmt), qk_scale = scale * unit; /* load64's fp8 */
     float *run_max = acc + H * 64, *run_sum = run_max + H;
     online_start(acc, H);
     for (int64_t t0 = 0, n; t0 < len; t0 += n) {
@@ -172,7 +185,7 @@ request_d64(const float *qb, const void *k_cache, const void *v_cache, const int
                     q[g][c] = _mm512_loadu_ps(qb + (kh * G + g) * 64 + 16 * c);
             for (int64_t i = 0; i < n; i++) {
                 __m512 k[4];
-                load64(k_cache, base + i * row + kh * 64, bf16, k);
+                load64(k_cache, base + i * row + kh * 64, kv_fmt, k);
                 if (i < next.n) /* this head's slice of the next chunk's row i */
                     prefetch_slice(next, (i * row + kh * 64) * elem, elem);
                 for (int g = 0; g < G; g++) {
@@ -186,7 +199,7 @@ request_d64(const float *qb, const void *k_cache, const void *v_cache, const int
             for (int g = 0; g < G; g++) {
                 const int64_t h = kh * G + g;
                 const __m512 s = _mm512_mul_ps(_mm512_maskz_load_ps(live, p[g]),
-                                               _mm512_set1_ps(scale));
+                                               _mm512_set1_ps(qk_scale));
                 const float chunk_max = _mm512_mask_reduce_max_ps(live, s);
                 const float m = chunk_max > run_max[h] ? chunk_max : run_max[h];
                 /* exp(old max - new max): the earlier sum and outputs in the new max's scale */
@@ -202,7 +215,7 @@ request_d64(const float *qb, const void *k_cache, const void *v_cache, const int
             }
             for (int64_t i = 0; i < n; i++) {
                 __m512 v[4];
-                load64(v_cache, base + i * row + kh * 64, bf16, v);
+                load64(v_cache, base + i * row + kh * 64, kv_fmt, v);
                 for (int g = 0; g < G; g++) {
                     const __m512 w = _mm512_set1_ps(p[g][i]);
                     for (int c = 0; c < 4; c++)
@@ -215,7 +228,7 @@ request_d64(const float *qb, const void *k_cache, const void *v_cache, const int
         }
     }
     for (int64_t h = 0; h < H; h++) {
-        const __m512 r = _mm512_set1_ps(1.0f / run_sum[h]);
+        const __m512 r = _mm512_set1_ps(unit / run_sum[h]);
         for (int c = 0; c < 4; c++)
             _mm512_storeu_ps(ob + h * 64 + 16 * c,
                              _mm512_mul_ps(_mm512_loadu_ps(acc + h * 64 + 16 * c), r));
@@ -228,20 +241,25 @@ request_d64(const float *qb, const void *k_cache, const void *v_cache, const int
  * request with the online softmax, chunk by chunk of up to 16 positions. A K row lives in 8 ymm
  * while each query head's dot product with it is summed into one vector; the chunk's vectors
  * are reduced 8 at a time by a transposing hadd tree (one horizontal sum per score costs more
- * than the dot product). bf16 rows are widened in registers; V rows are widened once per chunk
- * into a float32 buffer the G heads then read from L1. Without this the AVX2 build ran the
- * two-pass loop, which was bound by its own arithmetic: a bf16 cache took as long as a float32
- * one, though it is half the bytes. */
-static inline void load64_avx2(const void *base, int64_t index, int bf16, __m256 x[8]) {
-    if (bf16) {
+ * than the dot product). bf16 and fp8 rows are widened in registers; V rows are widened once
+ * per chunk into a float32 buffer the G heads then read from L1. Without this the AVX2 build
+ * ran the two-pass loop, which was bound by its own arithmetic: a bf16 cache took as long as a
+ * float32 one, though it is half the bytes. */
+static inline void load64_avx2(const void *base, int64_t index, int kv_fmt, __m256 x[8]) {
+    if (kv_fmt == KV_F32) {
+        const float *p = (const float *)base + index;
+        for (int c = 0; c < 8; c++)
+            x[c] = _mm256_loadu_ps(p + 8 * c);
+    } else if (kv_fmt == KV_BF16) {
         const uint16_t *p = (const uint16_t *)base + index;
         for (int c = 0; c < 8; c++)
             x[c] = _mm256_castsi256_ps(_mm256_slli_epi32(
                 _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 8 * c))), 16));
-    } else {
-        const float *p = (const float *)base + index;
-        for (int c = 0; c < 8; c++)
-            x[c] = _mm256_loadu_ps(p + 8 * c);
+    } else { /* fp8 over fp8_unit (HAVE_FP8_VECTORS: decode_request's check) */
+#if defined(HAVE_FP8_VECTORS)
+        for (int c = 0; c < 4; c++)
+            fp8x16_to_ps((const uint8_t *)base + index + 16 * c, kv_fmt, x + 2 * c);
+#endif
     }
 }
 
@@ -257,8 +275,9 @@ static inline __m256 hsum8x8(const __m256 v[8]) {
 static inline __attribute__((always_inline)) void
 request_d64_avx2(const float *qb, const void *k_cache, const void *v_cache,
                  const int64_t *table, int64_t len, int64_t block_size, int64_t KH,
-                 float scale, int bf16, int64_t elem, float *acc, float *ob, const int G) {
+                 float scale, int kv_fmt, int64_t elem, float *acc, float *ob, const int G) {
     const int64_t row = KH * 64, H = KH * G;
+    const float unit = fp8_unit(kv_fmt), qk_scale = scale * unit; /* load64_avx2's fp8 */
     float *run_max = acc + H * 64, *run_sum = run_max + H;
     online_start(acc, H);
     float vbuf[16 * 64] __attribute__((aligned(32)));
@@ -272,7 +291,7 @@ request_d64_avx2(const float *qb, const void *k_cache, const void *v_cache,
             float p[4][16] __attribute__((aligned(32)));
             for (int64_t i = 0; i < n; i++) {
                 __m256 k[8];
-                load64_avx2(k_cache, base + i * row + kh * 64, bf16, k);
+                load64_avx2(k_cache, base + i * row + kh * 64, kv_fmt, k);
                 if (i < next.n) /* this head's slice of the next chunk's row i */
                     prefetch_slice(next, (i * row + kh * 64) * elem, elem);
                 for (int g = 0; g < G; g++) {
@@ -290,9 +309,9 @@ request_d64_avx2(const float *qb, const void *k_cache, const void *v_cache,
                 _mm256_store_ps(p[g] + 8, hsum8x8(part[g] + 8));
             }
             for (int64_t i = 0; i < n; i++) /* V's rows once, for every head */
-                if (bf16) {
+                if (kv_fmt != KV_F32) {
                     __m256 v[8];
-                    load64_avx2(v_cache, base + i * row + kh * 64, 1, v);
+                    load64_avx2(v_cache, base + i * row + kh * 64, kv_fmt, v);
                     for (int c = 0; c < 8; c++)
                         _mm256_store_ps(vbuf + i * 64 + 8 * c, v[c]);
                 }
@@ -300,7 +319,7 @@ request_d64_avx2(const float *qb, const void *k_cache, const void *v_cache,
                 const int64_t h = kh * G + g;
                 float m = run_max[h];
                 for (int64_t i = 0; i < n; i++) {
-                    p[g][i] *= scale;
+                    p[g][i] *= qk_scale;
                     m = p[g][i] > m ? p[g][i] : m;
                 }
                 /* exp(old max - new max): the earlier sum and outputs in the new max's scale */
@@ -317,7 +336,7 @@ request_d64_avx2(const float *qb, const void *k_cache, const void *v_cache,
                 for (int c = 0; c < 8; c++)
                     o[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + h * 64 + 8 * c), _mm256_set1_ps(r));
                 for (int64_t i = 0; i < n; i++) {
-                    const float *v = bf16 ? vbuf + i * 64
+                    const float *v = kv_fmt != KV_F32 ? vbuf + i * 64
                                           : (const float *)v_cache + base + i * row + kh * 64;
                     const __m256 w = _mm256_set1_ps(p[g][i]);
                     for (int c = 0; c < 8; c++)
@@ -329,7 +348,7 @@ request_d64_avx2(const float *qb, const void *k_cache, const void *v_cache,
         }
     }
     for (int64_t h = 0; h < H; h++) {
-        const __m256 r = _mm256_set1_ps(1.0f / run_sum[h]);
+        const __m256 r = _mm256_set1_ps(unit / run_sum[h]);
         for (int c = 0; c < 8; c++)
             _mm256_storeu_ps(ob + h * 64 + 8 * c,
                              _mm256_mul_ps(_mm256_loadu_ps(acc + h * 64 + 8 * c), r));
@@ -360,16 +379,24 @@ void decode_scratch_free(decode_scratch *s) {
 /* One request's decode attention: q_b [H, D] over its `len` cached positions -> o_b [H, D]. */
 static void decode_request(const float *qb, const void *k_cache, const void *v_cache,
                            const int64_t *table, int64_t len, float *ob, int64_t H, int64_t KH,
-                           int64_t D, int64_t block_size, float scale, int kv_bf16,
+                           int64_t D, int64_t block_size, float scale, int kv_fmt,
                            decode_scratch *s) {
     const int64_t G = H / KH;
     const int64_t row = KH * D; /* one token's K (or V) for every KV head */
-    const int64_t elem = kv_bf16 ? 2 : 4;
+    const int64_t elem = kv_elem_bytes(kv_fmt);
     const int64_t block_bytes = elem * block_size * row;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    /* the one-pass paths widen fp8 with F16C's conversions */
+#if defined(HAVE_FP8_VECTORS)
+    const int one_pass = D == 64 && G >= 1 && G <= 4;
+#else
+    const int one_pass = D == 64 && G >= 1 && G <= 4 && kv_fmt <= KV_BF16;
+#endif
+#endif
 #if defined(__AVX512F__)
-    if (D == 64 && G >= 1 && G <= 4) { /* a constant G per inlined copy: registers */
+    if (one_pass) { /* a constant G per inlined copy: registers */
 #define REQUEST_D64(g)                                                                        \
-    request_d64(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_bf16, elem,      \
+    request_d64(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_fmt, elem,      \
                 s->acc, ob, g)
         switch (G) {
         case 1: REQUEST_D64(1); break;
@@ -381,9 +408,9 @@ static void decode_request(const float *qb, const void *k_cache, const void *v_c
         return;
     }
 #elif defined(__AVX2__) && defined(__FMA__)
-    if (D == 64 && G >= 1 && G <= 4) {
+    if (one_pass) {
 #define REQUEST_D64(g)                                                                        \
-    request_d64_avx2(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_bf16, elem, \
+    request_d64_avx2(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_fmt, elem, \
                      s->acc, ob, g)
         switch (G) {
         case 1: REQUEST_D64(1); break;
@@ -404,7 +431,7 @@ static void decode_request(const float *qb, const void *k_cache, const void *v_c
         const int64_t base = table[t0 / block_size] * block_size * row;
         const char *next = next_block(k_cache, table, t0, len, block_size, block_bytes);
         for (int64_t i = 0; i < n; i++) {
-            const float *k = row_f32(k_cache, base + i * row, row, kv_bf16, buf);
+            const float *k = row_f32(k_cache, base + i * row, row, kv_fmt, buf);
             if (next != NULL)
                 prefetch_row(next + i * elem * row, elem * row);
             for (int64_t h = 0; h < H; h++)
@@ -419,7 +446,7 @@ static void decode_request(const float *qb, const void *k_cache, const void *v_c
         const int64_t base = table[t0 / block_size] * block_size * row;
         const char *next = next_block(v_cache, table, t0, len, block_size, block_bytes);
         for (int64_t i = 0; i < n; i++) {
-            const float *v = row_f32(v_cache, base + i * row, row, kv_bf16, buf);
+            const float *v = row_f32(v_cache, base + i * row, row, kv_fmt, buf);
             if (next != NULL)
                 prefetch_row(next + i * elem * row, elem * row);
             for (int64_t h = 0; h < H; h++)
@@ -453,16 +480,17 @@ static void prefetch_first_chunk(const void *k_cache, const void *v_cache, const
 void decode_requests(atomic_llong *next, const float *q, const void *k_cache,
                      const void *v_cache, const int64_t *block_table,
                      const int64_t *ctx_lens, int64_t B, int64_t W, int64_t H, int64_t KH,
-                     int64_t D, int64_t block_size, float scale, int kv_bf16,
+                     int64_t D, int64_t block_size, float scale, int kv_fmt,
                      decode_scratch *s, float *out, uint16_t *out_bf16) {
     for (int64_t b = atomic_fetch_add(next, 1); b < B;) {
         const int64_t following = atomic_fetch_add(next, 1);
         if (following < B)
             prefetch_first_chunk(k_cache, v_cache, block_table + following * W,
-                                 ctx_lens[following], block_size, KH * D, kv_bf16 ? 2 : 4);
+                                 ctx_lens[following], block_size, KH * D,
+                                 kv_elem_bytes(kv_fmt));
         float *ob = out_bf16 != NULL ? s->out : out + b * H * D;
         decode_request(q + b * H * D, k_cache, v_cache, block_table + b * W, ctx_lens[b], ob, H,
-                       KH, D, block_size, scale, kv_bf16, s);
+                       KH, D, block_size, scale, kv_fmt, s);
         if (out_bf16 != NULL) {
             uint16_t *o = out_bf16 + b * H * D;
             int64_t i = 0;
@@ -482,7 +510,7 @@ void decode_requests(atomic_llong *next, const float *q, const void *k_cache,
 void paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                             const int64_t *block_table, const int64_t *ctx_lens, float *out,
                             int64_t B, int64_t W, int64_t H, int64_t KH, int64_t D,
-                            int64_t block_size, float scale, int kv_bf16, int num_threads) {
+                            int64_t block_size, float scale, int kv_fmt, int num_threads) {
     const int64_t max_len = max_of(ctx_lens, B);
     atomic_llong next = 0;
 #pragma omp parallel num_threads(num_threads)
@@ -491,7 +519,7 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
         decode_scratch s;
         decode_scratch_init(&s, H, KH, D, max_len);
         decode_requests(&next, q, k_cache, v_cache, block_table, ctx_lens, B, W, H, KH, D,
-                        block_size, scale, kv_bf16, &s, out, NULL);
+                        block_size, scale, kv_fmt, &s, out, NULL);
         decode_scratch_free(&s);
         restore_denormals(csr);
     }

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from headrace.model.kernels.api import DTYPES
+from headrace.model.kernels.api import KV_FORMATS, kv_format
 
 
 class DecodeAttention:
@@ -22,14 +22,14 @@ class DecodeAttention:
         ctx_lens: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        """q [B, H, D] float32; kv_cache [2, blocks, block_size, KH, D] float32 or bfloat16;
+        """q [B, H, D] float32; kv_cache [2, blocks, block_size, KH, D] of a dtype in KV_FORMATS;
         block_table [B, W] and ctx_lens [B] int64 (1 <= ctx_lens <= W * block_size).
         Returns [B, H, D] float32."""
         b, h, d = q.shape
         _, _, block_size, kh, _ = kv_cache.shape
         q = q.contiguous()
         assert q.dtype == torch.float32 and kv_cache.is_contiguous()
-        assert kv_cache.dtype in DTYPES
+        assert kv_cache.dtype in KV_FORMATS
         assert block_table.dtype == ctx_lens.dtype == torch.int64
         assert block_table.is_contiguous() and ctx_lens.is_contiguous()
         out = torch.empty_like(q)
@@ -37,6 +37,6 @@ class DecodeAttention:
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
             block_table.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
             b, block_table.shape[1], h, kh, d, block_size, scale,
-            int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads(),
+            kv_format(kv_cache), torch.get_num_threads(),
         )  # fmt: skip
         return out

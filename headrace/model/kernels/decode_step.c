@@ -201,7 +201,7 @@ void decode_layers(const decode_layer *layers, int64_t L, const void *embeds,
                    const float *cos, const float *sin, const int64_t *slots,
                    const int64_t *block_table, int64_t W, const int64_t *ctx_lens, int64_t T,
                    int64_t hidden, int64_t H, int64_t KH, int64_t D, int64_t I,
-                   int64_t block_size, float scale, int kv_bf16, void *scratch,
+                   int64_t block_size, float scale, int kv_fmt, void *scratch,
                    int num_threads) {
     const int f32 = layers[0].qkv_fmt >= W_Q4F32, bf = !f32; /* bf: bf16 activations */
     const int64_t QKV = (H + 2 * KH) * D;
@@ -242,11 +242,11 @@ void decode_layers(const decode_layer *layers, int64_t L, const void *embeds,
             layer_linear(&buf, h, ly->qkv, ly->qkv_fmt, ly->qkv_bias, qkv, T, QKV, hidden,
                          nth, &barrier.next_block);
             step_barrier_wait(&barrier);
-            rope_rows(qkv, bf, positions, cos, sin, slots, q, ly->k_cache, ly->v_cache, kv_bf16,
+            rope_rows(qkv, bf, positions, cos, sin, slots, q, ly->k_cache, ly->v_cache, kv_fmt,
                       r0, r1, H, KH, D);
             step_barrier_wait(&barrier);
             decode_requests(&barrier.next_request, q, ly->k_cache, ly->v_cache, block_table,
-                            ctx_lens, T, W, H, KH, D, block_size, scale, kv_bf16, &ds,
+                            ctx_lens, T, W, H, KH, D, block_size, scale, kv_fmt, &ds,
                             f32 ? attn : NULL, f32 ? NULL : attn);
             step_barrier_wait(&barrier);
             if (f32) { /* the requests were taken as they came: prepare by rows after them */

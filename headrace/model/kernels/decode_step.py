@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from headrace.model.kernels.api import API, DTYPES
+from headrace.model.kernels.api import API, DTYPES, KV_FORMATS
 
 
 class DecodeLayer(ctypes.Structure):
@@ -77,7 +77,7 @@ class DecodeStep:
         ctx_lens: torch.Tensor,
         dims: tuple[int, int, int, int, int, int],
         scale: float,
-        kv_bf16: bool,
+        kv_dtype: torch.dtype,
         scratch: torch.Tensor,
     ) -> torch.Tensor:
         """Every decoder layer of a decode step and the final norm in one call (C:
@@ -103,7 +103,7 @@ class DecodeStep:
             out.data_ptr(),
             positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
             block_table.data_ptr(), block_table.shape[1], ctx_lens.data_ptr(), t, hidden, heads,
-            kv_heads, head_dim, inter, block_size, scale, int(kv_bf16), scratch.data_ptr(),
+            kv_heads, head_dim, inter, block_size, scale, KV_FORMATS[kv_dtype], scratch.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
         return out

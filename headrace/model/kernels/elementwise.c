@@ -66,12 +66,12 @@ void add_rms_norm(const void *x, int x_bf16, const float *residual, const float 
 /* Rotate-half RoPE on q and k, and the step's K/V written into the paged cache, in one call.
  * qkv: [T, (H + 2 * KH) * D] float32 or bf16 (qkv_bf16), the fused projection's output.
  * cos, sin: [max_pos, D] float32 tables; positions, slots: [T].
- * q_out: [T, H, D] float32, rotated. The cache (k_cache/v_cache: [slots, KH, D], float32 or
- * bf16) gets rotated k and plain v at each token's slot.
+ * q_out: [T, H, D] float32, rotated. The cache (k_cache/v_cache: [slots, KH, D], of format
+ * kv_fmt) gets rotated k and plain v at each token's slot.
  * rope_rows: tokens t0 .. t1 only, for a caller that shares them out itself. */
 void rope_rows(const void *qkv, int qkv_bf16, const int64_t *positions, const float *cos,
                const float *sin, const int64_t *slots, float *q_out, void *k_cache,
-               void *v_cache, int kv_bf16, int64_t t0, int64_t t1, int64_t H, int64_t KH,
+               void *v_cache, int kv_fmt, int64_t t0, int64_t t1, int64_t H, int64_t KH,
                int64_t D) {
     const int64_t width = (H + 2 * KH) * D, half = D / 2;
     for (int64_t t = t0; t < t1; t++) {
@@ -98,28 +98,20 @@ void rope_rows(const void *qkv, int qkv_bf16, const int64_t *positions, const fl
             }
             const int64_t at = (slots[t] * KH + (h - H)) * D;
             const float *v = x + (H + KH + (h - H)) * D;
-            if (kv_bf16) {
-                uint16_t *kd = (uint16_t *)k_cache + at, *vd = (uint16_t *)v_cache + at;
-                for (int64_t i = 0; i < D; i++) {
-                    kd[i] = f32_to_bf16(rot[i]);
-                    vd[i] = f32_to_bf16(v[i]);
-                }
-            } else {
-                memcpy((float *)k_cache + at, rot, sizeof(float) * (size_t)D);
-                memcpy((float *)v_cache + at, v, sizeof(float) * (size_t)D);
-            }
+            store_row(k_cache, at, rot, D, kv_fmt);
+            store_row(v_cache, at, v, D, kv_fmt);
         }
     }
 }
 
 void rope_write_kv(const void *qkv, int qkv_bf16, const int64_t *positions, const float *cos,
                    const float *sin, const int64_t *slots, float *q_out, void *k_cache,
-                   void *v_cache, int kv_bf16, int64_t T, int64_t H, int64_t KH, int64_t D,
+                   void *v_cache, int kv_fmt, int64_t T, int64_t H, int64_t KH, int64_t D,
                    int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (T * (H + 2 * KH) * D >= 65536) \
     schedule(static)
     for (int64_t t = 0; t < T; t++)
-        rope_rows(qkv, qkv_bf16, positions, cos, sin, slots, q_out, k_cache, v_cache, kv_bf16, t,
+        rope_rows(qkv, qkv_bf16, positions, cos, sin, slots, q_out, k_cache, v_cache, kv_fmt, t,
                   t + 1, H, KH, D);
 }
 

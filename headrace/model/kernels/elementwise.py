@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from headrace.model.kernels.api import DTYPES
+from headrace.model.kernels.api import DTYPES, KV_FORMATS, kv_format
 
 
 class Elementwise:
@@ -57,7 +57,7 @@ class Elementwise:
         _, _, _, kh, d = kv_cache.shape
         t = qkv.shape[0]
         assert qkv.shape[1] == (num_heads + 2 * kh) * d and qkv.dtype in DTYPES
-        assert kv_cache.dtype in DTYPES and kv_cache.is_contiguous()
+        assert kv_cache.dtype in KV_FORMATS and kv_cache.is_contiguous()
         assert cos.dtype == sin.dtype == torch.float32
         assert cos.is_contiguous() and sin.is_contiguous()
         assert positions.dtype == slot_mapping.dtype == torch.int64
@@ -66,7 +66,7 @@ class Elementwise:
         self.c.rope_write_kv(
             qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), positions.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), q.data_ptr(),
-            kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), int(kv_cache.dtype == torch.bfloat16),
+            kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), kv_format(kv_cache),
             t, num_heads, kh, d, torch.get_num_threads(),
         )  # fmt: skip
         return q

@@ -121,7 +121,7 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
                              const int64_t *block_table, const int64_t *q_lens,
                              const int64_t *ctx_lens, float *out, int64_t B, int64_t W,
                              int64_t H, int64_t KH, int64_t D, int64_t block_size, float scale,
-                             int kv_bf16, int num_threads) {
+                             int kv_fmt, int num_threads) {
     const int64_t G = H / KH, R = PF_TOK * G, row = KH * D;
     const int64_t chunk = block_size < PF_KEYS ? block_size : PF_KEYS;
     int64_t *starts = prefill_item_starts(q_lens, B, KH);
@@ -168,8 +168,8 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
                 const int64_t base = (table[j0 / block_size] * block_size + j0 % block_size) * row;
                 for (int64_t j = 0; j < PF_KEYS; j++) {
                     if (j < nk) {
-                        copy_row_f32(k_cache, base + j * row + kh * D, D, kv_bf16, kf + j * D);
-                        copy_row_f32(v_cache, base + j * row + kh * D, D, kv_bf16, vf + j * D);
+                        copy_row_f32(k_cache, base + j * row + kh * D, D, kv_fmt, kf + j * D);
+                        copy_row_f32(v_cache, base + j * row + kh * D, D, kv_fmt, vf + j * D);
                     } else {
                         memset(kf + j * D, 0, sizeof(float) * (size_t)D);
                     }

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from headrace.model.kernels.api import DTYPES
+from headrace.model.kernels.api import KV_FORMATS, kv_format
 
 
 class PrefillAttention:
@@ -47,7 +47,7 @@ class PrefillAttention:
         _, _, block_size, kh, _ = kv_cache.shape
         q = q.contiguous()
         assert q.dtype == torch.float32 and kv_cache.is_contiguous() and self.handles_prefill(d)
-        assert kv_cache.dtype in DTYPES
+        assert kv_cache.dtype in KV_FORMATS
         assert block_table.dtype == q_lens.dtype == ctx_lens.dtype == torch.int64
         assert block_table.is_contiguous() and q_lens.is_contiguous() and ctx_lens.is_contiguous()
         if amx is None:
@@ -58,6 +58,6 @@ class PrefillAttention:
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
             block_table.data_ptr(), q_lens.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
             block_table.shape[0], block_table.shape[1], h, kh, d, block_size, scale,
-            int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads(),
+            kv_format(kv_cache), torch.get_num_threads(),
         )  # fmt: skip
         return out
