@@ -192,9 +192,13 @@ def torch_attend(
     qg = qg.view(b, nq, num_kv_heads, g, head_dim).permute(0, 2, 3, 1, 4)
     qg = qg.reshape(b, num_kv_heads, g * nq, head_dim).to(compute)
     table = group.blocks.view(-1)
-    kg = kv_cache[0].index_select(0, table).view(b, length, num_kv_heads, head_dim)
-    vg = kv_cache[1].index_select(0, table).view(b, length, num_kv_heads, head_dim)
-    kg, vg = kg.to(compute), vg.to(compute)
+    # fp8 blocks gathered as their bytes: index_select has no fp8 kernel on every device
+    held = kv_cache.view(torch.uint8) if kv_cache.dtype in FP8_DTYPES else kv_cache
+    kg, vg = (
+        held[i].index_select(0, table).view(kv_cache.dtype).to(compute)
+        .view(b, length, num_kv_heads, head_dim)
+        for i in (0, 1)
+    )  # fmt: skip
     out = F.scaled_dot_product_attention(
         qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=group.mask, scale=scale
     )
