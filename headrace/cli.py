@@ -130,7 +130,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         metavar="{auto,bfloat16,fp8,fp8_e4m3,fp8_e5m2}",
         help="KV-cache element type: auto (the weights' dtype), bfloat16 (half of float32's "
-        "bytes a token) or fp8 (a quarter; fp8 is fp8_e4m3, stored without a scale)",
+        "bytes a token) or fp8 (a quarter; fp8 is fp8_e4m3)",
+    )
+    p.add_argument(
+        "--calculate-kv-scales",
+        action="store_true",
+        help="an fp8 cache's per-layer scales from the first batch (else 1)",
     )
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true")
@@ -146,6 +151,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             args.kv_cache_memory,
             args.enable_prefix_caching,
             args.kv_cache_dtype,
+            args.calculate_kv_scales,
         ),
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
     )

@@ -63,7 +63,8 @@ class LLM:
 
     `LLM()` loads the bundled SmolLM2-135M-Instruct. Engine arguments mirror `headrace serve`'s
     flags: dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
-    num_kv_blocks, kv_cache_memory, enable_prefix_caching, kv_cache_dtype, seed.
+    num_kv_blocks, kv_cache_memory, enable_prefix_caching, kv_cache_dtype, calculate_kv_scales,
+    seed.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class LLM:
         kv_cache_memory: int = 2 << 30,
         enable_prefix_caching: bool = True,
         kv_cache_dtype: KVCacheDType | str = "auto",
+        calculate_kv_scales: bool = False,
         seed: int = 0,
     ) -> None:
         self._start(
@@ -91,6 +93,7 @@ class LLM:
                     kv_cache_memory,
                     enable_prefix_caching,
                     kv_cache_dtype_name(kv_cache_dtype),
+                    calculate_kv_scales,
                 ),
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             )

@@ -87,6 +87,12 @@ class ModelRunner:
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             for _ in range(arch.num_layers)
         ]
+        self._measuring_kv_scales = cache_cfg.calculate_kv_scales and self.kv_dtype.itemsize == 1
+        if self._measuring_kv_scales:
+            for attn in self.model.attention:
+                attn.measure_kv_scales = True
+        elif cache_cfg.calculate_kv_scales:
+            logger.warning("--calculate-kv-scales: only an fp8 KV cache has scales; ignored")
         logger.info(
             "model %s loaded: %s, dtype %s, KV cache %s: %d blocks of %d tokens (%.0f MiB), "
             "max_model_len %d",
@@ -125,6 +131,13 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, meta
         )
+        if self._measuring_kv_scales:  # the first pass set them
+            self._measuring_kv_scales = False
+            scales = [attn.kv_scales for attn in self.model.attention]
+            logger.info(
+                "fp8 KV cache scales from the first batch (%d tokens): k %.3g-%.3g, v %.3g-%.3g",
+                len(ids), *(f(s[i] for s in scales) for i in (0, 1) for f in (min, max)),
+            )  # fmt: skip
         if not sample_reqs:
             return RunnerOutput(sampled={})
         # rows in order, so as many rows as tokens means every row (a step of decodes)

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from headrace.model.kernels.api import NO_SCALES, KVScales
+
 if TYPE_CHECKING:
     from headrace.model.ops import TorchOps
 
@@ -155,25 +157,38 @@ def build_group(
 
 
 def write_kv(
-    kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_scales: KVScales = NO_SCALES,
 ) -> None:
     """This step's K and V [T, KH, D] into the cache at their slots, rounded to its dtype (fp8:
-    to nearest even, saturating at the largest finite value, as the C kernels store it)."""
+    K / k_scale and V / v_scale, to nearest even, saturating at the largest finite value, as
+    the C kernels store them)."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
     if kv_cache.dtype in FP8_DTYPES:  # torch has no index_copy_ for fp8: its bytes, then
         top = torch.finfo(kv_cache.dtype).max
-        k, v = (x.float().clamp(-top, top).to(kv_cache.dtype).view(torch.uint8) for x in (k, v))
+        k, v = (
+            (x.float() / s).clamp(-top, top).to(kv_cache.dtype).view(torch.uint8)
+            for x, s in zip((k, v), kv_scales, strict=True)
+        )
         flat = flat.view(torch.uint8)
     flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
     flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
 
 
 def torch_attend(
-    q: torch.Tensor, kv_cache: torch.Tensor, group: AttnGroup, scale: float
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    group: AttnGroup,
+    scale: float,
+    kv_scales: KVScales = NO_SCALES,
 ) -> torch.Tensor:
     """One group's attention with torch ops over its gathered, padded blocks (the group built
-    with padded=True): q [tokens, H, D] -> [tokens, H * D]."""
+    with padded=True): q [tokens, H, D] -> [tokens, H * D]. An fp8 cache's kv_scales join the
+    score's scale and the output."""
     _, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     # On CPU attention computes in float32 whatever the cache holds (bf16 SDPA is slow there);
@@ -199,9 +214,12 @@ def torch_attend(
         .view(b, length, num_kv_heads, head_dim)
         for i in (0, 1)
     )  # fmt: skip
+    k_scale, v_scale = kv_scales
     out = F.scaled_dot_product_attention(
-        qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=group.mask, scale=scale
+        qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=group.mask, scale=scale * k_scale
     )
+    if v_scale != 1.0:
+        out = out * v_scale
     out = out.view(b, num_kv_heads, g, nq, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(b * nq, num_heads * head_dim)
     return out if group.q_keep is None else out[group.q_keep]

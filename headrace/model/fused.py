@@ -70,7 +70,7 @@ class FusedDecode:
         self._layers: ctypes.Array[DecodeLayer] | None = None
         # what the layer table points to for float32 linears (kept alive with it)
         self._weights: list[ctypes.Structure | ctypes.Array[LinearPart]] = []
-        self._caches_key: tuple[int, ...] = ()
+        self._caches_key: tuple[object, ...] = ()
         # for the most rows `takes` lets through (~4.6 MB for SmolLM2 on AMX)
         most = kernels.decode_layers_scratch(max_rows, *self.dims, self.f32)
         self._scratch = torch.empty(most, dtype=torch.uint8)
@@ -133,8 +133,12 @@ class FusedDecode:
 
     def _layer_table(self, kv_caches: list[torch.Tensor]) -> ctypes.Array[DecodeLayer]:
         """The layers' weights and caches as decode_layers reads them, built again only when
-        the caches are new tensors."""
-        key = tuple(c.data_ptr() for c in kv_caches)
+        the caches are new tensors (or their scales new)."""
+        layers = _decoder_layers(self.model)
+        key = (
+            *(c.data_ptr() for c in kv_caches),
+            *(attn.kv_scales for attn in self.model.attention),
+        )
         if self._layers is not None and key == self._caches_key:
             return self._layers
 
@@ -142,7 +146,6 @@ class FusedDecode:
             return None if x is None else x.data_ptr()
 
         table = (DecodeLayer * len(kv_caches))()
-        layers = _decoder_layers(self.model)
         self._weights = []
 
         def keep(struct: ctypes.Structure) -> int:
@@ -182,5 +185,6 @@ class FusedDecode:
             bias = [addr(getattr(x, "bias", None)) for x in (qkv, o, gate_up, down)]
             entry.qkv_bias, entry.o_bias, entry.gate_up_bias, entry.down_bias = bias
             entry.k_cache, entry.v_cache = addr(cache[0]), addr(cache[1])
+            entry.k_scale, entry.v_scale = layer.self_attn.kv_scales
         self._layers, self._caches_key = table, key
         return table

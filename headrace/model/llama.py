@@ -6,11 +6,14 @@ is the only place that knows which rows belong together (`AttentionMetadata`).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 from headrace.model.attention import AttentionMetadata
 from headrace.model.fused import FusedDecode
+from headrace.model.kernels.api import NO_SCALES, KVScales
 from headrace.model.layers import AmxLinear, RMSNorm, RotaryEmbedding, SwiGLU
 from headrace.model.registry import ArchConfig
 
@@ -33,6 +36,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.rope = rope
         self.scale = cfg.head_dim**-0.5
+        # an fp8 cache holds K / k_scale and V / v_scale; measure_kv_scales: set them from the
+        # next pass (vLLM's --calculate-kv-scales)
+        self.kv_scales: KVScales = NO_SCALES
+        self.measure_kv_scales = False
 
     def forward(
         self,
@@ -42,10 +49,24 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         ops = meta.ops
+        qkv = self.qkv_proj(x)
+        if self.measure_kv_scales:
+            self.kv_scales, self.measure_kv_scales = self._measured_scales(qkv, positions), False
         q = ops.rope_write_kv(
-            self.qkv_proj(x), positions, self.rope, meta.slot_mapping, kv_cache, self.num_heads
+            qkv, positions, self.rope, meta.slot_mapping, kv_cache, self.num_heads, self.kv_scales
         )
-        return self.o_proj(ops.attend(q, kv_cache, meta, self.scale).to(x.dtype))
+        return self.o_proj(ops.attend(q, kv_cache, meta, self.scale, self.kv_scales).to(x.dtype))
+
+    def _measured_scales(self, qkv: torch.Tensor, positions: torch.Tensor) -> KVScales:
+        """vLLM's rule: the pass's largest |K| (after RoPE) over 200 and |V| over 100, each in
+        float32 (1 where the pass has only zeros)."""
+        n = qkv.shape[0]
+        _, k, v = qkv.float().split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        _, k = self.rope(positions, k, k)
+        scales = [x.abs().amax() / c for x, c in ((k, 200.0), (v, 100.0))]
+        k_scale, v_scale = (float(s) if s > 0 else 1.0 for s in scales)
+        return k_scale, v_scale
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -94,6 +115,11 @@ class LlamaForCausalLM(nn.Module):
         # decode steps in one C call, where every linear runs on the AMX kernel (the loader
         # sets it after packing the linears; fused.py)
         self.fused_decode: FusedDecode | None = None
+
+    @property
+    def attention(self) -> list[LlamaAttention]:
+        """Each decoder layer's attention, in order."""
+        return [cast("LlamaDecoderLayer", layer).self_attn for layer in self.layers]
 
     def forward(
         self,

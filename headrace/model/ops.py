@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from headrace.model.attention import AttentionMetadata, AttnGroup, torch_attend, write_kv
 from headrace.model.kernels import Kernels
+from headrace.model.kernels.api import NO_SCALES, KVScales
 from headrace.model.layers import RotaryEmbedding
 
 
@@ -48,29 +49,41 @@ class TorchOps:
         slot_mapping: torch.Tensor,
         kv_cache: torch.Tensor,
         num_heads: int,
+        kv_scales: KVScales = NO_SCALES,
     ) -> torch.Tensor:
         """Rotate q and k of the fused projection qkv [T, (H + 2 KH) D], write k and v into the
-        cache at slot_mapping; returns the rotated q [T, H, D] float32."""
+        cache at slot_mapping (an fp8 one's over kv_scales); returns the rotated q [T, H, D]
+        float32."""
         num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
         qkv = qkv.float()
         n = qkv.shape[0]
         q, k, v = qkv.split([num_heads * head_dim, *[num_kv_heads * head_dim] * 2], dim=-1)
         q, k = rope(positions, q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim))
-        write_kv(kv_cache, slot_mapping, k, v.view(n, num_kv_heads, head_dim))
+        write_kv(kv_cache, slot_mapping, k, v.view(n, num_kv_heads, head_dim), kv_scales)
         return q
 
     def attend(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        kv_scales: KVScales = NO_SCALES,
     ) -> torch.Tensor:
         """Attention of q [T, H, D] over the cache (this step's K/V already in it), group by
         group -> [T, H * D]."""
-        outs = [self.attend_group(q[g.tokens], kv_cache, g, scale) for g in meta.groups]
+        outs = [self.attend_group(q[g.tokens], kv_cache, g, scale, kv_scales) for g in meta.groups]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def attend_group(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, group: AttnGroup, scale: float
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        group: AttnGroup,
+        scale: float,
+        kv_scales: KVScales = NO_SCALES,
     ) -> torch.Tensor:
-        return torch_attend(q, kv_cache, group, scale)
+        return torch_attend(q, kv_cache, group, scale, kv_scales)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for gate_up = [gate | up] [..., 2I]."""
@@ -110,25 +123,32 @@ class KernelOps(TorchOps):
         slot_mapping: torch.Tensor,
         kv_cache: torch.Tensor,
         num_heads: int,
+        kv_scales: KVScales = NO_SCALES,
     ) -> torch.Tensor:
         return self._k.rope_write_kv(
-            qkv, positions, rope.cos, rope.sin, slot_mapping, kv_cache, num_heads
+            qkv, positions, rope.cos, rope.sin, slot_mapping, kv_cache, num_heads, kv_scales
         )
 
     def attend_group(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, group: AttnGroup, scale: float
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        group: AttnGroup,
+        scale: float,
+        kv_scales: KVScales = NO_SCALES,
     ) -> torch.Tensor:
         num_heads, head_dim = q.shape[1], q.shape[2]
         if group.q_lens is None:  # decodes always take the kernel
             out = self._k.paged_decode_attention(
-                q.float(), kv_cache, group.blocks, group.ctx_lens, scale
+                q.float(), kv_cache, group.blocks, group.ctx_lens, scale, kv_scales
             )
         elif not group.padded:  # prompt chunks where built for it
             out = self._k.paged_prefill_attention(
-                q.float(), kv_cache, group.blocks, group.q_lens, group.ctx_lens, scale
-            )
+                q.float(), kv_cache, group.blocks, group.q_lens, group.ctx_lens, scale,
+                kv_scales=kv_scales,
+            )  # fmt: skip
         else:
-            return super().attend_group(q, kv_cache, group, scale)
+            return super().attend_group(q, kv_cache, group, scale, kv_scales)
         return out.view(-1, num_heads * head_dim)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,7 @@ def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
         "--api-key", "sekret", "--served-model-name", "smol", "alias",
         "--gpu-memory-utilization", "0.9", "--enforce-eager", "--tensor-parallel-size=1",
         "--max-model-len", "1024", "--disable-log-requests", "--kv-cache-dtype", "fp8",
-        "--dtype", "half",
+        "--calculate-kv-scales", "--dtype", "half",
         env={"HEADRACE_TEST_LOAD_DELAY": "8"},
     )  # fmt: skip
     try:
@@ -126,6 +126,7 @@ def test_loading_state_api_key_and_ignored_vllm_flags() -> None:
     assert "ignoring vLLM flag --gpu-memory-utilization 0.9" in log
     assert "ignoring vLLM flag --enforce-eager" in log
     assert "KV cache torch.float8_e4m3fn: " in log  # the engine's load line
+    assert "fp8 KV cache scales from the first batch" in log  # --calculate-kv-scales
     # a GPU manifest's --dtype half: the CPU backends take auto's choice, and say so
     assert "--dtype float16: the CPU backends do not compute in float16; using" in log
     assert code == 0, srv.log_tail()

@@ -167,45 +167,54 @@ def test_bfloat16_stays_close_to_float32() -> None:
     assert_bf16_close(f32, bf16_llm.chat(convs, GREEDY))
 
 
-# (backend, --kv-cache-dtype, torch dtype, bytes an element, largest gap in nats where the text
-# first parts from float32's, least mean agreement in tokens): bf16 and vLLM's fp8 (E4M3) on every
-# backend this CPU runs, E5M2 (two mantissa bits) on the best one. The fp8 bounds hold what the
-# bundled model gives here with room: E4M3's text agrees for 12-12.5 tokens on average, E5M2's for
-# 5-8, and where they part the two tokens lie at most 0.95 nats apart in float32's logprobs.
+# (backend, --kv-cache-dtype, --calculate-kv-scales, torch dtype, bytes an element, largest gap in
+# nats where the text first parts from float32's, least mean agreement in tokens): bf16 and
+# vLLM's fp8 (E4M3) on every backend this CPU runs; E4M3 with scales, and E5M2 (two mantissa
+# bits), on the best one. The fp8 bounds hold what the bundled model gives here with room: E4M3's
+# text agrees for 12-12.5 tokens on average (13.1 with scales), E5M2's for 5-8, and where they
+# part the two tokens lie at most 0.95 nats apart in float32's logprobs (0.15 with scales).
 KV_CACHE_CASES = [
-    *[(b, "bfloat16", torch.bfloat16, 2, 0.15, 8) for b in RUNNABLE],
-    *[(b, "fp8", torch.float8_e4m3fn, 1, 1.5, 6) for b in RUNNABLE],
-    (BEST_BUILD, "fp8_e5m2", torch.float8_e5m2, 1, 1.5, 3),
+    *[(b, "bfloat16", False, torch.bfloat16, 2, 0.15, 8) for b in RUNNABLE],
+    *[(b, "fp8", False, torch.float8_e4m3fn, 1, 1.5, 6) for b in RUNNABLE],
+    (BEST_BUILD, "fp8", True, torch.float8_e4m3fn, 1, 0.5, 6),
+    (BEST_BUILD, "fp8_e5m2", False, torch.float8_e5m2, 1, 1.5, 3),
 ]
 
 
-@pytest.mark.parametrize("backend,kv,dtype,size,max_gap,min_common", KV_CACHE_CASES)
+@pytest.mark.parametrize("backend,kv,scales,dtype,size,max_gap,min_common", KV_CACHE_CASES)
 def test_smaller_kv_cache_stays_close_to_float32(
     backend: str,
     kv: str,
+    scales: bool,
     dtype: torch.dtype,
     size: int,
     max_gap: float,
     min_common: int,
     monkeypatch,
 ) -> None:
-    """`--kv-cache-dtype` bfloat16 or fp8 over float32 weights: 4 / size times the tokens in the
-    same memory, and greedy text that parts from the float32 cache's only at near-ties (how near
-    depends on the dtype's precision)."""
+    """`--kv-cache-dtype` bfloat16 or fp8 (with `--calculate-kv-scales` or without) over float32
+    weights: 4 / size times the tokens in the same memory, and greedy text that parts from the
+    float32 cache's only at near-ties (how near depends on the dtype's precision)."""
     monkeypatch.setenv("HEADRACE_CPU_BACKEND", backend)
     convs = [_conv(q) for q in QUESTIONS[:8]]
     with_logprobs = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5)
     memory = 64 << 20
     f32_llm = LLM(dtype="float32", kv_cache_memory=memory)
     f32 = f32_llm.chat(convs, with_logprobs)
-    llm = LLM(dtype="float32", kv_cache_memory=memory, kv_cache_dtype=kv)
+    llm = LLM(
+        dtype="float32", kv_cache_memory=memory, kv_cache_dtype=kv, calculate_kv_scales=scales
+    )
     runner = llm.engine.runner
     assert runner.backend.name == backend and runner.dtype == torch.float32
     assert runner.kv_caches[0].dtype == dtype
     # what cache_config_info reports
     assert llm.engine.info.kv_cache_dtype == str(dtype).removeprefix("torch.")
     assert llm.engine.info.num_kv_blocks == 4 // size * f32_llm.engine.info.num_kv_blocks
-    assert_close_to_f32(f32, llm.chat(convs, GREEDY), max_gap, min_common, kv)
+    out = llm.chat(convs, GREEDY)
+    # each layer's scales: from the first batch where asked, else none
+    for attn in runner.model.attention:
+        assert (attn.kv_scales != (1.0, 1.0)) == scales and not attn.measure_kv_scales
+    assert_close_to_f32(f32, out, max_gap, min_common, kv)
 
 
 def assert_bf16_close(f32: list[Any], bf16: list[Any]) -> None:

@@ -182,8 +182,11 @@ def test_fused_decode_over_smaller_caches(
     tmp_path: Path, name: str, build: str, kv_dtype, requests: int
 ):
     """`--kv-cache-dtype` bfloat16 or fp8 under float32 weights: the fused step writes and reads
-    the cache as the layer-by-layer path does, to the bit."""
+    the cache as the layer-by-layer path does, to the bit (fp8 with each layer's own scales)."""
     model, arch = _load(tmp_path, name, f"q4-{build}-float32")
+    if kv_dtype.itemsize == 1:
+        for i, attn in enumerate(model.attention):
+            attn.kv_scales = (0.02 * (i + 1), 0.01 * (i + 2))
     hidden, caches = _fused_and_layer_by_layer(model, arch, _kernels(f"q4-{build}"), requests,
                                                kv_dtype)  # fmt: skip
     assert torch.equal(hidden["fused"], hidden["layers"])

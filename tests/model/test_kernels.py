@@ -177,7 +177,9 @@ def test_amx_attention_follows_the_build(kernels):
 
 @pytest.mark.parametrize("dtype", KV_DTYPES)
 def test_paged_attention_same_with_and_without_kernel(kernels, dtype):
-    """A step with decodes and a prefill chunk: the torch path, and the kernels (one per group)."""
+    """A step with decodes and a prefill chunk: the torch path, and the kernels (one per group);
+    an fp8 cache with scales (K / k_scale and V / v_scale stored)."""
+    kv_scales = (0.03, 0.5) if dtype.itemsize == 1 else (1.0, 1.0)
     lens = [5, 40, 18, 77]
     q_lens = [1, 1, 1, 9]
     q_all, cache, tables = _random_case(dtype, lens)
@@ -193,8 +195,8 @@ def test_paged_attention_same_with_and_without_kernel(kernels, dtype):
         assert dec.q_lens is None and pre.q_lens is not None  # a decode kernel, a prefill kernel
         meta = AttentionMetadata(torch.cat([dec_slots, pre_slots]), [dec, pre], ops_for(kern))
         step_cache = cache.clone()
-        write_kv(step_cache, meta.slot_mapping, k, v)
-        outs.append(meta.ops.attend(q, step_cache, meta, 0.125))
+        write_kv(step_cache, meta.slot_mapping, k, v, kv_scales)
+        outs.append(meta.ops.attend(q, step_cache, meta, 0.125, kv_scales))
     assert outs[0].dtype == outs[1].dtype == torch.float32  # attention computes in float32
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-4)
 
@@ -340,6 +342,47 @@ def test_fp8_cache_holds_torchs_bits_and_reads_them_exactly(kernels, kv_dtype):
     table = torch.arange(rows).view(rows, 1)
     out = kernels.paged_decode_attention(q, cache, table, torch.ones(rows, dtype=torch.long), 0.1)
     assert torch.equal(out.view(-1), cache[1, :, 0].float().reshape(-1))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("d", [64, 128])  # the one-pass decode path, and the generic loop
+def test_fp8_scales_scale_what_is_stored_and_read(kernels, kv_dtype, d):
+    """An fp8 cache holds K / k_scale and V / v_scale: rope_write_kv stores them as write_kv
+    does (V bit for bit), and both attention kernels read them back times their scale."""
+    heads, kv_heads, tokens = 8, 2, 40
+    k_scale, v_scale = 0.0123, 0.00456  # small values kept in the normal range, as measured
+    gen = torch.Generator().manual_seed(d)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=gen) * 0.5
+    rope = RotaryEmbedding(d, 64, 10000.0, None)
+    rope.build(torch.device("cpu"))
+    positions = torch.arange(tokens)
+    slots = torch.randperm(4 * BLOCK, generator=gen)[:tokens]
+    want = torch.zeros(2, 4, BLOCK, kv_heads, d, dtype=kv_dtype)
+    got = want.clone()
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k = rope(positions, q.view(tokens, heads, d), k.view(tokens, kv_heads, d))
+    write_kv(want, slots, k, v.reshape(tokens, kv_heads, d), (k_scale, v_scale))
+    kernels.rope_write_kv(qkv, positions, rope.cos, rope.sin, slots, got, heads,
+                          (k_scale, v_scale))  # fmt: skip
+    assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8))
+    assert (got[1].float().abs().max() * v_scale - v.abs().max()).abs() < 0.1 * v.abs().max()
+
+    # the reference reads the stored values times their scales
+    scaled = torch.stack([want[0].float() * k_scale, want[1].float() * v_scale])
+    table = torch.arange(4).view(1, 4)  # one request over the 4 blocks, in order
+    lens = [4 * BLOCK]
+    qd = torch.randn(1, heads, d, generator=gen)
+    dec = kernels.paged_decode_attention(qd, want, table, torch.tensor(lens), d**-0.5,
+                                         (k_scale, v_scale))  # fmt: skip
+    torch.testing.assert_close(dec, _reference(qd, scaled, [[0, 1, 2, 3]], lens, d**-0.5),
+                               atol=2e-5, rtol=1e-4)  # fmt: skip
+    qp = torch.randn(9, heads, d, generator=gen)
+    pre = kernels.paged_prefill_attention(
+        qp, want, table, torch.tensor([9]), torch.tensor(lens), d**-0.5, amx=False,
+        kv_scales=(k_scale, v_scale),
+    )  # fmt: skip
+    want_pre = _causal_reference(qp, scaled, [[0, 1, 2, 3]], [9], lens, d**-0.5)
+    torch.testing.assert_close(pre, want_pre, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

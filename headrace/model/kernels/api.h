@@ -9,7 +9,9 @@
 #define HR_API __attribute__((visibility("default")))
 
 /* The KV cache's element formats (kv_fmt): float32, bf16, and OCP fp8 E4M3 (finite, max 448)
- * or E5M2 (max 57344), stored without a scale. Attention computes in float32 whichever. */
+ * or E5M2 (max 57344). An fp8 cache holds K / k_scale and V / v_scale (k_scale, v_scale: one
+ * each per layer; 1 where no scales were computed, and for the other formats). Attention
+ * computes in float32 whichever. */
 #define KV_F32 0
 #define KV_BF16 1
 #define KV_E4M3 2
@@ -20,14 +22,15 @@ HR_API void paged_decode_attention(const float *q, const void *k_cache, const vo
                                    const int64_t *block_table, const int64_t *ctx_lens,
                                    float *out, int64_t B, int64_t W, int64_t H, int64_t KH,
                                    int64_t D, int64_t block_size, float scale, int kv_fmt,
-                                   int num_threads);
+                                   float k_scale, float v_scale, int num_threads);
 
 /* prefill_attention.c: causal attention of prompt chunks over the paged cache */
 HR_API void paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache,
                                     const int64_t *block_table, const int64_t *q_lens,
                                     const int64_t *ctx_lens, float *out, int64_t B, int64_t W,
                                     int64_t H, int64_t KH, int64_t D, int64_t block_size,
-                                    float scale, int kv_fmt, int num_threads);
+                                    float scale, int kv_fmt, float k_scale, float v_scale,
+                                    int num_threads);
 
 /* elementwise.c: the small steps around the linears, and greedy's argmax */
 HR_API void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *weight,
@@ -35,8 +38,9 @@ HR_API void add_rms_norm(const void *x, int x_bf16, const float *residual, const
                          int num_threads);
 HR_API void rope_write_kv(const void *qkv, int qkv_bf16, const int64_t *positions,
                           const float *cos, const float *sin, const int64_t *slots, float *q_out,
-                          void *k_cache, void *v_cache, int kv_fmt, int64_t T, int64_t H,
-                          int64_t KH, int64_t D, int num_threads);
+                          void *k_cache, void *v_cache, int kv_fmt, float k_scale,
+                          float v_scale, int64_t T, int64_t H, int64_t KH, int64_t D,
+                          int num_threads);
 HR_API void silu_mul(const void *x, void *out, int io_bf16, int64_t T, int64_t I, int num_threads);
 HR_API void argmax_rows(const void *x, int bf16, int64_t rows, int64_t n, int64_t *out,
                         int num_threads);
@@ -97,13 +101,14 @@ typedef struct {
     int64_t count;
 } split_weight;
 /* One decoder layer: RMSNorm weights float32 [hidden]; linears with float32 biases or NULL, and
- * each one's format; the layer's K and V caches. */
+ * each one's format; the layer's K and V caches and their scales. */
 typedef struct {
     const float *input_norm, *post_norm;
     const void *qkv, *o, *gate_up, *down;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;
     void *k_cache, *v_cache;
     int qkv_fmt, o_fmt, gate_up_fmt, down_fmt;
+    float k_scale, v_scale;
 } decode_layer;
 HR_API int64_t decode_layers_scratch(int64_t T, int64_t hidden, int64_t H, int64_t KH, int64_t D,
                                      int64_t I, int f32);

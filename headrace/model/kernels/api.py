@@ -74,6 +74,11 @@ KV_FORMATS = {
 }
 
 
+# an fp8 cache's (k_scale, v_scale): it holds K / k_scale and V / v_scale; (1, 1) where none
+KVScales = tuple[float, float]
+NO_SCALES: KVScales = (1.0, 1.0)
+
+
 def kv_format(kv_cache: torch.Tensor) -> int:
     """The kernels' code (api.h's KV_*) for the cache's dtype; KeyError for one they lack."""
     return KV_FORMATS[kv_cache.dtype]

@@ -166,9 +166,10 @@ static inline void copy_row_f32(const void *base, int64_t index, int64_t D, int 
         memcpy(dst, src, sizeof(float) * (size_t)D);
 }
 
-/* D float32 values into a cache row of format kv_fmt, rounded to nearest even. */
+/* D float32 values into a cache row of format kv_fmt, rounded to nearest even; fp8 ones divided
+ * by `scale` first (as torch's write_kv divides). */
 static inline void store_row(void *base, int64_t index, const float *src, int64_t D,
-                             int kv_fmt) {
+                             int kv_fmt, float scale) {
     if (kv_fmt == KV_F32) {
         memcpy((float *)base + index, src, sizeof(float) * (size_t)D);
     } else if (kv_fmt == KV_BF16) {
@@ -178,7 +179,8 @@ static inline void store_row(void *base, int64_t index, const float *src, int64_
     } else {
         uint8_t *dst = (uint8_t *)base + index;
         for (int64_t d = 0; d < D; d++)
-            dst[d] = kv_fmt == KV_E4M3 ? f32_to_e4m3(src[d]) : f32_to_e5m2(src[d]);
+            dst[d] = kv_fmt == KV_E4M3 ? f32_to_e4m3(src[d] / scale)
+                                       : f32_to_e5m2(src[d] / scale);
     }
 }
 
@@ -335,7 +337,8 @@ void decode_scratch_free(decode_scratch *s);
 void decode_requests(atomic_llong *next, const float *q, const void *k_cache, const void *v_cache,
                      const int64_t *block_table, const int64_t *ctx_lens, int64_t B, int64_t W,
                      int64_t H, int64_t KH, int64_t D, int64_t block_size, float scale, int kv_fmt,
-                     decode_scratch *s, float *out, uint16_t *out_bf16);
+                     float k_scale, float v_scale, decode_scratch *s, float *out,
+                     uint16_t *out_bf16);
 
 /* prefill_attention.c: the work items both prompt kernels share (PF_TOK query tokens each) */
 #define PF_TOK 16
@@ -354,7 +357,8 @@ void rms_rows(const void *x, int x_bf16, const float *residual, const float *wei
               float *res_out, void *out, int out_bf16, int64_t t0, int64_t t1, int64_t N);
 void rope_rows(const void *qkv, int qkv_bf16, const int64_t *positions, const float *cos,
                const float *sin, const int64_t *slots, float *q_out, void *k_cache, void *v_cache,
-               int kv_fmt, int64_t t0, int64_t t1, int64_t H, int64_t KH, int64_t D);
+               int kv_fmt, float k_scale, float v_scale, int64_t t0, int64_t t1, int64_t H,
+               int64_t KH, int64_t D);
 void silu_rows(const void *x, void *out, int io_bf16, int64_t t0, int64_t t1, int64_t I);
 
 /* q4_linear.c: q4_linear in the two halves decode_step.c calls apart. From GEMM_MIN_ROWS rows of

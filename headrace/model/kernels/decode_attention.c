@@ -165,10 +165,11 @@ static inline void load64(const void *base, int64_t index, int kv_fmt, __m512 x[
  * G * KH * 66 floats (outputs, running max, running sum); ob: the request's output [H, 64]. */
 static inline __attribute__((always_inline)) void
 request_d64(const float *qb, const void *k_cache, const void *v_cache, const int64_t *table,
-            int64_t len, int64_t block_size, int64_t KH, float scale, int kv_fmt, int64_t elem,
-            float *acc, float *ob, const int G) {
+            int64_t len, int64_t block_size, int64_t KH, float scale, float v_scale, int kv_fmt,
+            int64_t elem, float *acc, float *ob, const int G) {
     const int64_t row = KH * 64, H = KH * G;
     const float unit = fp8_unit(kv_fmt), qk_scale = scale * unit; /* load64's fp8 */
+    const float out_scale = unit * v_scale;
     float *run_max = acc + H * 64, *run_sum = run_max + H;
     online_start(acc, H);
     for (int64_t t0 = 0, n; t0 < len; t0 += n) {
@@ -228,7 +229,7 @@ request_d64(const float *qb, const void *k_cache, const void *v_cache, const int
         }
     }
     for (int64_t h = 0; h < H; h++) {
-        const __m512 r = _mm512_set1_ps(unit / run_sum[h]);
+        const __m512 r = _mm512_set1_ps(out_scale / run_sum[h]);
         for (int c = 0; c < 4; c++)
             _mm512_storeu_ps(ob + h * 64 + 16 * c,
                              _mm512_mul_ps(_mm512_loadu_ps(acc + h * 64 + 16 * c), r));
@@ -275,9 +276,11 @@ static inline __m256 hsum8x8(const __m256 v[8]) {
 static inline __attribute__((always_inline)) void
 request_d64_avx2(const float *qb, const void *k_cache, const void *v_cache,
                  const int64_t *table, int64_t len, int64_t block_size, int64_t KH,
-                 float scale, int kv_fmt, int64_t elem, float *acc, float *ob, const int G) {
+                 float scale, float v_scale, int kv_fmt, int64_t elem, float *acc, float *ob,
+                 const int G) {
     const int64_t row = KH * 64, H = KH * G;
     const float unit = fp8_unit(kv_fmt), qk_scale = scale * unit; /* load64_avx2's fp8 */
+    const float out_scale = unit * v_scale;
     float *run_max = acc + H * 64, *run_sum = run_max + H;
     online_start(acc, H);
     float vbuf[16 * 64] __attribute__((aligned(32)));
@@ -348,7 +351,7 @@ request_d64_avx2(const float *qb, const void *k_cache, const void *v_cache,
         }
     }
     for (int64_t h = 0; h < H; h++) {
-        const __m256 r = _mm256_set1_ps(unit / run_sum[h]);
+        const __m256 r = _mm256_set1_ps(out_scale / run_sum[h]);
         for (int c = 0; c < 8; c++)
             _mm256_storeu_ps(ob + h * 64 + 8 * c,
                              _mm256_mul_ps(_mm256_loadu_ps(acc + h * 64 + 8 * c), r));
@@ -376,11 +379,14 @@ void decode_scratch_free(decode_scratch *s) {
     free(s->out);
 }
 
-/* One request's decode attention: q_b [H, D] over its `len` cached positions -> o_b [H, D]. */
+/* One request's decode attention: q_b [H, D] over its `len` cached positions -> o_b [H, D]. The
+ * cache holds K / k_scale and V / v_scale: k_scale joins the score's scale, v_scale the output's
+ * normalization. */
 static void decode_request(const float *qb, const void *k_cache, const void *v_cache,
                            const int64_t *table, int64_t len, float *ob, int64_t H, int64_t KH,
                            int64_t D, int64_t block_size, float scale, int kv_fmt,
-                           decode_scratch *s) {
+                           float k_scale, float v_scale, decode_scratch *s) {
+    scale *= k_scale;
     const int64_t G = H / KH;
     const int64_t row = KH * D; /* one token's K (or V) for every KV head */
     const int64_t elem = kv_elem_bytes(kv_fmt);
@@ -396,8 +402,8 @@ static void decode_request(const float *qb, const void *k_cache, const void *v_c
 #if defined(__AVX512F__)
     if (one_pass) { /* a constant G per inlined copy: registers */
 #define REQUEST_D64(g)                                                                        \
-    request_d64(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_fmt, elem,      \
-                s->acc, ob, g)
+    request_d64(qb, k_cache, v_cache, table, len, block_size, KH, scale, v_scale, kv_fmt,   \
+                elem, s->acc, ob, g)
         switch (G) {
         case 1: REQUEST_D64(1); break;
         case 2: REQUEST_D64(2); break;
@@ -410,8 +416,8 @@ static void decode_request(const float *qb, const void *k_cache, const void *v_c
 #elif defined(__AVX2__) && defined(__FMA__)
     if (one_pass) {
 #define REQUEST_D64(g)                                                                        \
-    request_d64_avx2(qb, k_cache, v_cache, table, len, block_size, KH, scale, kv_fmt, elem, \
-                     s->acc, ob, g)
+    request_d64_avx2(qb, k_cache, v_cache, table, len, block_size, KH, scale, v_scale,     \
+                     kv_fmt, elem, s->acc, ob, g)
         switch (G) {
         case 1: REQUEST_D64(1); break;
         case 2: REQUEST_D64(2); break;
@@ -455,7 +461,7 @@ static void decode_request(const float *qb, const void *k_cache, const void *v_c
     }
     for (int64_t h = 0; h < H; h++)
         for (int64_t d = 0; d < D; d++)
-            ob[h * D + d] = acc[h * D + d] * inv_sum[h];
+            ob[h * D + d] = acc[h * D + d] * (inv_sum[h] * v_scale);
 }
 
 /* The first chunk of a request's K and V (its first 16 positions, or its first block if
@@ -480,8 +486,8 @@ static void prefetch_first_chunk(const void *k_cache, const void *v_cache, const
 void decode_requests(atomic_llong *next, const float *q, const void *k_cache,
                      const void *v_cache, const int64_t *block_table,
                      const int64_t *ctx_lens, int64_t B, int64_t W, int64_t H, int64_t KH,
-                     int64_t D, int64_t block_size, float scale, int kv_fmt,
-                     decode_scratch *s, float *out, uint16_t *out_bf16) {
+                     int64_t D, int64_t block_size, float scale, int kv_fmt, float k_scale,
+                     float v_scale, decode_scratch *s, float *out, uint16_t *out_bf16) {
     for (int64_t b = atomic_fetch_add(next, 1); b < B;) {
         const int64_t following = atomic_fetch_add(next, 1);
         if (following < B)
@@ -490,7 +496,7 @@ void decode_requests(atomic_llong *next, const float *q, const void *k_cache,
                                  kv_elem_bytes(kv_fmt));
         float *ob = out_bf16 != NULL ? s->out : out + b * H * D;
         decode_request(q + b * H * D, k_cache, v_cache, block_table + b * W, ctx_lens[b], ob, H,
-                       KH, D, block_size, scale, kv_fmt, s);
+                       KH, D, block_size, scale, kv_fmt, k_scale, v_scale, s);
         if (out_bf16 != NULL) {
             uint16_t *o = out_bf16 + b * H * D;
             int64_t i = 0;
@@ -510,7 +516,8 @@ void decode_requests(atomic_llong *next, const float *q, const void *k_cache,
 void paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                             const int64_t *block_table, const int64_t *ctx_lens, float *out,
                             int64_t B, int64_t W, int64_t H, int64_t KH, int64_t D,
-                            int64_t block_size, float scale, int kv_fmt, int num_threads) {
+                            int64_t block_size, float scale, int kv_fmt, float k_scale,
+                            float v_scale, int num_threads) {
     const int64_t max_len = max_of(ctx_lens, B);
     atomic_llong next = 0;
 #pragma omp parallel num_threads(num_threads)
@@ -519,7 +526,7 @@ void paged_decode_attention(const float *q, const void *k_cache, const void *v_c
         decode_scratch s;
         decode_scratch_init(&s, H, KH, D, max_len);
         decode_requests(&next, q, k_cache, v_cache, block_table, ctx_lens, B, W, H, KH, D,
-                        block_size, scale, kv_fmt, &s, out, NULL);
+                        block_size, scale, kv_fmt, k_scale, v_scale, &s, out, NULL);
         decode_scratch_free(&s);
         restore_denormals(csr);
     }

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from headrace.model.kernels.api import KV_FORMATS, kv_format
+from headrace.model.kernels.api import KV_FORMATS, NO_SCALES, KVScales, kv_format
 
 
 class DecodeAttention:
@@ -21,10 +21,11 @@ class DecodeAttention:
         block_table: torch.Tensor,
         ctx_lens: torch.Tensor,
         scale: float,
+        kv_scales: KVScales = NO_SCALES,
     ) -> torch.Tensor:
-        """q [B, H, D] float32; kv_cache [2, blocks, block_size, KH, D] of a dtype in KV_FORMATS;
-        block_table [B, W] and ctx_lens [B] int64 (1 <= ctx_lens <= W * block_size).
-        Returns [B, H, D] float32."""
+        """q [B, H, D] float32; kv_cache [2, blocks, block_size, KH, D] of a dtype in KV_FORMATS
+        (an fp8 one with its kv_scales); block_table [B, W] and ctx_lens [B] int64
+        (1 <= ctx_lens <= W * block_size). Returns [B, H, D] float32."""
         b, h, d = q.shape
         _, _, block_size, kh, _ = kv_cache.shape
         q = q.contiguous()
@@ -37,6 +38,6 @@ class DecodeAttention:
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
             block_table.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
             b, block_table.shape[1], h, kh, d, block_size, scale,
-            kv_format(kv_cache), torch.get_num_threads(),
+            kv_format(kv_cache), *kv_scales, torch.get_num_threads(),
         )  # fmt: skip
         return out

@@ -243,11 +243,11 @@ void decode_layers(const decode_layer *layers, int64_t L, const void *embeds,
                          nth, &barrier.next_block);
             step_barrier_wait(&barrier);
             rope_rows(qkv, bf, positions, cos, sin, slots, q, ly->k_cache, ly->v_cache, kv_fmt,
-                      r0, r1, H, KH, D);
+                      ly->k_scale, ly->v_scale, r0, r1, H, KH, D);
             step_barrier_wait(&barrier);
             decode_requests(&barrier.next_request, q, ly->k_cache, ly->v_cache, block_table,
-                            ctx_lens, T, W, H, KH, D, block_size, scale, kv_fmt, &ds,
-                            f32 ? attn : NULL, f32 ? NULL : attn);
+                            ctx_lens, T, W, H, KH, D, block_size, scale, kv_fmt, ly->k_scale,
+                            ly->v_scale, &ds, f32 ? attn : NULL, f32 ? NULL : attn);
             step_barrier_wait(&barrier);
             if (f32) { /* the requests were taken as they came: prepare by rows after them */
                 prepare_rows(&buf, f32, attn, T, r0, r1, H * D);

@@ -67,12 +67,12 @@ void add_rms_norm(const void *x, int x_bf16, const float *residual, const float 
  * qkv: [T, (H + 2 * KH) * D] float32 or bf16 (qkv_bf16), the fused projection's output.
  * cos, sin: [max_pos, D] float32 tables; positions, slots: [T].
  * q_out: [T, H, D] float32, rotated. The cache (k_cache/v_cache: [slots, KH, D], of format
- * kv_fmt) gets rotated k and plain v at each token's slot.
+ * kv_fmt) gets rotated k and plain v at each token's slot (fp8: over k_scale, v_scale).
  * rope_rows: tokens t0 .. t1 only, for a caller that shares them out itself. */
 void rope_rows(const void *qkv, int qkv_bf16, const int64_t *positions, const float *cos,
                const float *sin, const int64_t *slots, float *q_out, void *k_cache,
-               void *v_cache, int kv_fmt, int64_t t0, int64_t t1, int64_t H, int64_t KH,
-               int64_t D) {
+               void *v_cache, int kv_fmt, float k_scale, float v_scale, int64_t t0, int64_t t1,
+               int64_t H, int64_t KH, int64_t D) {
     const int64_t width = (H + 2 * KH) * D, half = D / 2;
     for (int64_t t = t0; t < t1; t++) {
         float x[width]; /* this token's q, k, v in float32 */
@@ -98,21 +98,21 @@ void rope_rows(const void *qkv, int qkv_bf16, const int64_t *positions, const fl
             }
             const int64_t at = (slots[t] * KH + (h - H)) * D;
             const float *v = x + (H + KH + (h - H)) * D;
-            store_row(k_cache, at, rot, D, kv_fmt);
-            store_row(v_cache, at, v, D, kv_fmt);
+            store_row(k_cache, at, rot, D, kv_fmt, k_scale);
+            store_row(v_cache, at, v, D, kv_fmt, v_scale);
         }
     }
 }
 
 void rope_write_kv(const void *qkv, int qkv_bf16, const int64_t *positions, const float *cos,
                    const float *sin, const int64_t *slots, float *q_out, void *k_cache,
-                   void *v_cache, int kv_fmt, int64_t T, int64_t H, int64_t KH, int64_t D,
-                   int num_threads) {
+                   void *v_cache, int kv_fmt, float k_scale, float v_scale, int64_t T,
+                   int64_t H, int64_t KH, int64_t D, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (T * (H + 2 * KH) * D >= 65536) \
     schedule(static)
     for (int64_t t = 0; t < T; t++)
-        rope_rows(qkv, qkv_bf16, positions, cos, sin, slots, q_out, k_cache, v_cache, kv_fmt, t,
-                  t + 1, H, KH, D);
+        rope_rows(qkv, qkv_bf16, positions, cos, sin, slots, q_out, k_cache, v_cache, kv_fmt,
+                  k_scale, v_scale, t, t + 1, H, KH, D);
 }
 
 /* silu(a) = a * sigmoid(a), from exp of a non-positive argument only (no overflow). */

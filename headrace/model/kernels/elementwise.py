@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from headrace.model.kernels.api import DTYPES, KV_FORMATS, kv_format
+from headrace.model.kernels.api import DTYPES, KV_FORMATS, NO_SCALES, KVScales, kv_format
 
 
 class Elementwise:
@@ -49,10 +49,12 @@ class Elementwise:
         slot_mapping: torch.Tensor,
         kv_cache: torch.Tensor,
         num_heads: int,
+        kv_scales: KVScales = NO_SCALES,
     ) -> torch.Tensor:
         """Rotate-half RoPE on the q and k parts of `qkv` [T, (H + 2 KH) * D] (float32 or
-        bfloat16), rotated k and v written to `kv_cache` at `slot_mapping`; returns rotated q
-        [T, H, D] float32. cos/sin: [max_positions, D] float32; positions, slots: [T] int64."""
+        bfloat16), rotated k and v written to `kv_cache` at `slot_mapping` (an fp8 one's over
+        kv_scales); returns rotated q [T, H, D] float32. cos/sin: [max_positions, D] float32;
+        positions, slots: [T] int64."""
         qkv = qkv.contiguous()
         _, _, _, kh, d = kv_cache.shape
         t = qkv.shape[0]
@@ -66,7 +68,7 @@ class Elementwise:
         self.c.rope_write_kv(
             qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), positions.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), q.data_ptr(),
-            kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), kv_format(kv_cache),
+            kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), kv_format(kv_cache), *kv_scales,
             t, num_heads, kh, d, torch.get_num_threads(),
         )  # fmt: skip
         return q

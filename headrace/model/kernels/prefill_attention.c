@@ -121,7 +121,8 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
                              const int64_t *block_table, const int64_t *q_lens,
                              const int64_t *ctx_lens, float *out, int64_t B, int64_t W,
                              int64_t H, int64_t KH, int64_t D, int64_t block_size, float scale,
-                             int kv_fmt, int num_threads) {
+                             int kv_fmt, float k_scale, float v_scale, int num_threads) {
+    scale *= k_scale; /* the cache holds K / k_scale, V / v_scale */
     const int64_t G = H / KH, R = PF_TOK * G, row = KH * D;
     const int64_t chunk = block_size < PF_KEYS ? block_size : PF_KEYS;
     int64_t *starts = prefill_item_starts(q_lens, B, KH);
@@ -217,7 +218,7 @@ void paged_prefill_attention(const float *q, const void *k_cache, const void *v_
                         pf_values8(ot, vf, st, corr, R, D, nk, r0, d0);
             }
             for (int64_t r = 0; r < R; r++)
-                corr[r] = 1.0f / l[r];
+                corr[r] = v_scale / l[r];
             for (int64_t d = 0; d < D; d++) /* normalize, along the rows */
 #pragma omp simd
                 for (int64_t r = 0; r < R; r++)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from headrace.model.kernels.api import KV_FORMATS, kv_format
+from headrace.model.kernels.api import KV_FORMATS, NO_SCALES, KVScales, kv_format
 
 
 class PrefillAttention:
@@ -37,10 +37,11 @@ class PrefillAttention:
         ctx_lens: torch.Tensor,
         scale: float,
         amx: bool | None = None,
+        kv_scales: KVScales = NO_SCALES,
     ) -> torch.Tensor:
         """Causal attention of several query tokens per request over the cache (their own K/V
         already in it). q [sum(q_lens), H, D] float32, request b's rows after request b-1's;
-        its query i sits at position ctx_lens[b] - q_lens[b] + i. kv_cache as for decode;
+        its query i sits at position ctx_lens[b] - q_lens[b] + i. kv_cache, kv_scales as for decode;
         block_table [B, W], q_lens and ctx_lens [B] int64. Returns [sum(q_lens), H, D]
         float32. amx: None picks by prefill_on_amx; False forces the float32 kernel."""
         _, h, d = q.shape
@@ -54,10 +55,14 @@ class PrefillAttention:
             amx = self.prefill_on_amx(kv_cache.dtype, d)
         assert not amx or self.prefill_on_amx(kv_cache.dtype, d)
         out = torch.empty_like(q)
-        (self.c.paged_prefill_attention_amx if amx else self.c.paged_prefill_attention)(
+        args = (
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
             block_table.data_ptr(), q_lens.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(),
             block_table.shape[0], block_table.shape[1], h, kh, d, block_size, scale,
-            kv_format(kv_cache), torch.get_num_threads(),
+            kv_format(kv_cache),
         )  # fmt: skip
+        if amx:  # a bf16 cache: no scales
+            self.c.paged_prefill_attention_amx(*args, torch.get_num_threads())
+        else:
+            self.c.paged_prefill_attention(*args, *kv_scales, torch.get_num_threads())
         return out
