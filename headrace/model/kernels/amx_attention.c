@@ -2,8 +2,9 @@
 
 /* paged_prefill_attention_amx: paged_prefill_attention's work (same arguments but the fp8
  * scales, same items: 16 query tokens of one request x one KV head, R = 16 G rows) with both
- * products on AMX tiles, for a bf16 cache and head_dim % 32 == 0. The float32-FMA kernel runs at 70-180 GFLOP/s, and for a
- * 2048-token prompt attention took longer than all the linear layers. Per chunk of 32 keys:
+ * products on AMX tiles, for a bf16 cache and head_dim % 32 == 0. The float32-FMA kernel runs
+ * at 70-180 GFLOP/s, and for a 2048-token prompt attention took longer than all the linear
+ * layers. Per chunk of 32 keys:
  *   S^T [32, R] = K . Q^T: K's A tiles straight from the cache (16 keys of one block, a row
  *     apart; gathered where blocks are smaller), Q^T's B tiles built once per item.
  *   the online softmax down the columns, 16 query rows per vector: no horizontal reductions
