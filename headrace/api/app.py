@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -29,7 +29,7 @@ from headrace.api.lifecycle import DrainingServer
 from headrace.api.openapi import install_openapi
 from headrace.config import ServerConfig
 from headrace.frontend.client import EngineClient
-from headrace.frontend.queue_board import QueueBoard
+from headrace.frontend.queue_board import QueueBoard, QueueRow
 from headrace.frontend.tokenize import FrontendTokenizer
 from headrace.metrics.http import HttpMetrics, HttpMetricsMiddleware
 from headrace.metrics.prometheus import MetricsConfig, ServerMetrics
@@ -121,16 +121,35 @@ async def _log_stats(ctx: ServerContext) -> None:
 _RESTART_READY_TIMEOUT_S = 120.0
 
 
-async def _until_serving(ctx: ServerContext) -> None:
+async def _until_serving(
+    ctx: ServerContext,
+    also: Callable[[], bool] = lambda: True,
+    timeout: float | None = _RESTART_READY_TIMEOUT_S,
+    joined: str = "is back",
+) -> None:
     """A restarted API server shares the port with live ones: while it loads its tokenizer and
-    hears from the engines, they take the connections; it joins once it can serve (or after
-    a timeout, to report what it is then)."""
+    hears from the engines, they take the connections; it joins once it can serve and `also`
+    holds (or it fails, or after `timeout`, to report what it is then). At start-up, API
+    servers past the first wait so too, until API server 0 has served: before, API server 0
+    alone answers (503 while loading), so a probe's "ready" is never followed by a 503 from a
+    sibling still loading."""
     ctx.client.start()
     await _load_tokenizer(ctx)
-    deadline = time.monotonic() + _RESTART_READY_TIMEOUT_S
-    while not ctx.state.serving and ctx.state.value != "failed" and time.monotonic() < deadline:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while (
+        not (ctx.state.serving and also())
+        and ctx.state.value not in ("failed", "draining")
+        and (deadline is None or time.monotonic() < deadline)
+    ):
         await asyncio.sleep(0.05)
-    logger.info("API server %d is back: %s", ctx.client.api_index, ctx.state.value)
+    logger.info("API server %d %s: %s", ctx.client.api_index, joined, ctx.state.value)
+
+
+async def _mark_served(ctx: ServerContext, row: QueueRow) -> None:
+    """Say on the board when this server first can serve (API servers past the first wait)."""
+    while not ctx.state.serving:
+        await asyncio.sleep(0.05)
+    row.served()
 
 
 def _version() -> str:
@@ -326,9 +345,17 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
             log_config=None,
             http=MetricsFastPathProtocol.for_context(ctx),
         )
+        marking = asyncio.create_task(_mark_served(ctx, args.queues.row(args.api_index)))
         if args.restarted:
             await _until_serving(ctx)
-        await DrainingServer(config, ctx).serve(sockets=[sock])
+        elif args.api_index > 0:
+            await _until_serving(
+                ctx, lambda: args.queues.has_served(0), timeout=None, joined="takes connections"
+            )
+        try:
+            await DrainingServer(config, ctx).serve(sockets=[sock])
+        finally:
+            marking.cancel()
 
     # uvloop, as uvicorn picks by itself when it owns the loop: it does not here, the
     # server runs inside our coroutine next to the engine client.

@@ -2,7 +2,9 @@
 
 The launcher makes one `QueueBoard` and hands it to every API server; each server's output
 processor keeps its own row true (`QueueRow`), and admission (`headrace.api.admission`) sums the
-rows, so a limit holds for the whole server. A row is written only by its own process.
+rows, so a limit holds for the whole server. A row is written only by its own process. A row
+also says whether its server has ever been able to serve: API servers past the first start
+taking connections once API server 0 has (`headrace.api.app`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import multiprocessing
 from typing import Any
 
 # One row per API server; every field is written only by that server.
-_IN_FLIGHT, _RESERVED, _PREFILL_TOKENS, _FINISHED, _PREFILLED = range(5)
-_FIELDS = 5
+_IN_FLIGHT, _RESERVED, _PREFILL_TOKENS, _FINISHED, _PREFILLED, _SERVED = range(6)
+_FIELDS = 6
 
 
 class QueueBoard:
@@ -42,6 +44,10 @@ class QueueBoard:
 
     def prefill_tokens(self) -> int:
         return self._sum(_PREFILL_TOKENS)
+
+    def has_served(self, index: int) -> bool:
+        """Whether API server `index` has been able to serve (it stays so through restarts)."""
+        return bool(self._a[index * _FIELDS + _SERVED])
 
     def drained(self) -> tuple[int, int]:
         """Running totals: (choices finished, prompt tokens prefilled)."""
@@ -82,6 +88,10 @@ class QueueRow:
 
     def reserve(self, choices: int) -> None:
         self._add(_RESERVED, choices)
+
+    def served(self) -> None:
+        """Its server can serve (ready or degraded)."""
+        self._a[self._base + _SERVED] = 1
 
 
 def local_row() -> QueueRow:

@@ -127,8 +127,11 @@ def test_engine_killed_under_load_the_other_keeps_serving() -> None:
 def test_api_server_killed_is_restarted_and_counts_stay_whole() -> None:
     srv = ServerProcess("--api-server-count", "2", *SMALL).wait_ready()
     try:
+        # API server 1 takes connections only once it and API server 0 can serve: no 503 from
+        # a sibling still loading after the probe said ready
         for _ in range(6):
             assert httpx.post(srv.url + "/v1/completions", json=BODY).status_code == 200
+        poll(lambda: "API server 1 takes connections: ready" in srv.log.read_text(), 10)
         before = poll(lambda: totals(srv.url), 5)
         assert before["vllm:request_success_total"] == 6
         victim = srv.child_titled("ApiServer_1")
