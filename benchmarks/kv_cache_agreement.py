@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' promp
 
 from headrace.offline import LLM
 from headrace.wire.messages import SamplingParams
-from tests.engine.test_greedy_vs_transformers import QUESTIONS, _conv
+from tests.engine.test_greedy_vs_transformers import QUESTIONS, _conv, parting
 
 
 def main() -> None:
@@ -40,16 +40,10 @@ def main() -> None:
                   calculate_kv_scales=bool(scales))  # fmt: skip
         shared, gaps = [], []
         for a, b in zip(f32, llm.chat(convs, greedy), strict=True):
-            x, y = a.outputs[0], b.outputs[0]
-            pairs = enumerate(zip(x.token_ids, y.token_ids, strict=False))
-            i = next((i for i, (s, t) in pairs if s != t), None)
-            shared.append(len(x.token_ids) if i is None else i)
-            if i is not None and x.logprobs is not None:
-                top = dict(zip(x.logprobs[i].top_ids, x.logprobs[i].top_logprobs, strict=True))
-                other = top.get(y.token_ids[i])
-                gaps.append(
-                    "not in top 5" if other is None else f"{x.logprobs[i].logprob - other:.2f}"
-                )
+            n, gap = parting(a.outputs[0], b.outputs[0])
+            shared.append(n)
+            if gap is not None:
+                gaps.append("not in top 5" if gap == float("inf") else f"{gap:.2f}")
         got = [a.kv_scales for a in llm.engine.runner.model.attention]
         k, v = ([s[j] for s in got] for j in (0, 1))
         print(

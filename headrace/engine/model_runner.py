@@ -16,7 +16,7 @@ from headrace.engine.request import Request
 from headrace.engine.sampler import plain_greedy, sample
 from headrace.engine.scheduler import RunnerOutput, SchedulePlan
 from headrace.engine.structured import Grammars
-from headrace.model.attention import AttentionMetadata, AttnGroup, build_group
+from headrace.model.attention import FP8_DTYPES, AttentionMetadata, AttnGroup, build_group
 from headrace.model.backend import select_backend
 from headrace.model.loader import ProgressFn, load_model, read_arch, resolve_model_path
 from headrace.model.ops import ops_for
@@ -87,7 +87,7 @@ class ModelRunner:
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             for _ in range(arch.num_layers)
         ]
-        self._measuring_kv_scales = cache_cfg.calculate_kv_scales and self.kv_dtype.itemsize == 1
+        self._measuring_kv_scales = cache_cfg.calculate_kv_scales and self.kv_dtype in FP8_DTYPES
         if self._measuring_kv_scales:
             for attn in self.model.attention:
                 attn.measure_kv_scales = True
@@ -133,10 +133,10 @@ class ModelRunner:
         )
         if self._measuring_kv_scales:  # the first pass set them
             self._measuring_kv_scales = False
-            scales = [attn.kv_scales for attn in self.model.attention]
+            k, v = zip(*(attn.kv_scales for attn in self.model.attention), strict=True)
             logger.info(
                 "fp8 KV cache scales from the first batch (%d tokens): k %.3g-%.3g, v %.3g-%.3g",
-                len(ids), *(f(s[i] for s in scales) for i in (0, 1) for f in (min, max)),
+                len(ids), min(k), max(k), min(v), max(v),
             )  # fmt: skip
         if not sample_reqs:
             return RunnerOutput(sampled={})

@@ -137,7 +137,7 @@ class FusedDecode:
         layers = _decoder_layers(self.model)
         key = (
             *(c.data_ptr() for c in kv_caches),
-            *(attn.kv_scales for attn in self.model.attention),
+            *(layer.self_attn.kv_scales for layer in layers),
         )
         if self._layers is not None and key == self._caches_key:
             return self._layers

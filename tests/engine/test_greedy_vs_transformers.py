@@ -237,15 +237,26 @@ def assert_close_to_f32(
     `min_common` tokens or more on average."""
     common = []
     for a, b in zip(f32, other, strict=True):
-        x, y = a.outputs[0], b.outputs[0]
-        pairs = enumerate(zip(x.token_ids, y.token_ids, strict=False))
-        i = next((i for i, (s, t) in pairs if s != t), None)
-        common.append(len(x.token_ids) if i is None else i)
-        if i is not None:
-            assert x.logprobs is not None
-            alts = dict(zip(x.logprobs[i].top_ids, x.logprobs[i].top_logprobs, strict=True))
-            assert y.token_ids[i] in alts, f"{what} token {y.token_ids[i]} not in fp32's top 5"
-            gap = x.logprobs[i].logprob - alts[y.token_ids[i]]
-            assert gap < max_gap, f"{what} chose a token {gap:.3f} nats below fp32's at step {i}"
+        shared, gap = parting(a.outputs[0], b.outputs[0])
+        common.append(shared)
+        if gap is not None:
+            assert gap != float("inf"), f"{what} token at step {shared} not in fp32's top 5"
+            assert gap < max_gap, (
+                f"{what} chose a token {gap:.3f} nats below fp32's at step {shared}"
+            )
     mean = sum(common) / len(common)
     assert mean >= min_common, f"{what} parts from fp32 too early: {common}"
+
+
+def parting(x: Any, y: Any) -> tuple[int, float | None]:
+    """Where greedy output y first differs from x (x run with logprobs=5): the tokens they share
+    before, and how far y's token there lies below x's in x's logprobs (inf: not in x's top 5;
+    None: they never part)."""
+    pairs = enumerate(zip(x.token_ids, y.token_ids, strict=False))
+    i = next((i for i, (s, t) in pairs if s != t), None)
+    if i is None:
+        return len(x.token_ids), None
+    assert x.logprobs is not None
+    alts = dict(zip(x.logprobs[i].top_ids, x.logprobs[i].top_logprobs, strict=True))
+    other = alts.get(y.token_ids[i])
+    return i, float("inf") if other is None else x.logprobs[i].logprob - other

@@ -176,14 +176,16 @@ static inline void store_row(void *base, int64_t index, const float *src, int64_
         uint16_t *dst = (uint16_t *)base + index;
         for (int64_t d = 0; d < D; d++)
             dst[d] = f32_to_bf16(src[d]);
+    } else if (kv_fmt == KV_E4M3) {
+        uint8_t *dst = (uint8_t *)base + index;
+        for (int64_t d = 0; d < D; d++)
+            dst[d] = f32_to_e4m3(src[d] / scale);
     } else {
         uint8_t *dst = (uint8_t *)base + index;
         for (int64_t d = 0; d < D; d++)
-            dst[d] = kv_fmt == KV_E4M3 ? f32_to_e4m3(src[d] / scale)
-                                       : f32_to_e5m2(src[d] / scale);
+            dst[d] = f32_to_e5m2(src[d] / scale);
     }
 }
-
 
 /* exp(x) for x <= 0, vectorizable: 2^n * 2^f with a degree-6 polynomial for 2^f, f in
  * [-0.5, 0.5] (relative error ~2e-7); below -87 it is 0, where expf would go denormal. */
