@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 from headrace.model.attention import AttentionMetadata, build_group
 from headrace.model.backend import backend_kernels, select_backend
 from headrace.model.fused import FusedDecode
-from headrace.model.layers import AmxLinear, can_pack_linears, reads_blocks
+from headrace.model.layers import AmxLinear, can_pack_linears, pack_linears, reads_blocks
 from headrace.model.loader import bundled_model_path, load_model, read_arch, use_block_linears
 from headrace.model.ops import ops_for
 from tests.backends import KERNEL_BUILDS, amx_kernels
@@ -35,20 +36,36 @@ CASES = {
 
 
 # the fused step's two kinds of linears: AMX tiles (bf16), and the 4-bit blocks on each kernel
-# build this CPU runs (its vector path and plain-C twin), in a float32 model and a bf16 one
-PATHS = ["amx", *(f"q4-{b}-{t}" for b in KERNEL_BUILDS for t in ("float32", "bfloat16"))]
+# build this CPU runs (its vector path and plain-C twin), in a float32 model and a bf16 one (not
+# on the amx build, whose bf16 linears are AMX tiles)
+PATHS = [
+    "amx",
+    *(f"q4-{b}-{t}" for b in KERNEL_BUILDS for t in ("float32", "bfloat16")
+      if (b, t) != ("amx", "bfloat16")),
+]  # fmt: skip
+# the builds whose float32 block linears stop at 16 rows, where torch's float32 matmul has
+# AVX-512 too and is faster from 32 rows (layers._BlockLinear)
+AVX512_BUILDS = [b for b in KERNEL_BUILDS if backend_kernels(b).vector_bits == 512]
 # where the blocks take up to 128 rows: float32 weights on a build without AVX-512, and bf16
 # ones where oneDNN cannot pack them (a CPU without bf16 support)
 WIDE_Q4 = [
     p for p in PATHS[1:]
-    if (p.endswith("float32") and p.split("-")[1] in ("avx2", "c"))
+    if (p.endswith("float32") and p.split("-")[1] not in AVX512_BUILDS)
     or (p.endswith("bfloat16") and not can_pack_linears(torch.bfloat16, torch.device("cpu")))
 ]  # fmt: skip
 
 
+def _unpacked(load):
+    """`load()` with the linears left as nn.Linear where load_model would pack bf16 ones for
+    oneDNN, so that _quantize can give them blocks first, as the loader does a GGUF's."""
+    with mock.patch("headrace.model.loader.can_pack_linears", return_value=False):
+        return load()
+
+
 def _quantize(model, kernels) -> None:
     """Every decoder linear as a Q4Linear with Q4_1 blocks made from its weight (as a GGUF file
-    would hold them), as the loader gives a GGUF's, and the fused step over them."""
+    would hold them), as the loader gives a GGUF's, then bf16 linears packed for oneDNN where it
+    packs them (the loader's order), and the fused step over them."""
 
     def blocks(name: str):
         if not name.startswith("layers."):
@@ -62,6 +79,8 @@ def _quantize(model, kernels) -> None:
 
     assert use_block_linears(model, kernels, blocks) == 4 * len(model.layers)
     assert all(layer.compute_dtype == torch.float32 for layer in model.layers)
+    if can_pack_linears(model.dtype, torch.device("cpu")):
+        pack_linears(model, kernels, float_out=("lm_head",))
     model.fused_decode = FusedDecode.build(model, kernels)
 
 
@@ -78,9 +97,10 @@ def _load(tmp_path: Path, name: str, path: str = "amx"):
     _, build, dtype_name = path.split("-") if path != "amx" else ("", "amx", "bfloat16")
     cpu = select_backend(torch.device("cpu"), build)
     dtype = getattr(torch, dtype_name)
-    model = load_model(tmp_path / name, arch, source, dtype, cpu, 256).model
-    if path != "amx":
-        _quantize(model, cpu.kernels)
+    if path == "amx":
+        return load_model(tmp_path / name, arch, source, dtype, cpu, 256).model, arch
+    model = _unpacked(lambda: load_model(tmp_path / name, arch, source, dtype, cpu, 256).model)
+    _quantize(model, cpu.kernels)
     return model, arch
 
 
@@ -151,8 +171,11 @@ def _fused_and_layer_by_layer(model, arch, kernels, requests, kv_dtype=None):
     return hidden, caches
 
 
-@pytest.mark.parametrize("requests", [1, 7, 16, 25])
-@pytest.mark.parametrize("build", KERNEL_BUILDS)
+@pytest.mark.parametrize(
+    "build,requests",
+    [(b, n) for b in KERNEL_BUILDS for n in (1, 7, 16)]
+    + [(b, 25) for b in KERNEL_BUILDS if b not in AVX512_BUILDS],
+)
 @pytest.mark.parametrize("mix", list(GGUF_MIXES))
 def test_fused_decode_over_gguf_mixes(tmp_path: Path, mix: str, build: str, requests: int):
     """llama.cpp's mixes give layers of Q8Linears (Q6_K, the 5-bit types, Q8_0) and SplitLinears
@@ -165,7 +188,8 @@ def test_fused_decode_over_gguf_mixes(tmp_path: Path, mix: str, build: str, requ
     model = load_model(path, arch, source, torch.float32, cpu, 256).model
     found = {type(m).__name__ for m in model.modules() if reads_blocks(m)}
     assert found == set(kinds)
-    assert model.fused_decode is not None and model.fused_decode.max_rows == 128
+    most = 16 if build in AVX512_BUILDS else 128
+    assert model.fused_decode is not None and model.fused_decode.max_rows == most
     hidden, caches = _fused_and_layer_by_layer(model, arch, cpu.kernels, requests)
     assert torch.equal(hidden["fused"], hidden["layers"])
     for a, b in zip(caches["fused"], caches["layers"], strict=True):
