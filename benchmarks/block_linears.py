@@ -2,7 +2,11 @@
 matmul over the dequantized weight, at the bundled model's shapes.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/block_linears.py [--rows 1,8,16,64,128]
-        [--backend avx2] [--rounds 15]
+        [--backend avx2] [--rounds 15] [--torch float32|bf16]
+
+`--torch bf16` compares against what a bf16 model's layers use past the blocks' row limit on a
+CPU with bf16 support: oneDNN's packed bf16 linear (layers.PackedLinear), x converted to bf16
+and the output back to float32 inside the timed call, as _BlockLinear.forward does.
 
 Shapes: SmolLM2-135M's decoder linears (qkv 960x576, gate_up 3072x576, down 576x1536) as Q4
 blocks with fp16 scales, and its LM head (49152x576) as Q8_0. For each shape and row count the
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from headrace.model.backend import backend_kernels
+from headrace.model.layers import PackedLinear
 
 Q4_SHAPES = [(960, 576), (3072, 576), (576, 1536)]
 LM_HEAD = (49152, 576)
@@ -43,11 +48,25 @@ def q8_weight(kernels, n: int, k: int, gen: torch.Generator):
     return (lambda x: kernels.q8_linear(x, q, scale, None)), w.reshape(n, k)
 
 
+def torch_linear(w: torch.Tensor, dtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """torch's linear over the dequantized weight: float32, or oneDNN's packed bf16."""
+    if dtype == "float32":
+        return lambda x: F.linear(x, w)
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    packed = PackedLinear(linear)
+    return lambda x: packed(x.bfloat16()).float()
+
+
 def alternate(
-    ours: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, x: torch.Tensor, rounds: int
+    ours: Callable[[torch.Tensor], torch.Tensor],
+    theirs: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    rounds: int,
 ) -> tuple[float, float]:
-    """Median seconds of ours(x) and of F.linear(x, w), called in turn."""
-    calls = (lambda: ours(x), lambda: F.linear(x, w))
+    """Median seconds of ours(x) and of theirs(x), called in turn."""
+    calls = (lambda: ours(x), lambda: theirs(x))
     for _ in range(2):
         for f in calls:
             f()
@@ -65,19 +84,22 @@ def main() -> None:
     p.add_argument("--rows", default="1,8,9,16,32,64,128,256")
     p.add_argument("--backend", default="avx2", help="kernel build: avx512, avx2 or c")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--torch", default="float32", choices=("float32", "bf16"))
     args = p.parse_args()
     kernels = backend_kernels(args.backend)
     gen = torch.Generator().manual_seed(0)
     shapes = [("q4", n, k) for n, k in Q4_SHAPES] + [("q8", *LM_HEAD)]
     print(f"{args.backend} kernels, {torch.get_num_threads()} threads; medians of {args.rounds}")
-    print("| weight | rows | blocks | torch float32 | blocks GFLOP/s | torch GFLOP/s | max diff |")
+    print(f"| weight | rows | blocks | torch {args.torch} | blocks GFLOP/s | torch GFLOP/s "
+          "| max diff |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for kind, n, k in shapes:
         ours, w = (q4_weight if kind == "q4" else q8_weight)(kernels, n, k, gen)
+        reference = torch_linear(w, args.torch)
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, k, generator=gen)
-            diff = float((ours(x) - F.linear(x, w)).abs().max())
-            mine, theirs = alternate(ours, w, x, args.rounds)
+            diff = float((ours(x) - reference(x)).abs().max())
+            mine, theirs = alternate(ours, reference, x, args.rounds)
             flop = 2 * rows * n * k / 1e9
             print(
                 f"| {kind} {n}x{k} | {rows} | {1e3 * mine:.2f} ms | {1e3 * theirs:.2f} ms "

@@ -1,6 +1,7 @@
 /* q4_linear: y[M, N] = x[M, K] . W[N, K]^T (+ bias) for float32 x and a weight kept as the GGUF
- * file's 4-bit blocks, for decode-sized batches on any x86 CPU (AVX2 + FMA; plain C elsewhere):
- * up to 8 rows by passes over the blocks (q4_rows), more by a panel product (gemm_panel).
+ * file's 4-bit blocks, for decode-sized batches on any x86 CPU (AVX-512, AVX2 + FMA; plain C
+ * elsewhere): up to 8 rows by passes over the blocks (q4_rows), more by a panel product
+ * (gemm_panel, 256-bit on every vector build).
  * q8_linear: the same for 8-bit weights with a scale (and optionally an offset) per G of them:
  * Q8_0 blocks (G = 32), the bundled model's LM head; Q6_K's (G = 16: int8 q - 32 and the scale
  * d * sc, exact); the 5-bit types' (G = 32; Q5_1 and Q5_K with an offset).
@@ -23,6 +24,7 @@
 #endif
 
 #define Q4_ROWS 8 /* rows of x per pass over a block of W (each decoded block serves them all) */
+#define Q8_ROWS Q4_ROWS
 
 /* The sum of each block of 32 of x's values: the offset's share of every dot product. */
 static void block_sums(const float *x, int64_t M, int64_t K, float *sums) {
@@ -34,6 +36,16 @@ static void block_sums(const float *x, int64_t M, int64_t K, float *sums) {
                 s += x[m * K + b * 32 + j];
             sums[m * nb + b] = s;
         }
+}
+
+/* The vector q4_rows sum x_j (1 + q_j / 16) times 16 scale; the rest of each row's sum is
+ * sum over blocks of (offset - 16 scale) * (the block's sum of x). */
+static inline float q4_offsets(const float *scale, const float *offset, const float *sums,
+                               int64_t nb) {
+    float off = 0.0f;
+    for (int64_t b = 0; b < nb; b++)
+        off += (offset[b] - 16.0f * scale[b]) * sums[b];
+    return off;
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -52,7 +64,47 @@ static inline __m256 dot32(__m256 q0, __m256 q1, __m256 q2, __m256 q3, const flo
     u = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb + 24), u);
     return _mm256_add_ps(t, u);
 }
+#endif
 
+#if Q4_AVX512
+/* Rows m0 .. m0 + R - 1 of y's column n in 512-bit vectors (R a constant, as in the AVX2
+ * q4_rows below, which this follows). The block's 32 nibbles become 32 bf16s of 1 + q/16 in
+ * one vector (ternary logic 0xEA: (q << 3) & 0x78 | 0x3F80), and interleaving them with zeros
+ * makes two vectors of float32s, weights 0-3 8-11 16-19 24-27 and 4-7 12-15 20-23 28-31
+ * (the interleave works within 128-bit lanes; q4_prepare puts x in that order). Per block and
+ * row: a multiply and two FMAs, where the AVX2 code makes six operations. */
+static inline __attribute__((always_inline)) void
+q4_rows(const float *x, const uint8_t *nib, const float *scale, const float *offset,
+        const float *sums, int64_t m0, const int R, int64_t K, float *out) {
+    const int64_t nb = K / 32;
+    __m512 acc[Q4_ROWS];
+    for (int r = 0; r < R; r++)
+        acc[r] = _mm512_setzero_ps();
+    const __m512i field = _mm512_set1_epi16(0x0078), one = _mm512_set1_epi16(0x3F80);
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t b = 0; b < nb; b++) {
+        /* bytes 0-15: weights 0-15 in the low nibbles; 16-31: the same bytes shifted right by
+         * 4 in 16-bit lanes, weights 16-31 in the low nibbles */
+        const __m128i v = _mm_loadu_si128((const __m128i *)(nib + b * 16));
+        const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(v),
+                                                     _mm_srli_epi16(v, 4), 1);
+        const __m512i q = _mm512_slli_epi16(_mm512_cvtepu8_epi16(both), 3);
+        const __m512i w = _mm512_ternarylogic_epi32(q, field, one, 0xEA);
+        const __m512 q0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, w));
+        const __m512 q1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w));
+        const __m512 s = _mm512_set1_ps(16.0f * scale[b]);
+        for (int r = 0; r < R; r++) {
+            const float *xb = x + (m0 + r) * K + b * 32;
+            const __m512 t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16),
+                                             _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
+            acc[r] = _mm512_fmadd_ps(s, t, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        out[r] = _mm512_reduce_add_ps(acc[r]) + q4_offsets(scale, offset, sums + (m0 + r) * nb,
+                                                           nb);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
 /* Rows m0 .. m0 + R - 1 of y's column n, from x in q4_prepare's order. R is a constant in each
  * caller (q4_row's switch), so the accumulators live in registers.
  *
@@ -84,15 +136,12 @@ q4_rows(const float *x, const uint8_t *nib, const float *scale, const float *off
         for (int r = 0; r < R; r++)
             acc[r] = _mm256_fmadd_ps(s, dot32(q0, q1, q2, q3, x + (m0 + r) * K + b * 32), acc[r]);
     }
-    for (int r = 0; r < R; r++) {
-        const float *sr = sums + (m0 + r) * nb;
-        float off = 0.0f;
-        for (int64_t b = 0; b < nb; b++)
-            off += (offset[b] - 16.0f * scale[b]) * sr[b];
-        out[r] = hsum8(acc[r]) + off;
-    }
+    for (int r = 0; r < R; r++)
+        out[r] = hsum8(acc[r]) + q4_offsets(scale, offset, sums + (m0 + r) * nb, nb);
 }
+#endif
 
+#if Q4_AVX512 || (defined(__AVX2__) && defined(__FMA__))
 static void q4_row(const float *x, const uint8_t *nib, const float *scale, const float *offset,
                    const float *sums, int64_t m0, int rows, int64_t K, float *out) {
     switch (rows) {
@@ -124,8 +173,9 @@ static void q4_row(const float *x, const uint8_t *nib, const float *scale, const
 #endif
 
 /* The widest vectors of this build: 0 where this file runs its plain-C path, else 256 (its
- * AVX2 code), or 512 where the build also has AVX-512, which torch's float32 matmul uses at
- * twice this file's width (layers.Q4Linear reads it). */
+ * AVX2 code), or 512 where the build also has AVX-512: q4_rows and q8_rows then use it, and
+ * so does torch's float32 matmul, which from 32 rows beats the 256-bit panel product
+ * (layers.Q4Linear reads it). */
 int q4_linear_vector_bits(void) {
 #if defined(__AVX512F__)
     return 512;
@@ -155,7 +205,39 @@ static inline float offset_share(const float *offset, const float *sums, int64_t
     return off;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if Q4_AVX512
+/* q8_rows (below) in 512-bit vectors: 16 weights a vector, x as it is. */
+static inline __attribute__((always_inline)) void
+q8_rows(const float *x, const int8_t *q, const float *scale, const float *offset,
+        const float *sums, int64_t m0, const int R, int64_t K, int G, float *out) {
+    const int64_t nb = K / 32;
+    __m512 acc[Q8_ROWS];
+    for (int r = 0; r < R; r++)
+        acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m128i *qb = (const __m128i *)(q + b * 32);
+        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb)));
+        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qb + 1)));
+        const __m512 s0 = _mm512_set1_ps(G == 32 ? scale[b] : scale[2 * b]);
+        const __m512 s1 = _mm512_set1_ps(G == 32 ? scale[b] : scale[2 * b + 1]);
+        for (int r = 0; r < R; r++) {
+            const float *xb = x + (m0 + r) * K + b * 32;
+            if (G == 32) {
+                const __m512 t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16),
+                                                 _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
+                acc[r] = _mm512_fmadd_ps(s0, t, acc[r]);
+            } else {
+                acc[r] = _mm512_fmadd_ps(s0, _mm512_mul_ps(q0, _mm512_loadu_ps(xb)), acc[r]);
+                acc[r] = _mm512_fmadd_ps(s1, _mm512_mul_ps(q1, _mm512_loadu_ps(xb + 16)), acc[r]);
+            }
+        }
+    }
+    const int64_t ng = K / G;
+    for (int r = 0; r < R; r++)
+        out[r] = _mm512_reduce_add_ps(acc[r]) +
+                 (offset != NULL ? offset_share(offset, sums + (m0 + r) * ng, ng) : 0.0f);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
 static inline __m256 dot16(__m256 q0, __m256 q1, const float *xb) {
     return _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb + 8), _mm256_mul_ps(q0, _mm256_loadu_ps(xb)));
 }
@@ -164,7 +246,7 @@ static inline __attribute__((always_inline)) void
 q8_rows(const float *x, const int8_t *q, const float *scale, const float *offset,
         const float *sums, int64_t m0, const int R, int64_t K, int G, float *out) {
     const int64_t nb = K / 32;
-    __m256 acc[Q4_ROWS];
+    __m256 acc[Q8_ROWS];
     for (int r = 0; r < R; r++)
         acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -191,7 +273,9 @@ q8_rows(const float *x, const int8_t *q, const float *scale, const float *offset
         out[r] = hsum8(acc[r]) +
                  (offset != NULL ? offset_share(offset, sums + (m0 + r) * ng, ng) : 0.0f);
 }
+#endif
 
+#if Q4_AVX512 || (defined(__AVX2__) && defined(__FMA__))
 static void q8_row(const float *x, const int8_t *q, const float *scale, const float *offset,
                    const float *sums, int64_t m0, int rows, int64_t K, int G, float *out) {
     switch (rows) {
@@ -438,16 +522,20 @@ void q4_prepare(const float *x, int64_t M, int64_t K, int64_t r0, int64_t r1, fl
         tile_rows(x, M, K, r0, r1, xp);
         return;
     }
-#if defined(__AVX2__) && defined(__FMA__)
+#if Q4_AVX512
+    static const int order[32] = {0, 1,  2,  3,  8,  9,  10, 11, 16, 17, 18, 19, 24, 25, 26, 27,
+                                  4, 5,  6,  7,  12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+#elif defined(__AVX2__) && defined(__FMA__)
     static const int order[32] = {0,  1,  2,  3,  8,  9,  10, 11, 4,  5,  6,  7,  12, 13, 14, 15,
                                   16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31};
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
     for (int64_t i = r0 * K; i < r1 * K; i += 32)
         for (int j = 0; j < 32; j++)
-#if defined(__AVX2__) && defined(__FMA__)
             xp[i + j] = x[i + order[j]];
 #else
-            xp[i + j] = x[i + j];
+    for (int64_t i = r0 * K; i < r1 * K; i++)
+        xp[i] = x[i];
 #endif
     block_sums(x + r0 * K, r1 - r0, K, sums + r0 * (K / 32));
 }
@@ -501,10 +589,10 @@ void q8_columns(const float *x, const float *xp, const float *sums, const int8_t
         return;
     }
     const int64_t ng = K / G;
-    float out[Q4_ROWS];
+    float out[Q8_ROWS];
     for (int64_t n = n0; n < n1; n++)
-        for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS) {
-            const int rows = M - m0 < Q4_ROWS ? (int)(M - m0) : Q4_ROWS;
+        for (int64_t m0 = 0; m0 < M; m0 += Q8_ROWS) {
+            const int rows = M - m0 < Q8_ROWS ? (int)(M - m0) : Q8_ROWS;
             q8_row(x, q + n * K, scale + n * ng, offset != NULL ? offset + n * ng : NULL, sums, m0,
                    rows, K, G, out);
             for (int r = 0; r < rows; r++)
