@@ -18,8 +18,7 @@ brings together:
 - amx_linear (tile primitives in amx.h): on CPUs with AMX-BF16, bf16 linears of up to 128 rows
   (layers.AmxLinear) at up to twice oneDNN's rate, reading GGUF 4-bit weights as stored;
 - q4_linear: without AMX, float32 linears of up to 128 rows reading a GGUF's 4-bit blocks (and
-  the LM head its 8-bit ones): AVX512-BF16 dot products for up to 16 rows where the CPU has
-  them, AVX2 + FMA, or plain C (layers.Q4Linear, Q8Linear);
+  the LM head its 8-bit ones): AVX-512 or AVX2 + FMA, or plain C (layers.Q4Linear, Q8Linear);
 - decode_step: a decode step's decoder layers in one call over either kind of linear
   (model/fused.py).
 api.h declares what Python calls and api.py types every call from it; common.h holds what the
