@@ -202,9 +202,10 @@ class _BlockLinear(nn.Module):
         self.large_dtype = linear.weight.dtype
         # Against a float32 `large`, the kernels' panel product (9+ rows, 256-bit vectors)
         # matched or beat torch's matmul up to 128 rows on an AVX2 EPYC, torch's blocking
-        # winning from 256 (docs/performance.md). The blocks stop at 16 where torch may be the
-        # faster one, not measured: with AVX-512 its float32 matmul is twice as wide, and a
-        # bf16 `large` is oneDNN's, which with bf16 dot products (Zen 4) doubles again.
+        # winning from 256 (docs/performance.md). The blocks stop at 16 where torch is the
+        # faster one: with AVX-512 its float32 matmul is twice as wide (ahead from 32 rows on
+        # an AVX-512 Xeon), and a bf16 `large` is oneDNN's (level at 16 rows there, ahead
+        # after; bf16 dot products on Zen 4 double its rate again).
         # A bf16 `large` that oneDNN cannot pack (a CPU without its bf16 paths, as this AVX2
         # EPYC) is torch's bf16 matmul at ~20 GFLOP/s against the blocks' ~155 at any row
         # count: then the blocks take every row, prompt chunks too.

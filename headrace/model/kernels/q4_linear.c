@@ -529,7 +529,7 @@ void q4_prepare(const float *x, int64_t M, int64_t K, int64_t r0, int64_t r1, fl
     static const int order[32] = {0,  1,  2,  3,  8,  9,  10, 11, 4,  5,  6,  7,  12, 13, 14, 15,
                                   16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31};
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
+#if Q4_AVX512 || (defined(__AVX2__) && defined(__FMA__))
     for (int64_t i = r0 * K; i < r1 * K; i += 32)
         for (int j = 0; j < 32; j++)
             xp[i + j] = x[i + order[j]];
