@@ -44,9 +44,9 @@ class ModelConfig:
 class CacheConfig:
     """Paged KV cache shape; block count from `num_kv_blocks`, else `kv_cache_memory` bytes.
     `kv_cache_dtype`: `auto` (the backend's choice for the weights' dtype), `bfloat16`, or fp8
-    (`fp8_e4m3`, `fp8_e5m2`: one byte an element, stored without a scale, as vLLM does when a
-    checkpoint brings none). `calculate_kv_scales`: an fp8 cache's scales from the first pass
-    (per layer, vLLM's rule: the largest |K| / 200, |V| / 100) instead of 1."""
+    (`fp8_e4m3`, `fp8_e5m2`: one byte an element, with scales of 1, as vLLM's when a checkpoint
+    brings none). `calculate_kv_scales`: an fp8 cache's scales from the first pass (per layer,
+    vLLM's rule: the largest |K| / 200, |V| / 100) instead."""
 
     block_size: int = 16
     num_kv_blocks: int | None = None

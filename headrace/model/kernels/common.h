@@ -366,11 +366,6 @@ void silu_rows(const void *x, void *out, int io_bf16, int64_t t0, int64_t t1, in
 /* q4_linear.c: q4_linear in the two halves decode_step.c calls apart. From GEMM_MIN_ROWS rows of
  * x on, the panel product: at 9-16 rows it took 0.5-0.9 of q4_rows' time, at 8 and fewer up to
  * 1.6x it (the bundled model's shapes, 2 threads). */
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define Q4_AVX512 1
-#else
-#define Q4_AVX512 0
-#endif
 #define GEMM_MIN_ROWS 9
 int64_t q4_prepared_floats(int64_t M, int64_t K);
 void q4_prepare(const float *x, int64_t M, int64_t K, int64_t r0, int64_t r1, float *xp,

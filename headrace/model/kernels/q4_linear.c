@@ -19,12 +19,23 @@
 #include <omp.h>
 
 #include "common.h"
-#if defined(__AVX2__) && defined(__FMA__)
+
+/* The few-row passes' builds: 512-bit vectors (Q4_AVX512), 256-bit AVX2 ones, or plain C. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define Q4_AVX512 1
+#else
+#define Q4_AVX512 0
+#endif
+#if Q4_AVX512 || (defined(__AVX2__) && defined(__FMA__))
+#define Q4_VECTOR 1
+#else
+#define Q4_VECTOR 0
+#endif
+#if Q4_VECTOR
 #include <immintrin.h>
 #endif
 
 #define Q4_ROWS 8 /* rows of x per pass over a block of W (each decoded block serves them all) */
-#define Q8_ROWS Q4_ROWS
 
 /* The sum of each block of 32 of x's values: the offset's share of every dot product. */
 static void block_sums(const float *x, int64_t M, int64_t K, float *sums) {
@@ -141,7 +152,7 @@ q4_rows(const float *x, const uint8_t *nib, const float *scale, const float *off
 }
 #endif
 
-#if Q4_AVX512 || (defined(__AVX2__) && defined(__FMA__))
+#if Q4_VECTOR
 static void q4_row(const float *x, const uint8_t *nib, const float *scale, const float *offset,
                    const float *sums, int64_t m0, int rows, int64_t K, float *out) {
     switch (rows) {
@@ -211,7 +222,7 @@ static inline __attribute__((always_inline)) void
 q8_rows(const float *x, const int8_t *q, const float *scale, const float *offset,
         const float *sums, int64_t m0, const int R, int64_t K, int G, float *out) {
     const int64_t nb = K / 32;
-    __m512 acc[Q8_ROWS];
+    __m512 acc[Q4_ROWS];
     for (int r = 0; r < R; r++)
         acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -246,7 +257,7 @@ static inline __attribute__((always_inline)) void
 q8_rows(const float *x, const int8_t *q, const float *scale, const float *offset,
         const float *sums, int64_t m0, const int R, int64_t K, int G, float *out) {
     const int64_t nb = K / 32;
-    __m256 acc[Q8_ROWS];
+    __m256 acc[Q4_ROWS];
     for (int r = 0; r < R; r++)
         acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -275,7 +286,7 @@ q8_rows(const float *x, const int8_t *q, const float *scale, const float *offset
 }
 #endif
 
-#if Q4_AVX512 || (defined(__AVX2__) && defined(__FMA__))
+#if Q4_VECTOR
 static void q8_row(const float *x, const int8_t *q, const float *scale, const float *offset,
                    const float *sums, int64_t m0, int rows, int64_t K, int G, float *out) {
     switch (rows) {
@@ -529,7 +540,7 @@ void q4_prepare(const float *x, int64_t M, int64_t K, int64_t r0, int64_t r1, fl
     static const int order[32] = {0,  1,  2,  3,  8,  9,  10, 11, 4,  5,  6,  7,  12, 13, 14, 15,
                                   16, 17, 18, 19, 24, 25, 26, 27, 20, 21, 22, 23, 28, 29, 30, 31};
 #endif
-#if Q4_AVX512 || (defined(__AVX2__) && defined(__FMA__))
+#if Q4_VECTOR
     for (int64_t i = r0 * K; i < r1 * K; i += 32)
         for (int j = 0; j < 32; j++)
             xp[i + j] = x[i + order[j]];
@@ -589,10 +600,10 @@ void q8_columns(const float *x, const float *xp, const float *sums, const int8_t
         return;
     }
     const int64_t ng = K / G;
-    float out[Q8_ROWS];
+    float out[Q4_ROWS];
     for (int64_t n = n0; n < n1; n++)
-        for (int64_t m0 = 0; m0 < M; m0 += Q8_ROWS) {
-            const int rows = M - m0 < Q8_ROWS ? (int)(M - m0) : Q8_ROWS;
+        for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS) {
+            const int rows = M - m0 < Q4_ROWS ? (int)(M - m0) : Q4_ROWS;
             q8_row(x, q + n * K, scale + n * ng, offset != NULL ? offset + n * ng : NULL, sums, m0,
                    rows, K, G, out);
             for (int r = 0; r < rows; r++)
