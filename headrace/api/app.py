@@ -50,7 +50,7 @@ class ApiServerArgs:
     addresses: Addresses
     board: EngineBoard  # each rank's pid and restart status, shared with the launcher
     queues: QueueBoard  # every API server's queued choices and tokens (admission control)
-    restarted: bool = False  # a replacement: accept connections only once it can serve
+    restarted: bool = False  # a replacement: accepts once it can serve, past the first load
 
 
 def build_app(ctx: ServerContext) -> ASGIApp:
@@ -132,7 +132,8 @@ async def _until_serving(
     holds (or it fails, or after `timeout`, to report what it is then). At start-up, API
     servers past the first wait so too, until API server 0 has served: before, API server 0
     alone answers (503 while loading), so a probe's "ready" is never followed by a 503 from a
-    sibling still loading."""
+    sibling still loading. So does API server 0's replacement while no server has yet served:
+    waiting would leave nobody to answer probes until the model is in."""
     ctx.client.start()
     await _load_tokenizer(ctx)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -346,7 +347,7 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
             http=MetricsFastPathProtocol.for_context(ctx),
         )
         marking = asyncio.create_task(_mark_served(ctx, args.queues.row(args.api_index)))
-        if args.restarted:
+        if args.restarted and args.queues.any_served():
             await _until_serving(ctx)
         elif args.api_index > 0:
             await _until_serving(

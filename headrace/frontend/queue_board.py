@@ -49,6 +49,10 @@ class QueueBoard:
         """Whether API server `index` has been able to serve (it stays so through restarts)."""
         return bool(self._a[index * _FIELDS + _SERVED])
 
+    def any_served(self) -> bool:
+        """Whether any API server has been able to serve: false while the server first loads."""
+        return any(self.has_served(i) for i in range(self.num_api_servers))
+
     def drained(self) -> tuple[int, int]:
         """Running totals: (choices finished, prompt tokens prefilled)."""
         return self._sum(_FINISHED), self._sum(_PREFILLED)

@@ -164,6 +164,37 @@ def test_api_server_killed_is_restarted_and_counts_stay_whole() -> None:
         assert srv.stop() == 0
 
 
+def test_api_server_0_killed_while_loading_is_replaced_and_answers_at_once() -> None:
+    """At start-up only API server 0 answers (the others wait until it has served). Its
+    replacement, while nobody has served yet, answers at once too: probes see `loading`, not
+    silence until the model is in."""
+    srv = ServerProcess("--api-server-count", "2", *SMALL, env={"HEADRACE_TEST_LOAD_DELAY": "25"})
+    try:
+        first = poll(lambda: _health(srv.url), 60, 0.2)
+        assert first["status"] == "loading"
+        victim = srv.child_titled("ApiServer_0")
+        os.kill(victim, signal.SIGKILL)
+        poll(lambda: not process_running(victim) or None, 10)
+        killed = time.monotonic()
+        again = poll(lambda: _health(srv.url), 30, 0.2)
+        assert again["status"] == "loading", (again, srv.log_tail())
+        assert time.monotonic() - killed < 15
+        assert srv.child_titled("ApiServer_0") != victim
+        srv.wait_ready(120)
+        assert httpx.post(srv.url + "/v1/completions", json=BODY).status_code == 200
+        assert totals(srv.url)["vllm:headrace_api_server_restarts_total"] == 1
+    finally:
+        assert srv.stop() == 0
+
+
+def _health(url: str) -> dict[str, Any] | None:
+    """/health's body, or None when nobody answers within a probe's second."""
+    try:
+        return dict(httpx.get(url + "/health", timeout=1).json())
+    except httpx.HTTPError:
+        return None
+
+
 def test_an_engine_that_dies_at_every_restart_ends_failed() -> None:
     srv = ServerProcess(
         "--max-engine-restarts", "2", *SMALL, env={"HEADRACE_TEST_ENGINE_DIES_FROM_START": "1"}
