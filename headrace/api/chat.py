@@ -54,7 +54,7 @@ async def create_chat_completion(request: Request) -> Response:
     limits = prompt_limits(ctx, max_tokens, body.truncate_prompt_tokens)
     mode = tool_mode(body)
     parser = _tool_parser(ctx, mode)
-    params = sampling_params(body, max_tokens, body.num_logprobs)
+    params = sampling_params(body, max_tokens, body.num_logprobs, tok.vocab_size)
     constrained = tool_constraint(body, mode)
     params = _with_tool_constraint(params, mode, constrained)
     await check_constraint(params, body, from_tools=constrained is not None)

@@ -41,7 +41,7 @@ async def create_completion(request: Request) -> Response:
     pinned = pinned_rank(ctx, request, body.data_parallel_rank)
     explicit_max = body.max_tokens if "max_tokens" in body.model_fields_set else None
     limits = prompt_limits(ctx, explicit_max, body.truncate_prompt_tokens)
-    params = sampling_params(body, body.max_tokens, body.logprobs)
+    params = sampling_params(body, body.max_tokens, body.logprobs, tok.vocab_size)
     await check_constraint(params, body)
     with ctx.admission.admit(body.n * body.num_prompts):
         prompts, texts = await _tokenize(tok, body, limits)

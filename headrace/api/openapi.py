@@ -47,7 +47,7 @@ _WHY = {
     503: "Not serving now (loading, restarting, draining, failed, or over a queue limit)",
 }
 _INFERENCE = ("/v1/completions", "/v1/chat/completions")
-_TOKEN_FIELDS = ("prompt", "tokens", "stop_token_ids")
+_TOKEN_FIELDS = ("prompt", "tokens", "stop_token_ids", "allowed_token_ids")
 
 
 def install_openapi(app: FastAPI, ctx: ServerContext) -> None:

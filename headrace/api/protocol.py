@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from headrace.wire.messages import SamplingParams, StructuredOutputsParams
@@ -163,7 +163,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     truncate_prompt_tokens: Literal[-1] | Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^\s*[0-9]+\s*$")], float] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
     user: str | None = None
     data_parallel_rank: int | None = None  # vLLM's: pin to this engine (as X-data-parallel-rank)
     structured_outputs: StructuredOutputs | None = None
@@ -174,13 +175,6 @@ class SamplingFields(BaseModel):
     guided_regex: SkipJsonSchema[str | None] = None
     guided_choice: SkipJsonSchema[list[str] | None] = None
     guided_grammar: SkipJsonSchema[str | None] = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported by this server")
-        return v
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -235,6 +229,8 @@ class SamplingFields(BaseModel):
             logprobs=logprobs,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             structured_outputs=c[1] if (c := self.constraint()) else None,
+            logit_bias={int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None,
+            allowed_token_ids=self.allowed_token_ids,
         )
 
     @property

@@ -48,6 +48,7 @@ class EngineCore:
         vocab = self.runner.arch.vocab_size
         if any(not 0 <= t < vocab for t in msg.prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        msg.sampling_params.check_token_ids(vocab)
         room = max_len - num_prompt
         requested = msg.sampling_params.max_tokens
         max_tokens = room if requested is None else min(requested, room)

@@ -1,7 +1,8 @@
 """Turn a batch of logits into one token per request, honouring each request's SamplingParams.
 
-Order per row: penalties (repetition, presence, frequency) -> min_tokens masking -> greedy argmax,
-or temperature -> top-k -> top-p -> min-p -> draw. Logprobs are those of the raw model output.
+Order per row: allowed_token_ids and logit_bias -> penalties (repetition, presence, frequency)
+-> min_tokens masking -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw (as
+vLLM's sampler orders them). Logprobs are those of the raw model output.
 A seeded request draws from its own torch.Generator, so its text does not depend on the batch.
 """
 
@@ -20,6 +21,25 @@ _NEG_INF = float("-inf")
 def _penalized(r: Request) -> bool:
     p = r.params
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _biased(r: Request) -> bool:
+    return bool(r.params.logit_bias) or r.params.allowed_token_ids is not None
+
+
+def _apply_bias(logits: torch.Tensor, reqs: Sequence[Request]) -> None:
+    """allowed_token_ids: every other token to -inf; logit_bias: added to its tokens."""
+    for i, r in enumerate(reqs):
+        p, row = r.params, logits[i]
+        if p.allowed_token_ids is not None:
+            allowed = torch.tensor(p.allowed_token_ids, dtype=torch.long, device=row.device)
+            kept = row[allowed]
+            row.fill_(_NEG_INF)
+            row[allowed] = kept
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
+            bias = torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
+            row.index_add_(0, ids, bias)
 
 
 def _apply_penalties(logits: torch.Tensor, reqs: Sequence[Request]) -> None:
@@ -121,10 +141,11 @@ def _logprobs(
 
 def plain_greedy(reqs: Sequence[Request]) -> bool:
     """Whether every request's token is just the argmax of its logits: greedy, with no penalty,
-    min_tokens still to hold off EOS, or logprobs."""
+    bias, min_tokens still to hold off EOS, or logprobs."""
     return all(
         r.params.greedy
         and not _penalized(r)
+        and not _biased(r)
         and len(r.output_token_ids) >= r.params.min_tokens
         and r.params.logprobs is None
         for r in reqs
@@ -146,10 +167,13 @@ def sample(
     if plain_greedy(reqs):
         return argmax(logits).tolist(), {}
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
-    modified = any(_penalized(r) or len(r.output_token_ids) < r.params.min_tokens for r in reqs)
+    modified = any(
+        _penalized(r) or _biased(r) or len(r.output_token_ids) < r.params.min_tokens for r in reqs
+    )
     want_logprobs = any(r.params.logprobs is not None for r in reqs)
     raw = logits.float()  # the model's output, for logprobs (a copy when it was bf16)
     logits = raw.clone() if modified and (want_logprobs or raw is logits) else raw
+    _apply_bias(logits, reqs)
     _apply_penalties(logits, reqs)
     _mask_min_tokens(logits, reqs, eos_token_ids)
     tokens = argmax(logits)

@@ -87,12 +87,18 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None  # added to a token's logit; clamped to +-100
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias is not None:  # as OpenAI specifies and vLLM does
+            self.logit_bias = {t: min(100.0, max(-100.0, b)) for t, b in self.logit_bias.items()}
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty")
         checks = [
             (self.n >= 1, "n must be at least 1"),
             (self.temperature >= 0, "temperature must be non-negative"),
@@ -117,6 +123,19 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """ValueError naming the field whose token ids are not below `vocab_size` (the sampler
+        indexes the logits with them)."""
+        fields = {
+            "stop_token_ids": self.stop_token_ids,
+            "logit_bias": list(self.logit_bias or ()),
+            "allowed_token_ids": self.allowed_token_ids or [],
+        }
+        for name, ids in fields.items():
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token ids must be in [0, {vocab_size}), got {bad[:5]}")
 
 
 class EngineCoreRequest(msgspec.Struct, kw_only=True):

@@ -56,6 +56,12 @@ CASES: list[tuple[str, str, Any, str, int, str]] = [
     ("NaN top_p", COMP, b'{"prompt": "hi", "top_p": NaN}', "json", 400, "not valid JSON"),
     ("temperature overflowing to infinity", COMP, b'{"prompt": "hi", "temperature": 1e400}', "json", 400, "temperature"),
     ("integral float for an integer", COMP, {"prompt": "hi", "max_tokens": 3.5}, "json", 400, "max_tokens"),
+    # an engine once indexed the logits with these and failed every request in its step
+    ("stop_token_ids out of vocabulary", COMP, {"prompt": "hi", "min_tokens": 2, "stop_token_ids": [10**6]}, "json", 400, "stop_token_ids"),
+    ("logit_bias id out of vocabulary", CHAT, {"messages": MSG, "logit_bias": {"1000000": 5}}, "json", 400, "logit_bias"),
+    ("logit_bias key not a token id", COMP, {"prompt": "hi", "logit_bias": {"hi": 5}}, "json", 400, "logit_bias"),
+    ("empty allowed_token_ids", COMP, {"prompt": "hi", "allowed_token_ids": []}, "json", 400, "allowed_token_ids"),
+    ("allowed_token_ids out of vocabulary", COMP, {"prompt": "hi", "allowed_token_ids": [3, 10**6]}, "json", 400, "allowed_token_ids"),
 ]  # fmt: skip
 
 

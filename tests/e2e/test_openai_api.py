@@ -183,6 +183,29 @@ def test_logprobs(server: ServerProcess) -> None:
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
 
 
+def test_logit_bias_and_allowed_token_ids(server: ServerProcess) -> None:
+    """OpenAI's `logit_bias` (token ids as strings) and vLLM's `allowed_token_ids`, through the
+    official client: the biased or allowed tokens are the ones generated."""
+    client = server.client()
+    yes, no = (httpx.post(server.url + "/tokenize", json={"prompt": w}).json()["tokens"][0]
+               for w in (" yes", " no"))  # fmt: skip
+    chat = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=3, temperature=0,  # type: ignore[arg-type]
+        logit_bias={str(yes): 100},
+    )  # fmt: skip
+    assert chat.choices[0].message.content == " yes" * 3
+    comp = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=4, temperature=1.0, seed=3,
+        logprobs=1, extra_body={"allowed_token_ids": [yes, no]},
+    )  # fmt: skip
+    assert set(comp.choices[0].text.split()) <= {"yes", "no"} and comp.usage is not None
+    assert comp.usage.completion_tokens == 4
+    # logprobs are the model's, not the restricted distribution's (vLLM's raw logprobs)
+    lp = comp.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None
+    assert all(v is not None and v < -0.01 for v in lp.token_logprobs)
+
+
 def test_tokenize_detokenize_version_models(server: ServerProcess) -> None:
     tok = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()
     assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == 2048

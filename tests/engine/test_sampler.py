@@ -101,6 +101,43 @@ def test_min_tokens_masks_eos_and_stop_ids() -> None:
     assert sample(_logits([9.0, 1.0, 8.0]), [req], EOS)[0] == [0]
 
 
+def test_logit_bias_and_allowed_token_ids() -> None:
+    logits = [1.0, 3.0, 2.0, 0.5]
+    assert sample(_logits(logits), [make_request([1], logit_bias={3: 5.0})], EOS)[0] == [3]
+    assert sample(_logits(logits), [make_request([1], logit_bias={1: -1.5})], EOS)[0] == [2]
+    # clamped to +-100, as OpenAI specifies: -1e6 is -100, and 3 - 100 still beats -inf
+    req = make_request([1], logit_bias={1: -1e6}, allowed_token_ids=[1])
+    assert req.params.logit_bias == {1: -100.0}
+    assert sample(_logits(logits), [req], EOS)[0] == [1]
+    assert _draws(logits, allowed_token_ids=[0, 3]) == {0, 3}
+    assert _draws(logits, logit_bias={0: -100.0, 1: -100.0, 2: -100.0}) == {3}
+    # in a batch, only the biased row moves; logprobs stay those of the model's output
+    plain, biased = make_request([1]), make_request([1], logit_bias={0: 10.0}, logprobs=1)
+    tokens, lps = sample(_logits(logits, logits), [plain, biased], EOS)
+    assert tokens == [1, 0]
+    ref = torch.tensor(logits).log_softmax(-1)
+    assert lps[biased.request_id].logprob == pytest.approx(float(ref[0]))
+    with pytest.raises(ValueError, match="allowed_token_ids must not be empty"):
+        SamplingParams(allowed_token_ids=[])
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_not_indexed() -> None:
+    """The sampler indexes logits with these ids: an engine refuses the request (one error
+    output) rather than failing its step, which would end every request in it."""
+    llm = LLM(dtype="float32")
+    vocab = llm.engine.runner.arch.vocab_size
+    for bad in (
+        SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[vocab]),
+        SamplingParams(max_tokens=4, logit_bias={vocab + 7: 1.0}),
+        SamplingParams(max_tokens=4, allowed_token_ids=[5, -1]),
+    ):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+            llm.generate([[5, 6, 7]], bad)
+    assert not llm.engine.has_unfinished_requests()
+    only = SamplingParams(temperature=0.0, max_tokens=4, allowed_token_ids=[vocab - 1, 42])
+    assert set(llm.generate([[5, 6, 7]], only)[0].outputs[0].token_ids) <= {vocab - 1, 42}
+
+
 def test_logprobs_of_raw_distribution() -> None:
     req = make_request([1], logprobs=2)
     tokens, lps = sample(_logits([1.0, 3.0, 2.0]), [req], EOS)
