@@ -56,6 +56,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
     finished: bool = True
+    # with SamplingParams.prompt_logprobs: per prompt token, None for the first (vLLM's shape)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class LLM:
@@ -214,6 +216,9 @@ class LLM:
                     raise d
                 choices[d.index].add(d)
             result.num_cached_tokens = stream.num_cached_tokens
+            first = choices[min(choices)]
+            if first.prompt_logprobs is not None:
+                result.prompt_logprobs = [None, *first.prompt_logprobs]
             result.outputs = [
                 CompletionOutput(
                     c.index,

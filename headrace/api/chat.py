@@ -14,7 +14,7 @@ from headrace.api.body import parse_body
 from headrace.api.context import ServerContext
 from headrace.api.errors import APIError
 from headrace.api.protocol import ChatCompletionRequest
-from headrace.api.responses import Answer
+from headrace.api.responses import Answer, prompt_logprobs_json
 from headrace.api.tools import (
     ToolCallStream,
     ToolMode,
@@ -54,7 +54,9 @@ async def create_chat_completion(request: Request) -> Response:
     limits = prompt_limits(ctx, max_tokens, body.truncate_prompt_tokens)
     mode = tool_mode(body)
     parser = _tool_parser(ctx, mode)
-    params = sampling_params(body, max_tokens, body.num_logprobs, tok.vocab_size)
+    params = sampling_params(
+        body, max_tokens, body.num_logprobs, tok.vocab_size, body.prompt_logprobs
+    )
     constrained = tool_constraint(body, mode)
     params = _with_tool_constraint(params, mode, constrained)
     await check_constraint(params, body, from_tools=constrained is not None)
@@ -64,9 +66,15 @@ async def create_chat_completion(request: Request) -> Response:
         stream = await start(ctx, request_id, [prompt], params, arrival, pinned)
     answer = Answer(request_id, model, "chat.completion", "chat.completion.chunk")
     choices = _ChatChoices(tok, body, mode, parser)
+
+    def prompt_logprobs(whole: list[Choice]) -> dict[str, Any]:  # vLLM's: once, at the top
+        if body.prompt_logprobs is None or not whole:
+            return {}
+        return {"prompt_logprobs": prompt_logprobs_json(tok, prompt, whole[0])}
+
     return await answer.respond(
         request, ctx, stream, body.stream, body.include_usage, choices.whole, choices.delta,
-        choices.first(),
+        choices.first(), prompt_logprobs,
     )  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from headrace.api.body import parse_body
 from headrace.api.errors import APIError
 from headrace.api.protocol import CompletionRequest
-from headrace.api.responses import Answer
+from headrace.api.responses import Answer, prompt_logprobs_json
 from headrace.api.validation import (
     check_constraint,
     context_of,
@@ -39,29 +39,51 @@ async def create_completion(request: Request) -> Response:
     model = ctx.check_model(body.model)
     tok = ctx.require_serving()
     pinned = pinned_rank(ctx, request, body.data_parallel_rank)
-    explicit_max = body.max_tokens if "max_tokens" in body.model_fields_set else None
+    # max_tokens 0 with echo: the engine computes one token (the prompt's logprobs come with
+    # it) and the answer leaves it out, as vLLM's does
+    max_tokens = 1 if body.echo_only else body.max_tokens
+    explicit_max = max_tokens if "max_tokens" in body.model_fields_set else None
     limits = prompt_limits(ctx, explicit_max, body.truncate_prompt_tokens)
-    params = sampling_params(body, body.max_tokens, body.logprobs, tok.vocab_size)
+    params = sampling_params(
+        body, max_tokens, body.logprobs, tok.vocab_size, body.wanted_prompt_logprobs
+    )
     await check_constraint(params, body)
     with ctx.admission.admit(body.n * body.num_prompts):
         prompts, texts = await _tokenize(tok, body, limits)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         stream = await start(ctx, request_id, prompts, params, arrival, pinned)
-    answer = Answer(request_id, model, "text_completion", "text_completion")
+    answer = Answer(
+        request_id, model, "text_completion", "text_completion", prompt_only=body.echo_only
+    )
     n = body.n
     echo = {i: texts[i // n] for i in range(len(prompts) * n)} if body.echo else {}
+    scored = body.echo and body.logprobs is not None  # the prompt's tokens lead the logprobs
     offsets: dict[int, int] = {}
 
+    def text_and_logprobs(
+        c: Choice | SeqDelta, logprobs: list[TokenLogprobs] | None, echoed: str | None
+    ) -> tuple[str, dict[str, Any] | None]:
+        text = "" if body.echo_only else c.text
+        generated = [] if body.echo_only else (logprobs or [])
+        if echoed is None or not scored:  # no prompt part (or it went out already)
+            out = _logprobs(tok, generated, offsets.get(c.index, 0)) if logprobs else None
+        else:
+            prompt = prompts[c.index // n]
+            out = _logprobs(tok, generated, 0, prompt, c.prompt_logprobs or [])
+        if out is not None and out["tokens"]:
+            offsets[c.index] = out["text_offset"][-1] + len(out["tokens"][-1])
+        return (echoed or "") + text, out
+
     def choice_json(c: Choice) -> dict[str, Any]:
-        logprobs = _logprobs(tok, c.logprobs, 0) if c.logprobs else None
-        return _choice(c.index, echo.get(c.index, "") + c.text, logprobs, c)
+        text, logprobs = text_and_logprobs(c, c.logprobs, echo.get(c.index))
+        out = _choice(c.index, text, logprobs, c)
+        if body.prompt_logprobs is not None:
+            out["prompt_logprobs"] = prompt_logprobs_json(tok, prompts[c.index // n], c)
+        return out
 
     def delta_json(d: SeqDelta) -> dict[str, Any]:
-        logprobs = None
-        if d.logprobs:
-            logprobs = _logprobs(tok, d.logprobs, offsets.get(d.index, 0))
-            offsets[d.index] = offsets.get(d.index, 0) + sum(len(t) for t in logprobs["tokens"])
-        return _choice(d.index, echo.pop(d.index, "") + d.text, logprobs, d)
+        text, logprobs = text_and_logprobs(d, d.logprobs, echo.pop(d.index, None))
+        return _choice(d.index, text, logprobs, d)
 
     return await answer.respond(
         request, ctx, stream, body.stream, body.include_usage, choice_json, delta_json
@@ -108,19 +130,42 @@ def _choice(
     }
 
 
-def _logprobs(tok: FrontendTokenizer, items: list[TokenLogprobs], offset: int) -> dict[str, Any]:
-    """The legacy completions logprobs object."""
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    for lp in items:
-        text = tok.token_text(lp.token_id)
+def _logprobs(
+    tok: FrontendTokenizer,
+    items: list[TokenLogprobs],
+    offset: int,
+    prompt: list[int] | None = None,
+    prompt_logprobs: list[TokenLogprobs] | None = None,
+) -> dict[str, Any]:
+    """The legacy completions logprobs object; with `prompt` (echo), the prompt's tokens first,
+    the first of them with no logprob (nothing predicts it)."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+
+    def put(token_id: int, lp: TokenLogprobs | None) -> None:
+        nonlocal offset
+        text = tok.token_text(token_id)
         tokens.append(text)
-        token_logprobs.append(lp.logprob)
-        top.append({tok.token_text(t): v for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)})
+        token_logprobs.append(None if lp is None else lp.logprob)
+        top.append(None if lp is None else _top(tok, lp))
         offsets.append(offset)
         offset += len(text)
+
+    if prompt is not None:
+        put(prompt[0], None)
+        for lp in prompt_logprobs or []:
+            put(lp.token_id, lp)
+    for lp in items:
+        put(lp.token_id, lp)
     return {
         "tokens": tokens,
         "token_logprobs": token_logprobs,
         "top_logprobs": top,
         "text_offset": offsets,
     }
+
+
+def _top(tok: FrontendTokenizer, lp: TokenLogprobs) -> dict[str, float]:
+    return {tok.token_text(t): v for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)}

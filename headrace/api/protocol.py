@@ -111,6 +111,20 @@ _SAMPLING_RULES: list[Any] = [
         "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
     },
     {"if": {"required": ["structured_outputs"]}, "then": _TEXT_ONLY},  # one constraint at most
+    {  # vLLM's rule: prompt logprobs come in the whole answer only
+        "if": {
+            "required": ["prompt_logprobs"],
+            "properties": {"prompt_logprobs": {"type": "integer"}},
+        },
+        "then": {"properties": {"stream": {"const": False}}},
+    },
+]
+_COMPLETION_RULES: list[Any] = [
+    *_SAMPLING_RULES,
+    {  # max_tokens 0 echoes the prompt alone
+        "if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+        "then": {"required": ["echo"], "properties": {"echo": {"const": True}}},
+    },
 ]
 _CHAT_RULES: list[Any] = [
     *_SAMPLING_RULES,
@@ -163,6 +177,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     truncate_prompt_tokens: Literal[-1] | Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's
     logit_bias: dict[Annotated[str, Field(pattern=r"^\s*[0-9]+\s*$")], float] | None = None
     allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
     user: str | None = None
@@ -180,6 +195,8 @@ class SamplingFields(BaseModel):
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs are not available when stream is true")
         return self
 
     def constraint(self) -> tuple[str, StructuredOutputsParams] | None:
@@ -207,7 +224,9 @@ class SamplingFields(BaseModel):
             )
         return found[0] if found else None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             n=self.n,
@@ -227,6 +246,7 @@ class SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             structured_outputs=c[1] if (c := self.constraint()) else None,
             logit_bias={int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None,
@@ -241,13 +261,15 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": _COMPLETION_RULES})
+
     prompt: (
         Text
         | Annotated[list[Text], Field(min_length=1)]
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
-    max_tokens: int | None = Field(default=16, ge=1, le=INT32_MAX)
+    max_tokens: int | None = Field(default=16, ge=0, le=INT32_MAX)  # 0: with echo only
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
@@ -266,9 +288,21 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of must equal n (no server-side ranking of choices)")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs (prompt logprobs) is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1 (0 only with echo: the prompt alone)")
         return self
+
+    @property
+    def echo_only(self) -> bool:
+        """OpenAI's echo with max_tokens 0: the prompt (and its logprobs), nothing generated."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def wanted_prompt_logprobs(self) -> int | None:
+        """vLLM's rule: `prompt_logprobs` if given, else with echo, as many as `logprobs`."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
 
 class TextPart(BaseModel):

@@ -7,7 +7,7 @@ streamed `SeqDelta` reads (`delta_json`, which may return None to send nothing y
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from headrace.api.context import ServerContext
 from headrace.api.streaming import collect, sse_response, usage
 from headrace.frontend.output import Choice, RequestStream, SeqDelta
+from headrace.frontend.tokenize import FrontendTokenizer
 
 
 @dataclass(slots=True)
@@ -28,6 +29,7 @@ class Answer:
     object: str
     chunk_object: str
     created: int = field(default_factory=lambda: int(time.time()))
+    prompt_only: bool = False  # echo with max_tokens 0: the one token computed is not answered
 
     def base(self, chunk: bool) -> dict[str, Any]:
         return {
@@ -36,6 +38,9 @@ class Answer:
             "created": self.created,
             "model": self.model,
         }
+
+    def _completion_tokens(self, token_ids: Iterable[list[int]]) -> int:
+        return 0 if self.prompt_only else sum(len(t) for t in token_ids)
 
     async def respond(
         self,
@@ -47,14 +52,17 @@ class Answer:
         choice_json: Callable[[Choice], dict[str, Any]],
         delta_json: Callable[[SeqDelta], dict[str, Any] | None],
         first_choices: list[dict[str, Any]] | None = None,
+        body_extra: Callable[[list[Choice]], dict[str, Any]] | None = None,
     ) -> Response:
+        """`body_extra`: fields the whole answer adds at its top level (never streamed)."""
         stream.streaming = streaming
         if not streaming:
             choices = await collect(request, ctx.client, stream)
             body = {
                 **self.base(chunk=False),
                 "choices": [choice_json(c) for c in choices],
-                "usage": usage(stream, sum(len(c.token_ids) for c in choices)),
+                "usage": usage(stream, self._completion_tokens(c.token_ids for c in choices)),
+                **(body_extra(choices) if body_extra is not None else {}),
             }
             return JSONResponse(body)
 
@@ -62,7 +70,7 @@ class Answer:
         counted = [0]
 
         def chunk_for(d: SeqDelta) -> list[dict[str, Any]]:
-            counted[0] += len(d.token_ids)
+            counted[0] += self._completion_tokens([d.token_ids])
             choice = delta_json(d)
             return [] if choice is None else [{**base, "choices": [choice]}]
 
@@ -73,3 +81,23 @@ class Answer:
 
         first = [{**base, "choices": [c]} for c in first_choices or []]
         return sse_response(ctx.client, stream, chunk_for, final_chunks, first)
+
+
+def prompt_logprobs_json(
+    tok: FrontendTokenizer, prompt: list[int], c: Choice
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id: its
+    logprob, rank and text} for the token itself and the top alternatives."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for lp in (c.prompt_logprobs or [])[: len(prompt) - 1]:
+        entry = {str(lp.token_id): _vllm_logprob(tok, lp.token_id, lp.logprob, lp.rank)}
+        for rank, (t, v) in enumerate(zip(lp.top_ids, lp.top_logprobs, strict=True), 1):
+            entry.setdefault(str(t), _vllm_logprob(tok, t, v, rank))
+        out.append(entry)
+    return out
+
+
+def _vllm_logprob(
+    tok: FrontendTokenizer, token_id: int, logprob: float, rank: int
+) -> dict[str, Any]:
+    return {"logprob": logprob, "rank": rank, "decoded_token": tok.token_text(token_id)}

@@ -34,11 +34,15 @@ async def require_json(request: Request) -> None:
 
 
 def sampling_params(
-    body: SamplingFields, max_tokens: int | None, logprobs: int | None, vocab_size: int
+    body: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    vocab_size: int,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The wire params, or 400: checked before any tokenizing is spent on the request."""
     try:
-        params = body.sampling_params(max_tokens, logprobs)
+        params = body.sampling_params(max_tokens, logprobs, prompt_logprobs)
         params.check_token_ids(vocab_size)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None

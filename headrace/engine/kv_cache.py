@@ -68,8 +68,9 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> tuple[list[int], int]:
         """Longest cached prefix of the request, as (block ids, tokens). At least one token is
-        always left to compute, so the step that finishes the prompt can sample."""
-        if not self.enable_prefix_caching:
+        always left to compute, so the step that finishes the prompt can sample. None for a
+        request that wants prompt logprobs: they need every prompt position's logits."""
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
             return [], 0
         max_blocks = (req.num_tokens - 1) // self.block_size
         hit: list[int] = []

@@ -21,8 +21,11 @@ from headrace.model.backend import select_backend
 from headrace.model.loader import ProgressFn, load_model, read_arch, resolve_model_path
 from headrace.model.ops import ops_for
 from headrace.model.registry import ArchConfig
+from headrace.wire.messages import TokenLogprobs
 
 logger = logging.getLogger(__name__)
+
+_SCORED_ROWS = 256  # prompt-logprob rows per LM-head call: 256 x vocab float32 logits at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +122,11 @@ class ModelRunner:
         positions: list[int] = []
         sample_rows: list[int] = []
         sample_reqs: list[Request] = []
+        scored: list[tuple[Request, int, int]] = []  # (request, first row, rows): prompt logprobs
         for req, n in pairs:
             start = req.num_computed_tokens
+            if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens:
+                scored.append((req, len(ids), n))
             ids.extend(req.all_token_ids[start : start + n])
             positions.extend(range(start, start + n))
             if start + n == req.num_tokens:
@@ -138,8 +144,9 @@ class ModelRunner:
                 "fp8 KV cache scales from the first batch (%d tokens): k %.3g-%.3g, v %.3g-%.3g",
                 len(ids), min(k), max(k), min(v), max(v),
             )  # fmt: skip
+        prompt_logprobs = self._prompt_logprobs(hidden, scored) if scored else {}
         if not sample_reqs:
-            return RunnerOutput(sampled={})
+            return RunnerOutput(sampled={}, prompt_logprobs=prompt_logprobs)
         # rows in order, so as many rows as tokens means every row (a step of decodes)
         if len(sample_rows) == hidden.shape[0]:
             last = hidden
@@ -155,7 +162,8 @@ class ModelRunner:
                 greedy = argmax(logits)
             tokens = greedy.tolist()
             return RunnerOutput(
-                sampled={r.request_id: t for r, t in zip(sample_reqs, tokens, strict=True)}
+                sampled={r.request_id: t for r, t in zip(sample_reqs, tokens, strict=True)},
+                prompt_logprobs=prompt_logprobs,
             )
         logits = self.model.compute_logits(last)
         if constrained:
@@ -165,7 +173,55 @@ class ModelRunner:
         return RunnerOutput(
             sampled={r.request_id: t for r, t in zip(sample_reqs, tokens, strict=True)},
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, scored: list[tuple[Request, int, int]]
+    ) -> dict[str, list[TokenLogprobs]]:
+        """Each scored request's logprob of its prompt tokens that this step's rows predict
+        (the row at position p predicts token p + 1), past those it already has (a preempted
+        request computes its prompt again), with its `prompt_logprobs` top alternatives."""
+        rows: list[int] = []
+        targets: list[int] = []
+        owners: list[tuple[Request, int]] = []  # (request, how many rows)
+        for req, row0, n in scored:
+            start = req.num_computed_tokens
+            first = max(start, len(req.prompt_logprobs))  # positions already scored: skipped
+            end = min(start + n, req.num_prompt_tokens - 1)
+            positions = range(first, end)
+            rows.extend(row0 + p - start for p in positions)
+            targets.extend(req.prompt_token_ids[p + 1] for p in positions)
+            owners.append((req, len(positions)))
+        found: list[TokenLogprobs] = []
+        k = max(req.params.prompt_logprobs or 0 for req, _, _ in scored)
+        for at in range(0, len(rows), _SCORED_ROWS):  # bounded logits: rows x vocab float32
+            part = torch.tensor(rows[at : at + _SCORED_ROWS], device=hidden.device)
+            lp = self.model.compute_logits(hidden[part]).float().log_softmax(dim=-1)
+            want = torch.tensor(targets[at : at + _SCORED_ROWS], device=hidden.device)
+            chosen = lp.gather(1, want.unsqueeze(1)).squeeze(1)
+            ranks = (lp > chosen.unsqueeze(1)).sum(dim=1) + 1
+            top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+            for j in range(part.shape[0]):
+                found.append(
+                    TokenLogprobs(
+                        token_id=int(want[j]),
+                        logprob=float(chosen[j]),
+                        rank=int(ranks[j]),
+                        top_ids=top_ids[j].tolist(),
+                        top_logprobs=top_lp[j].tolist(),
+                    )
+                )
+        out: dict[str, list[TokenLogprobs]] = {}
+        at = 0
+        for req, count in owners:
+            kk = req.params.prompt_logprobs or 0
+            mine = found[at : at + count]
+            at += count
+            for t in mine:  # each request keeps its own number of alternatives
+                t.top_ids, t.top_logprobs = t.top_ids[:kk], t.top_logprobs[:kk]
+            out[req.request_id] = mine
+        return out
 
     def _attention_metadata(self, pairs: list[tuple[Request, int]]) -> AttentionMetadata:
         groups: list[AttnGroup] = []

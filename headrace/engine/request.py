@@ -10,7 +10,7 @@ import torch
 
 if TYPE_CHECKING:
     from headrace.engine.structured import GrammarState
-from headrace.wire.messages import EngineCoreRequest, FinishReason, SamplingParams
+from headrace.wire.messages import EngineCoreRequest, FinishReason, SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -46,6 +46,8 @@ class Request:
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
     grammar: GrammarState | None = None  # structured output: masks its logits every step
+    # prompt logprobs so far, for prompt tokens 1, 2, ... (sent with the first output token)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     queued_time: float = 0.0  # engine monotonic clock
     scheduled_time: float | None = None
     first_token_time: float | None = None

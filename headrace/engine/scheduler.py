@@ -53,6 +53,8 @@ class RunnerOutput:
 
     sampled: dict[str, int]
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # this step's prompt logprobs of the requests that asked, in prompt order
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -192,9 +194,11 @@ class Scheduler:
         for req, n in zip(plan.requests, plan.num_new_tokens, strict=True):
             req.num_computed_tokens += n
             self.kv.cache_full_blocks(req)
+            req.prompt_logprobs.extend(result.prompt_logprobs.get(req.request_id, ()))
             token = result.sampled.get(req.request_id)
             if token is None:
                 continue  # a prompt chunk that does not reach the end of the sequence
+            first = not req.output_token_ids
             req.append_output(token)
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
@@ -206,6 +210,8 @@ class Scheduler:
                 new_logprobs=[logprobs] if logprobs is not None else None,
                 num_cached_tokens=req.num_cached_tokens,
             )
+            if first and req.params.prompt_logprobs is not None:
+                out.prompt_logprobs = req.prompt_logprobs
             if reason is not None:
                 self.running.remove(req)
                 self._finish(req, reason)

@@ -47,6 +47,7 @@ class SeqDelta:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     restart: bool = False  # the choice starts over (re-sent): drop what came before
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., on the first delta
 
 
 @dataclass(slots=True)
@@ -59,12 +60,15 @@ class Choice:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     def add(self, d: SeqDelta) -> None:
         self.text += d.text
         self.token_ids.extend(d.token_ids)
         if d.logprobs:
             self.logprobs.extend(d.logprobs)
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
         if d.finish_reason is not None:
             self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason
 
@@ -112,6 +116,7 @@ class SeqState:
     times: RequestTimes | None = None  # engine milestones, on the last output
     finished: bool = False
     held_token_ids: list[int] = field(default_factory=list)  # generated, not yet in a delta
+    held_prompt_logprobs: list[TokenLogprobs] | None = None  # the same, for prompt logprobs
     wire: EngineCoreRequest | None = None  # as sent, to re-send if its engine is lost
     pinned: bool = False  # sent to a rank the client named: never re-sent elsewhere
     resent: bool = False
@@ -232,14 +237,16 @@ class OutputProcessor:
                 reason = out.finish_reason.value
             text = seq.detok.take_new_text(finished=reason is not None)
             token_ids = seq.held_token_ids + out.new_token_ids
+            prompt_logprobs = out.prompt_logprobs or seq.held_prompt_logprobs
             if reason is not None:
                 self._end(seq, reason)
             elif not text and not seq.want_logprobs:
                 # nothing a client could see (half a character, a held-back stop prefix): its
                 # tokens go out with the next delta, so usage counts every one
                 seq.held_token_ids = token_ids
+                seq.held_prompt_logprobs = prompt_logprobs
                 continue
-            seq.held_token_ids = []
+            seq.held_token_ids, seq.held_prompt_logprobs = [], None
             seq.stream.queue.put_nowait(
                 SeqDelta(
                     seq.index,
@@ -248,6 +255,7 @@ class OutputProcessor:
                     out.new_logprobs if seq.want_logprobs else None,
                     reason,
                     stop_reason,
+                    prompt_logprobs=prompt_logprobs,
                 )
             )
         if generated and self.observer is not None:  # one message = one engine's step

@@ -88,6 +88,7 @@ class FrontendTokenizer:
         vocab = self.backend.get_vocab()
         self.max_token_chars = max(1, max(len(t) for t in vocab))
         self.vocab_size = len(tokenizer)
+        self._token_texts: dict[int, str] = {}  # token_text's, filled as logprobs ask
 
     @classmethod
     async def load(cls, model: str | None, chat_template: str | None = None) -> FrontendTokenizer:
@@ -178,8 +179,13 @@ class FrontendTokenizer:
         )
 
     def token_text(self, token_id: int) -> str:
-        """One token's text for logprobs (called on the output path; single tokens are cheap)."""
-        return str(self.backend.decode([token_id], skip_special_tokens=False))
+        """One token's text for logprobs (on the output path: a prompt's logprobs ask for
+        thousands, so each is decoded once)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = str(self.backend.decode([token_id], skip_special_tokens=False))
+            self._token_texts[token_id] = text
+        return text
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

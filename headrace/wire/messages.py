@@ -85,6 +85,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # each prompt token's logprob, and this many top ones
     truncate_prompt_tokens: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
     logit_bias: dict[int, float] | None = None  # added to a token's logit; clamped to +-100
@@ -115,6 +116,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 "min_tokens must be less than or equal to max_tokens",
             ),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs must be in [0, 20]",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -174,6 +179,8 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] | None = None
+    # with the first token, if asked for: prompt tokens 1.. (the first has no logprob)
+    prompt_logprobs: list[TokenLogprobs] | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0

@@ -206,6 +206,64 @@ def test_logit_bias_and_allowed_token_ids(server: ServerProcess) -> None:
     assert all(v is not None and v < -0.01 for v in lp.token_logprobs)
 
 
+def test_prompt_logprobs_echo_and_vllms_field(server: ServerProcess, offline: LLM) -> None:
+    """What scoring clients send (lm-eval's loglikelihood): `echo` with `logprobs` and
+    `max_tokens` 0 gives the prompt's own logprobs, the first token's null; with `max_tokens`
+    above 0 the generated ones follow. vLLM's `prompt_logprobs` field, on both routes."""
+    client = server.client()
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    want = offline.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    assert want.prompt_logprobs is not None
+    expected = [None] + [lp.logprob for lp in want.prompt_logprobs[1:]]  # type: ignore[union-attr]
+
+    scored = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, echo=True, logprobs=2, max_tokens=0
+    )
+    choice = scored.choices[0]
+    assert choice.text == PROMPT and scored.usage is not None
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids)
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert "".join(lp.tokens) == PROMPT and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs is not None
+    assert lp.top_logprobs[0] is None and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.token_logprobs[1:] == pytest.approx(expected[1:], abs=2e-3)
+
+    generating = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, echo=True, logprobs=1, max_tokens=3,
+        temperature=0,
+    )  # fmt: skip
+    g = generating.choices[0]
+    assert g.logprobs is not None and g.logprobs.tokens is not None
+    assert len(g.logprobs.tokens) == len(ids) + 3 and g.text == "".join(g.logprobs.tokens)
+    assert g.logprobs.text_offset == [
+        sum(len(t) for t in g.logprobs.tokens[:i]) for i in range(len(ids) + 3)
+    ]
+    streamed = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, echo=True, logprobs=1, max_tokens=3,
+        temperature=0, stream=True,
+    )  # fmt: skip
+    tokens = [t for ch in streamed for t in (ch.choices[0].logprobs.tokens or [])]  # type: ignore[union-attr]
+    assert tokens == g.logprobs.tokens
+
+    field = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=1,
+        extra_body={"prompt_logprobs": 0},
+    ).model_dump()["choices"][0]["prompt_logprobs"]  # fmt: skip
+    assert field[0] is None and len(field) == len(ids)
+    for entry, token, logprob in zip(field[1:], ids[1:], expected[1:], strict=True):
+        assert entry[str(token)]["logprob"] == pytest.approx(logprob, abs=2e-3)
+    chat = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": CHAT, "max_tokens": 1, "prompt_logprobs": 1},
+    ).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) > 10
+    assert all(1 <= len(e) <= 2 for e in chat["prompt_logprobs"][1:])
+    for body in ({"prompt": PROMPT, "max_tokens": 0},  # nothing to answer without echo
+                 {"prompt": PROMPT, "prompt_logprobs": 1, "stream": True}):  # fmt: skip
+        assert httpx.post(server.url + "/v1/completions", json=body).status_code == 400
+
+
 def test_tokenize_detokenize_version_models(server: ServerProcess) -> None:
     tok = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()
     assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == 2048

@@ -179,3 +179,39 @@ def test_refused_prompt_leaves_engine_clean() -> None:
     assert llm.engine.kv.num_free_blocks == 8
     out = llm.generate([[5, 6, 7]], params)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_prompt_logprobs_are_the_models_at_every_position() -> None:
+    """vLLM's `prompt_logprobs`: each prompt token's logprob under the tokens before it (and
+    the top alternatives), against transformers' forward pass over the same prompt; the same
+    when the prompt is cut into chunks, when its prefix is cached, and beside other requests."""
+    from tests.engine.test_greedy_vs_transformers import Reference
+
+    llm = LLM(dtype="float32")
+    prompt = llm.get_tokenizer()(
+        "The capital of France is Paris. The capital of Italy is"
+    ).input_ids
+    with torch.inference_mode():
+        ref = Reference().model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3)
+
+    def check(got: list) -> None:
+        assert got[0] is None and len(got) == len(prompt)
+        for p, lp in enumerate(got[1:]):
+            assert lp.token_id == prompt[p + 1]
+            assert lp.logprob == pytest.approx(float(ref[p, prompt[p + 1]]), abs=2e-3)
+            assert lp.rank == int((ref[p] > ref[p, prompt[p + 1]]).sum()) + 1
+            top = ref[p].topk(3)
+            assert lp.top_ids == top.indices.tolist()
+            assert lp.top_logprobs == pytest.approx(top.values.tolist(), abs=2e-3)
+
+    check(llm.generate(prompt, params)[0].prompt_logprobs)
+    again = llm.generate(prompt, params)[0]  # its blocks are cached now: not used for this one
+    check(again.prompt_logprobs)
+    assert again.num_cached_tokens == 0
+    plain = SamplingParams(temperature=0.0, max_tokens=4)
+    mixed = llm.generate([[5, 6, 7], prompt, prompt[:5]], [plain, params, plain])
+    check(mixed[1].prompt_logprobs)
+    assert mixed[0].prompt_logprobs is None
+    chunked = LLM(dtype="float32", max_num_batched_tokens=8, max_num_seqs=2)
+    check(chunked.generate(prompt, params)[0].prompt_logprobs)
