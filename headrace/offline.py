@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import msgspec
+
 from headrace.config import (
     CacheConfig,
     DType,
@@ -27,6 +29,7 @@ from headrace.frontend.output import (
     fan_out,
     new_detokenizer,
 )
+from headrace.frontend.tokenize import bad_words_token_ids
 from headrace.model.loader import load_tokenizer, resolve_model_path
 from headrace.wire.messages import SamplingParams, TokenLogprobs
 
@@ -117,6 +120,9 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def _encode_plain(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
     def generate(
         self,
         prompts: PromptInput | Sequence[PromptInput],
@@ -191,6 +197,9 @@ class LLM:
         self, output: OutputProcessor, text: str | None, ids: list[int], params: SamplingParams
     ) -> tuple[RequestStream, RequestOutput]:
         rid = str(next(self._ids))
+        if params.bad_words and params.bad_words_token_ids is None:
+            words = bad_words_token_ids(self._encode_plain, params.bad_words)
+            params = msgspec.structs.replace(params, bad_words_token_ids=words)
         stream = RequestStream(rid, [ids])
         want_logprobs = params.logprobs is not None
         for index, msg in fan_out(rid, [ids], params, time.time()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -54,9 +55,7 @@ async def create_chat_completion(request: Request) -> Response:
     limits = prompt_limits(ctx, max_tokens, body.truncate_prompt_tokens)
     mode = tool_mode(body)
     parser = _tool_parser(ctx, mode)
-    params = sampling_params(
-        body, max_tokens, body.num_logprobs, tok.vocab_size, body.prompt_logprobs
-    )
+    params = await sampling_params(body, tok, max_tokens, body.num_logprobs, body.prompt_logprobs)
     constrained = tool_constraint(body, mode)
     params = _with_tool_constraint(params, mode, constrained)
     await check_constraint(params, body, from_tools=constrained is not None)
@@ -66,15 +65,20 @@ async def create_chat_completion(request: Request) -> Response:
         stream = await start(ctx, request_id, [prompt], params, arrival, pinned)
     answer = Answer(request_id, model, "chat.completion", "chat.completion.chunk")
     choices = _ChatChoices(tok, body, mode, parser)
+    # vLLM's: the prompt's ids and logprobs once, at the top (its ids in the first chunk)
+    prompt_ids = {"prompt_token_ids": prompt} if body.return_token_ids else {}
 
-    def prompt_logprobs(whole: list[Choice]) -> dict[str, Any]:  # vLLM's: once, at the top
+    def top_level(whole: list[Choice]) -> dict[str, Any]:
         if body.prompt_logprobs is None or not whole:
-            return {}
-        return {"prompt_logprobs": prompt_logprobs_json(tok, prompt, whole[0])}
+            return prompt_ids
+        return {
+            **prompt_ids,
+            "prompt_logprobs": prompt_logprobs_json(choices.name, prompt, whole[0]),
+        }
 
     return await answer.respond(
         request, ctx, stream, body.stream, body.include_usage, choices.whole, choices.delta,
-        choices.first(), prompt_logprobs,
+        choices.first(), top_level, prompt_ids,
     )  # fmt: skip
 
 
@@ -90,6 +94,7 @@ class _ChatChoices:
         parser: str | None,
     ) -> None:
         self.tok, self.body, self.mode, self.parser = tok, body, mode, parser
+        self.name = body.token_namer(tok.token_text)
         self.named = named_tool(body)
         self.echo = ""
         if body.echo and body.messages[-1].role == "assistant":
@@ -112,13 +117,16 @@ class _ChatChoices:
         message: dict[str, Any] = {"role": "assistant", "content": _joined(self.echo, content)}
         if calls:
             message["tool_calls"] = calls
-        return {
+        out = {
             "index": c.index,
             "message": message,
-            "logprobs": _logprobs(self.tok, c.logprobs) if self.body.logprobs else None,
+            "logprobs": _logprobs(self.name, c.logprobs) if self.body.logprobs else None,
             "finish_reason": _finish_reason(c.finish_reason, bool(calls)),
             "stop_reason": c.stop_reason,
         }
+        if self.body.return_token_ids:
+            out["token_ids"] = c.token_ids
+        return out
 
     def delta(self, d: SeqDelta) -> dict[str, Any] | None:
         reader = self.readers[d.index]
@@ -131,15 +139,19 @@ class _ChatChoices:
             delta["content"] = content
         if calls:
             delta["tool_calls"] = calls
-        if not delta and d.finish_reason is None and not d.logprobs:
+        ids_asked = self.body.return_token_ids and d.token_ids  # every id goes out at once
+        if not delta and d.finish_reason is None and not d.logprobs and not ids_asked:
             return None  # held back: part of a tag, or of a call not yet named
-        return {
+        out = {
             "index": d.index,
             "delta": delta,
-            "logprobs": _logprobs(self.tok, d.logprobs) if d.logprobs else None,
+            "logprobs": _logprobs(self.name, d.logprobs) if d.logprobs else None,
             "finish_reason": _finish_reason(d.finish_reason, reader.called),
             "stop_reason": d.stop_reason,
         }
+        if self.body.return_token_ids:
+            out["token_ids"] = d.token_ids
+        return out
 
 
 def _tool_parser(ctx: ServerContext, mode: ToolMode) -> str | None:
@@ -204,11 +216,12 @@ async def _render(
     return ids
 
 
-def _logprobs(tok: FrontendTokenizer, items: list[TokenLogprobs]) -> dict[str, Any]:
-    """The chat logprobs object: one entry per token, each with its top alternatives."""
+def _logprobs(name: Callable[[int], str], items: list[TokenLogprobs]) -> dict[str, Any]:
+    """The chat logprobs object: one entry per token (as `name` gives it), each with its top
+    alternatives."""
 
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = tok.token_text(token_id)
+        text = name(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     content = []

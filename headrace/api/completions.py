@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -44,8 +45,8 @@ async def create_completion(request: Request) -> Response:
     max_tokens = 1 if body.echo_only else body.max_tokens
     explicit_max = max_tokens if "max_tokens" in body.model_fields_set else None
     limits = prompt_limits(ctx, explicit_max, body.truncate_prompt_tokens)
-    params = sampling_params(
-        body, max_tokens, body.logprobs, tok.vocab_size, body.wanted_prompt_logprobs
+    params = await sampling_params(
+        body, tok, max_tokens, body.logprobs, body.wanted_prompt_logprobs
     )
     await check_constraint(params, body)
     with ctx.admission.admit(body.n * body.num_prompts):
@@ -58,7 +59,9 @@ async def create_completion(request: Request) -> Response:
     n = body.n
     echo = {i: texts[i // n] for i in range(len(prompts) * n)} if body.echo else {}
     scored = body.echo and body.logprobs is not None  # the prompt's tokens lead the logprobs
+    name = body.token_namer(tok.token_text)
     offsets: dict[int, int] = {}
+    unannounced = set(range(len(prompts) * n))  # streamed choices yet to send prompt_token_ids
 
     def text_and_logprobs(
         c: Choice | SeqDelta, logprobs: list[TokenLogprobs] | None, echoed: str | None
@@ -66,10 +69,10 @@ async def create_completion(request: Request) -> Response:
         text = "" if body.echo_only else c.text
         generated = [] if body.echo_only else (logprobs or [])
         if echoed is None or not scored:  # no prompt part (or it went out already)
-            out = _logprobs(tok, generated, offsets.get(c.index, 0)) if logprobs else None
+            out = _logprobs(name, generated, offsets.get(c.index, 0)) if logprobs else None
         else:
             prompt = prompts[c.index // n]
-            out = _logprobs(tok, generated, 0, prompt, c.prompt_logprobs or [])
+            out = _logprobs(name, generated, 0, prompt, c.prompt_logprobs or [])
         if out is not None and out["tokens"]:
             offsets[c.index] = out["text_offset"][-1] + len(out["tokens"][-1])
         return (echoed or "") + text, out
@@ -78,12 +81,21 @@ async def create_completion(request: Request) -> Response:
         text, logprobs = text_and_logprobs(c, c.logprobs, echo.get(c.index))
         out = _choice(c.index, text, logprobs, c)
         if body.prompt_logprobs is not None:
-            out["prompt_logprobs"] = prompt_logprobs_json(tok, prompts[c.index // n], c)
+            out["prompt_logprobs"] = prompt_logprobs_json(name, prompts[c.index // n], c)
+        if body.return_token_ids:
+            out["prompt_token_ids"] = prompts[c.index // n]
+            out["token_ids"] = [] if body.echo_only else c.token_ids
         return out
 
     def delta_json(d: SeqDelta) -> dict[str, Any]:
         text, logprobs = text_and_logprobs(d, d.logprobs, echo.pop(d.index, None))
-        return _choice(d.index, text, logprobs, d)
+        out = _choice(d.index, text, logprobs, d)
+        if body.return_token_ids:  # vLLM's: the prompt's ids in a choice's first chunk only
+            if d.index in unannounced:
+                unannounced.discard(d.index)
+                out["prompt_token_ids"] = prompts[d.index // n]
+            out["token_ids"] = [] if body.echo_only else d.token_ids
+        return out
 
     return await answer.respond(
         request, ctx, stream, body.stream, body.include_usage, choice_json, delta_json
@@ -131,14 +143,15 @@ def _choice(
 
 
 def _logprobs(
-    tok: FrontendTokenizer,
+    name: Callable[[int], str],
     items: list[TokenLogprobs],
     offset: int,
     prompt: list[int] | None = None,
     prompt_logprobs: list[TokenLogprobs] | None = None,
 ) -> dict[str, Any]:
-    """The legacy completions logprobs object; with `prompt` (echo), the prompt's tokens first,
-    the first of them with no logprob (nothing predicts it)."""
+    """The legacy completions logprobs object, tokens as `name` gives them; with `prompt`
+    (echo), the prompt's tokens first, the first of them with no logprob (nothing predicts
+    it)."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top: list[dict[str, float] | None] = []
@@ -146,10 +159,10 @@ def _logprobs(
 
     def put(token_id: int, lp: TokenLogprobs | None) -> None:
         nonlocal offset
-        text = tok.token_text(token_id)
+        text = name(token_id)
         tokens.append(text)
         token_logprobs.append(None if lp is None else lp.logprob)
-        top.append(None if lp is None else _top(tok, lp))
+        top.append(None if lp is None else _top(name, lp))
         offsets.append(offset)
         offset += len(text)
 
@@ -167,5 +180,5 @@ def _logprobs(
     }
 
 
-def _top(tok: FrontendTokenizer, lp: TokenLogprobs) -> dict[str, float]:
-    return {tok.token_text(t): v for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)}
+def _top(name: Callable[[int], str], lp: TokenLogprobs) -> dict[str, float]:
+    return {name(t): v for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)}

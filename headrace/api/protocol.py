@@ -7,6 +7,7 @@ ignored, as vLLM does, so clients written for other servers keep working.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -19,6 +20,7 @@ Text = Annotated[str, Field(min_length=1)]
 INT32_MAX = 2**31 - 1  # counts and ids beyond this could not be served (or encoded) anyway
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # /openapi.json: below the vocabulary size
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+MAX_BAD_WORDS = 1024  # each is checked against every step's output: a bound on that work
 
 
 class StreamOptions(BaseModel):
@@ -111,14 +113,10 @@ _SAMPLING_RULES: list[Any] = [
         "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
     },
     {"if": {"required": ["structured_outputs"]}, "then": _TEXT_ONLY},  # one constraint at most
-    {  # vLLM's rule: prompt logprobs come in the whole answer only
-        "if": {
-            "required": ["prompt_logprobs"],
-            "properties": {"prompt_logprobs": {"type": "integer"}},
-        },
-        "then": {"properties": {"stream": {"const": False}}},
-    },
 ]
+# Not described above, though the validators enforce it: prompt_logprobs with stream (a 400, as
+# in vLLM). One more if/then here and schemathesis' schema canonicalizer gives up on the chat
+# request's schema.
 _COMPLETION_RULES: list[Any] = [
     *_SAMPLING_RULES,
     {  # max_tokens 0 echoes the prompt alone
@@ -178,6 +176,13 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     truncate_prompt_tokens: Literal[-1] | Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's
+    bad_words: Annotated[list[str], Field(max_length=MAX_BAD_WORDS)] | None = None  # vLLM's
+    return_token_ids: bool = False  # vLLM's: token ids beside the text
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
+    # vLLM's, accepted only at their defaults (no beam search, no priority scheduling); left
+    # out of /openapi.json
+    use_beam_search: SkipJsonSchema[bool] = False
+    priority: SkipJsonSchema[int] = 0
     logit_bias: dict[Annotated[str, Field(pattern=r"^\s*[0-9]+\s*$")], float] | None = None
     allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
     user: str | None = None
@@ -197,7 +202,17 @@ class SamplingFields(BaseModel):
             raise ValueError("stream_options can only be set when stream is true")
         if self.prompt_logprobs is not None and self.stream:
             raise ValueError("prompt_logprobs are not available when stream is true")
+        if self.use_beam_search:
+            raise ValueError("beam search is not supported by this server")
+        if self.priority != 0:
+            raise ValueError("priority must be 0: this server schedules first come, first served")
         return self
+
+    def token_namer(self, token_text: Callable[[int], str]) -> Callable[[int], str]:
+        """How logprobs name a token: its text, or vLLM's "token_id:N" when asked."""
+        if self.return_tokens_as_token_ids:
+            return lambda t: f"token_id:{t}"
+        return token_text
 
     def constraint(self) -> tuple[str, StructuredOutputsParams] | None:
         """The output constraint the request asks for and the field that names it; several at
@@ -251,6 +266,7 @@ class SamplingFields(BaseModel):
             structured_outputs=c[1] if (c := self.constraint()) else None,
             logit_bias={int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None,
             allowed_token_ids=self.allowed_token_ids,
+            bad_words=list(self.bad_words or []),
         )
 
     @property

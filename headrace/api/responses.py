@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse, Response
 from headrace.api.context import ServerContext
 from headrace.api.streaming import collect, sse_response, usage
 from headrace.frontend.output import Choice, RequestStream, SeqDelta
-from headrace.frontend.tokenize import FrontendTokenizer
 
 
 @dataclass(slots=True)
@@ -53,8 +52,10 @@ class Answer:
         delta_json: Callable[[SeqDelta], dict[str, Any] | None],
         first_choices: list[dict[str, Any]] | None = None,
         body_extra: Callable[[list[Choice]], dict[str, Any]] | None = None,
+        first_fields: dict[str, Any] | None = None,
     ) -> Response:
-        """`body_extra`: fields the whole answer adds at its top level (never streamed)."""
+        """`body_extra`: fields the whole answer adds at its top level (never streamed);
+        `first_fields`: those the first of `first_choices`' chunks adds."""
         stream.streaming = streaming
         if not streaming:
             choices = await collect(request, ctx.client, stream)
@@ -80,24 +81,26 @@ class Answer:
             return [{**base, "choices": [], "usage": usage(stream, counted[0])}]
 
         first = [{**base, "choices": [c]} for c in first_choices or []]
+        if first and first_fields:
+            first[0].update(first_fields)
         return sse_response(ctx.client, stream, chunk_for, final_chunks, first)
 
 
 def prompt_logprobs_json(
-    tok: FrontendTokenizer, prompt: list[int], c: Choice
+    name: Callable[[int], str], prompt: list[int], c: Choice
 ) -> list[dict[str, dict[str, Any]] | None]:
     """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id: its
-    logprob, rank and text} for the token itself and the top alternatives."""
+    logprob, rank and text (as `name` gives it)} for the token and the top alternatives."""
     out: list[dict[str, dict[str, Any]] | None] = [None]
     for lp in (c.prompt_logprobs or [])[: len(prompt) - 1]:
-        entry = {str(lp.token_id): _vllm_logprob(tok, lp.token_id, lp.logprob, lp.rank)}
+        entry = {str(lp.token_id): _vllm_logprob(name, lp.token_id, lp.logprob, lp.rank)}
         for rank, (t, v) in enumerate(zip(lp.top_ids, lp.top_logprobs, strict=True), 1):
-            entry.setdefault(str(t), _vllm_logprob(tok, t, v, rank))
+            entry.setdefault(str(t), _vllm_logprob(name, t, v, rank))
         out.append(entry)
     return out
 
 
 def _vllm_logprob(
-    tok: FrontendTokenizer, token_id: int, logprob: float, rank: int
+    name: Callable[[int], str], token_id: int, logprob: float, rank: int
 ) -> dict[str, Any]:
-    return {"logprob": logprob, "rank": rank, "decoded_token": tok.token_text(token_id)}
+    return {"logprob": logprob, "rank": rank, "decoded_token": name(token_id)}

@@ -13,7 +13,7 @@ from headrace.api.errors import APIError
 from headrace.api.protocol import SamplingFields
 from headrace.engine import structured
 from headrace.frontend.output import EngineError, RequestStream
-from headrace.frontend.tokenize import PromptLimits
+from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits
 from headrace.wire.messages import SamplingParams
 
 logger = logging.getLogger("headrace.api")
@@ -33,17 +33,23 @@ async def require_json(request: Request) -> None:
         )
 
 
-def sampling_params(
+async def sampling_params(
     body: SamplingFields,
+    tok: FrontendTokenizer,
     max_tokens: int | None,
     logprobs: int | None,
-    vocab_size: int,
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    """The wire params, or 400: checked before any tokenizing is spent on the request."""
+    """The wire params (bad words tokenized), or 400: checked before any work is queued."""
     try:
         params = body.sampling_params(max_tokens, logprobs, prompt_logprobs)
-        params.check_token_ids(vocab_size)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+    if params.bad_words:
+        words = await tok.bad_words(params.bad_words)
+        params = msgspec.structs.replace(params, bad_words_token_ids=words)
+    try:
+        params.check_token_ids(tok.vocab_size)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
     return params

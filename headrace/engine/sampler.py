@@ -1,8 +1,8 @@
 """Turn a batch of logits into one token per request, honouring each request's SamplingParams.
 
-Order per row: allowed_token_ids and logit_bias -> penalties (repetition, presence, frequency)
--> min_tokens masking -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw (as
-vLLM's sampler orders them). Logprobs are those of the raw model output.
+Order per row: allowed_token_ids, bad_words and logit_bias -> penalties (repetition, presence,
+frequency) -> min_tokens masking -> greedy argmax, or temperature -> top-k -> top-p -> min-p ->
+draw (as vLLM's sampler orders them). Logprobs are those of the raw model output.
 A seeded request draws from its own torch.Generator, so its text does not depend on the batch.
 """
 
@@ -24,11 +24,24 @@ def _penalized(r: Request) -> bool:
 
 
 def _biased(r: Request) -> bool:
-    return bool(r.params.logit_bias) or r.params.allowed_token_ids is not None
+    p = r.params
+    return bool(p.logit_bias) or p.allowed_token_ids is not None or bool(p.bad_words_token_ids)
+
+
+def _banned_words(r: Request) -> list[int]:
+    """The last token of each bad word whose earlier tokens end the output so far."""
+    out = r.output_token_ids
+    banned = []
+    for seq in r.params.bad_words_token_ids or ():
+        head = len(seq) - 1
+        if head == 0 or (len(out) >= head and out[len(out) - head :] == seq[:head]):
+            banned.append(seq[-1])
+    return banned
 
 
 def _apply_bias(logits: torch.Tensor, reqs: Sequence[Request]) -> None:
-    """allowed_token_ids: every other token to -inf; logit_bias: added to its tokens."""
+    """allowed_token_ids: every other token to -inf; bad words' next tokens to -inf;
+    logit_bias: added to its tokens."""
     for i, r in enumerate(reqs):
         p, row = r.params, logits[i]
         if p.allowed_token_ids is not None:
@@ -36,6 +49,8 @@ def _apply_bias(logits: torch.Tensor, reqs: Sequence[Request]) -> None:
             kept = row[allowed]
             row.fill_(_NEG_INF)
             row[allowed] = kept
+        if p.bad_words_token_ids and (banned := _banned_words(r)):
+            row[banned] = _NEG_INF
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
             bias = torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -178,6 +178,10 @@ class FrontendTokenizer:
             await self._run(lambda: self.hf.decode(ids, skip_special_tokens=skip_special_tokens))
         )
 
+    async def bad_words(self, words: list[str]) -> list[list[int]]:
+        """vLLM's `bad_words` as token sequences (off the event loop)."""
+        return list(await self._run(bad_words_token_ids, lambda t: self._encode(t, False), words))
+
     def token_text(self, token_id: int) -> str:
         """One token's text for logprobs (on the output path: a prompt's logprobs ask for
         thousands, so each is decoded once)."""
@@ -189,3 +193,15 @@ class FrontendTokenizer:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def bad_words_token_ids(encode: Callable[[str], list[int]], words: list[str]) -> list[list[int]]:
+    """Each bad word's tokens as written and after a space (so that it is banned at the start
+    of the text and within it), as vLLM bans them; words with no tokens are left out."""
+    out: list[list[int]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = encode(text) if text.strip() else []
+            if ids and ids not in out:
+                out.append(ids)
+    return out

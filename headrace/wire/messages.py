@@ -90,6 +90,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     structured_outputs: StructuredOutputsParams | None = None
     logit_bias: dict[int, float] | None = None  # added to a token's logit; clamped to +-100
     allowed_token_ids: list[int] | None = None  # only these may be sampled
+    # vLLM's bad_words: never generated. Their token sequences (bad_words_token_ids) are what
+    # the engine reads; whoever tokenizes (the API server, LLM) fills them in.
+    bad_words: list[str] = msgspec.field(default_factory=list)
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -132,10 +136,15 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     def check_token_ids(self, vocab_size: int) -> None:
         """ValueError naming the field whose token ids are not below `vocab_size` (the sampler
         indexes the logits with them)."""
+        if self.bad_words and self.bad_words_token_ids is None:
+            raise ValueError("bad_words were not tokenized (bad_words_token_ids is unset)")
+        if any(not seq for seq in self.bad_words_token_ids or ()):
+            raise ValueError("bad_words_token_ids: a bad word has no tokens")
         fields = {
             "stop_token_ids": self.stop_token_ids,
             "logit_bias": list(self.logit_bias or ()),
             "allowed_token_ids": self.allowed_token_ids or [],
+            "bad_words": [t for seq in self.bad_words_token_ids or () for t in seq],
         }
         for name, ids in fields.items():
             bad = [t for t in ids if not 0 <= t < vocab_size]

@@ -264,6 +264,63 @@ def test_prompt_logprobs_echo_and_vllms_field(server: ServerProcess, offline: LL
         assert httpx.post(server.url + "/v1/completions", json=body).status_code == 400
 
 
+def test_bad_words_and_token_ids_beside_the_text(server: ServerProcess) -> None:
+    """vLLM's `bad_words`, `return_token_ids` (whole and streamed, both routes) and
+    `return_tokens_as_token_ids`; `use_beam_search` and `priority` are refused, not ignored."""
+    client = server.client()
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    free = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=8, temperature=0
+    )
+    word = free.choices[0].text.split()[0].strip(",.:")
+    banned = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=8, temperature=0,
+        extra_body={"bad_words": [word], "return_token_ids": True},
+    ).model_dump()  # fmt: skip
+    assert word not in banned["choices"][0]["text"]
+    choice = banned["choices"][0]
+    assert choice["prompt_token_ids"] == ids
+    assert len(choice["token_ids"]) == banned["usage"]["completion_tokens"] == 8
+    detok = httpx.post(server.url + "/detokenize", json={"tokens": choice["token_ids"]}).json()
+    assert detok["prompt"] == choice["text"]
+    streamed = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=8, temperature=0, stream=True,
+        extra_body={"bad_words": [word], "return_token_ids": True},
+    )  # fmt: skip
+    chunks = [ch.model_dump()["choices"][0] for ch in streamed]
+    assert chunks[0]["prompt_token_ids"] == ids
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for t in c["token_ids"]] == choice["token_ids"]
+
+    chat = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+        logprobs=True, extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True},
+    ).model_dump()  # fmt: skip
+    assert len(chat["prompt_token_ids"]) > 10
+    token_ids = chat["choices"][0]["token_ids"]
+    assert [e["token"] for e in chat["choices"][0]["logprobs"]["content"]] == [
+        f"token_id:{t}" for t in token_ids
+    ]
+    streamed_chat = list(
+        client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+            stream=True, extra_body={"return_token_ids": True},
+        )
+    )  # fmt: skip
+    first = streamed_chat[0].model_dump()
+    assert first["prompt_token_ids"] == chat["prompt_token_ids"]
+    got = [
+        t
+        for ch in streamed_chat
+        for c in ch.model_dump()["choices"]
+        for t in c.get("token_ids") or []
+    ]
+    assert got == token_ids
+    for extra in ({"use_beam_search": True}, {"priority": 1}):
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, **extra})
+        assert r.status_code == 400, r.text
+
+
 def test_tokenize_detokenize_version_models(server: ServerProcess) -> None:
     tok = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()
     assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == 2048

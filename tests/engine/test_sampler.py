@@ -121,6 +121,34 @@ def test_logit_bias_and_allowed_token_ids() -> None:
         SamplingParams(allowed_token_ids=[])
 
 
+def test_bad_words_ban_a_words_last_token_once_its_start_is_out() -> None:
+    logits = [1.0, 3.0, 2.0, 0.5]
+    one = make_request([1], bad_words=["x"], bad_words_token_ids=[[1]])
+    assert sample(_logits(logits), [one], EOS)[0] == [2]
+    two = make_request([1], bad_words=["xy"], bad_words_token_ids=[[3, 1]])
+    assert sample(_logits(logits), [two], EOS)[0] == [1]  # nothing of the word yet
+    two.append_output(3)
+    assert sample(_logits(logits), [two], EOS)[0] == [2]  # its first token is out: 1 banned
+    two.append_output(2)
+    assert sample(_logits(logits), [two], EOS)[0] == [1]
+    with pytest.raises(ValueError, match="not tokenized"):
+        SamplingParams(bad_words=["x"]).check_token_ids(10)
+
+
+def test_bad_words_tokenized_as_written_and_after_a_space() -> None:
+    from headrace.frontend.tokenize import bad_words_token_ids
+
+    llm = LLM(dtype="float32")
+    tok = llm.get_tokenizer()
+    got = bad_words_token_ids(llm._encode_plain, ["Paris", " Paris", "", "  "])
+    assert got == [tok("Paris").input_ids, tok(" Paris").input_ids]
+    conv = [{"role": "user", "content": "Which city is the capital of France?"}]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12)
+    assert "Paris" in llm.chat(conv, greedy)[0].outputs[0].text
+    banned = SamplingParams(temperature=0.0, max_tokens=12, bad_words=["Paris"])
+    assert "Paris" not in llm.chat(conv, banned)[0].outputs[0].text
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_not_indexed() -> None:
     """The sampler indexes logits with these ids: an engine refuses the request (one error
     output) rather than failing its step, which would end every request in it."""
