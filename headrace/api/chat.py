@@ -78,7 +78,7 @@ async def create_chat_completion(request: Request) -> Response:
 
     return await answer.respond(
         request, ctx, stream, body.stream, body.include_usage, choices.whole, choices.delta,
-        choices.first(), top_level, prompt_ids,
+        choices.first(), top_level, prompt_ids, body.continuous_usage,
     )  # fmt: skip
 
 

@@ -98,8 +98,9 @@ async def create_completion(request: Request) -> Response:
         return out
 
     return await answer.respond(
-        request, ctx, stream, body.stream, body.include_usage, choice_json, delta_json
-    )
+        request, ctx, stream, body.stream, body.include_usage, choice_json, delta_json,
+        continuous_usage=body.continuous_usage,
+    )  # fmt: skip
 
 
 async def _tokenize(

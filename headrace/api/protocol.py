@@ -273,6 +273,12 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's `continuous_usage_stats` (with `include_usage`): usage so far in every chunk."""
+        options = self.stream_options
+        return options is not None and options.include_usage and options.continuous_usage_stats
+
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""

@@ -53,6 +53,7 @@ class Answer:
         first_choices: list[dict[str, Any]] | None = None,
         body_extra: Callable[[list[Choice]], dict[str, Any]] | None = None,
         first_fields: dict[str, Any] | None = None,
+        continuous_usage: bool = False,
     ) -> Response:
         """`body_extra`: fields the whole answer adds at its top level (never streamed);
         `first_fields`: those the first of `first_choices`' chunks adds."""
@@ -73,7 +74,11 @@ class Answer:
         def chunk_for(d: SeqDelta) -> list[dict[str, Any]]:
             counted[0] += self._completion_tokens([d.token_ids])
             choice = delta_json(d)
-            return [] if choice is None else [{**base, "choices": [choice]}]
+            if choice is None:
+                return []
+            if continuous_usage:
+                return [{**base, "choices": [choice], "usage": usage(stream, counted[0])}]
+            return [{**base, "choices": [choice]}]
 
         def final_chunks() -> list[dict[str, Any]]:
             if not include_usage:
@@ -83,6 +88,9 @@ class Answer:
         first = [{**base, "choices": [c]} for c in first_choices or []]
         if first and first_fields:
             first[0].update(first_fields)
+        if continuous_usage:
+            for chunk in first:
+                chunk["usage"] = usage(stream, 0)
         return sse_response(ctx.client, stream, chunk_for, final_chunks, first)
 
 

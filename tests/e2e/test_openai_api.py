@@ -81,6 +81,20 @@ def test_greedy_chat_and_completion_equal_offline(server: ServerProcess, offline
     assert chunks_c[-1].usage is not None
     assert chunks_c[-1].usage.completion_tokens == len(want_text.token_ids)
 
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    common = {"model": "SmolLM2-135M-Instruct", "max_tokens": 24, "temperature": 0,
+              "stream": True, "stream_options": options}  # fmt: skip
+    for route, total in (("completions", want_text), ("chat", want_chat)):
+        if route == "chat":
+            live = list(client.chat.completions.create(messages=CHAT, **common))  # type: ignore[call-overload]
+        else:
+            live = list(client.completions.create(prompt=PROMPT, **common))  # type: ignore[call-overload]
+        assert all(c.usage is not None for c in live)
+        so_far = [c.usage.completion_tokens for c in live]  # type: ignore[union-attr]
+        assert so_far == sorted(so_far) and so_far[-1] == so_far[-2] == len(total.token_ids)
+        assert live[-1].usage == live[-2].usage and not live[-1].choices
+
 
 @pytest.mark.parametrize("backend", RUNNABLE[1:])  # the shared server runs the first (auto)
 def test_served_greedy_text_is_the_same_on_every_backend(offline: LLM, backend: str) -> None:
