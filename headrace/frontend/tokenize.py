@@ -88,7 +88,10 @@ class FrontendTokenizer:
         vocab = self.backend.get_vocab()
         self.max_token_chars = max(1, max(len(t) for t in vocab))
         self.vocab_size = len(tokenizer)
-        self._token_texts: dict[int, str] = {}  # token_text's, filled as logprobs ask
+        # every token's text for logprobs, decoded once here (on the tokenizer thread: tens of
+        # milliseconds for a whole vocabulary), not per token on the event loop
+        ids = [[t] for t in range(self.vocab_size)]
+        self._token_texts = [str(t) for t in self.backend.decode_batch(ids, False)]
 
     @classmethod
     async def load(cls, model: str | None, chat_template: str | None = None) -> FrontendTokenizer:
@@ -183,13 +186,10 @@ class FrontendTokenizer:
         return list(await self._run(bad_words_token_ids, lambda t: self._encode(t, False), words))
 
     def token_text(self, token_id: int) -> str:
-        """One token's text for logprobs (on the output path: a prompt's logprobs ask for
-        thousands, so each is decoded once)."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = str(self.backend.decode([token_id], skip_special_tokens=False))
-            self._token_texts[token_id] = text
-        return text
+        """One token's text for logprobs (on the output path)."""
+        if 0 <= token_id < len(self._token_texts):
+            return self._token_texts[token_id]
+        return str(self.backend.decode([token_id], skip_special_tokens=False))
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
