@@ -197,19 +197,18 @@ class ModelRunner:
         k = max(req.params.prompt_logprobs or 0 for req, _, _ in scored)
         for at in range(0, len(rows), _SCORED_ROWS):  # bounded logits: rows x vocab float32
             part = torch.tensor(rows[at : at + _SCORED_ROWS], device=hidden.device)
-            lp = self.model.compute_logits(hidden[part]).float().log_softmax(dim=-1)
-            want = torch.tensor(targets[at : at + _SCORED_ROWS], device=hidden.device)
-            chosen = lp.gather(1, want.unsqueeze(1)).squeeze(1)
-            ranks = (lp > chosen.unsqueeze(1)).sum(dim=1) + 1
-            top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-            for j in range(part.shape[0]):
+            want = targets[at : at + _SCORED_ROWS]
+            logits = self.model.compute_logits(hidden[part])
+            got = self.ops.logprobs(logits, torch.tensor(want, device=hidden.device), k)
+            chosen, ranks, top_lp, top_ids = (t.tolist() for t in got)
+            for j, token in enumerate(want):
                 found.append(
                     TokenLogprobs(
-                        token_id=int(want[j]),
-                        logprob=float(chosen[j]),
-                        rank=int(ranks[j]),
-                        top_ids=top_ids[j].tolist(),
-                        top_logprobs=top_lp[j].tolist(),
+                        token_id=token,
+                        logprob=chosen[j],
+                        rank=ranks[j],
+                        top_ids=top_ids[j],
+                        top_logprobs=top_lp[j],
                     )
                 )
         out: dict[str, list[TokenLogprobs]] = {}

@@ -93,6 +93,18 @@ class TorchOps:
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=-1)
 
+    def logprobs(
+        self, logits: torch.Tensor, targets: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row of [N, V] logits and its token: (the token's logprob, its rank: 1 + how many
+        tokens are likelier, the top k logprobs, their ids)."""
+        x = logits.float()
+        lse = torch.logsumexp(x, dim=-1)
+        chosen = x.gather(1, targets.unsqueeze(1))
+        rank = (x > chosen).sum(dim=1, dtype=torch.int64) + 1
+        top_lp, top_ids = x.topk(k, dim=-1) if k else (x[:, :0], x[:, :0].long())
+        return chosen.squeeze(1) - lse, rank, top_lp - lse.unsqueeze(1), top_ids
+
 
 class KernelOps(TorchOps):
     """The CPU C kernels of one build, where they take the shapes."""
@@ -158,6 +170,11 @@ class KernelOps(TorchOps):
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return self._k.argmax(logits)
+
+    def logprobs(
+        self, logits: torch.Tensor, targets: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._k.logprobs(logits, targets, k)
 
 
 TORCH_OPS = TorchOps()

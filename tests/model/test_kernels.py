@@ -415,6 +415,28 @@ def test_argmax_matches_torch(kernels, dtype, cols):
     assert torch.equal(kernels.argmax(x[:1]), x[:1].argmax(dim=-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("cols", "k"), [(1, 1), (300, 0), (300, 5), (49152, 1), (49152, 20)])
+def test_logprobs_match_torch(kernels, dtype, cols, k):
+    """Prompt logprobs' one call: the token's logprob, its rank and the top k, as torch's
+    log_softmax, compare and topk give them (TorchOps.logprobs, the CUDA path)."""
+    gen = torch.Generator().manual_seed(cols + k)
+    x = (torch.randn(37, cols, generator=gen) * 4).to(dtype)
+    x[3, cols // 2] = 40.0  # one token far above the rest
+    targets = torch.randint(0, cols, (37,), generator=gen)
+    targets[3] = cols // 2
+    got = kernels.logprobs(x, targets, k)
+    want = TORCH_OPS.logprobs(x, targets, k)
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
+    assert torch.equal(got[1], want[1])  # ranks: 1 for row 3
+    torch.testing.assert_close(got[2], want[2], atol=2e-5, rtol=1e-5)
+    if dtype == torch.float32:  # bf16 logits tie often: there only the values must agree
+        assert torch.equal(got[3], want[3])
+    torch.testing.assert_close(
+        x.float().gather(1, got[3]), x.float().gather(1, want[3]), atol=0, rtol=0
+    )
+
+
 def test_kernels_share_torchs_openmp_runtime():
     """The kernels' libgomp.so.1 resolves to the runtime torch loaded: one thread pool, even
     when another copy of an OpenMP runtime is mapped too (wheels such as sentencepiece bundle

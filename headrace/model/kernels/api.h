@@ -32,7 +32,7 @@ HR_API void paged_prefill_attention(const float *q, const void *k_cache, const v
                                     float scale, int kv_fmt, float k_scale, float v_scale,
                                     int num_threads);
 
-/* elementwise.c: the small steps around the linears, and greedy's argmax */
+/* elementwise.c: the small steps around the linears, greedy's argmax, and logprobs */
 HR_API void add_rms_norm(const void *x, int x_bf16, const float *residual, const float *weight,
                          float eps, float *res_out, void *out, int out_bf16, int64_t T, int64_t N,
                          int num_threads);
@@ -44,6 +44,9 @@ HR_API void rope_write_kv(const void *qkv, int qkv_bf16, const int64_t *position
 HR_API void silu_mul(const void *x, void *out, int io_bf16, int64_t T, int64_t I, int num_threads);
 HR_API void argmax_rows(const void *x, int bf16, int64_t rows, int64_t n, int64_t *out,
                         int num_threads);
+HR_API void logprob_rows(const void *x, int bf16, int64_t rows, int64_t n, const int64_t *target,
+                         int k, float *target_lp, int64_t *rank, float *top_lp, int64_t *top_ids,
+                         int num_threads);
 
 /* amx_linear.c: bf16 linears on AMX tiles (amx_available: 1 where they run) */
 HR_API int amx_available(void);

@@ -85,6 +85,27 @@ class Elementwise:
         )  # fmt: skip
         return out
 
+    def logprobs(
+        self, x: torch.Tensor, targets: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For [N, V] float32 or bfloat16 logits and a token per row: (the token's logprob,
+        its rank, the top k logprobs, their ids), as log_softmax, a count and topk give them,
+        in one call over the logits."""
+        x = x.contiguous()
+        rows, n = x.shape
+        assert x.dtype in DTYPES and 0 <= k <= 64
+        targets = targets.to(torch.int64).contiguous()
+        target_lp = torch.empty(rows, dtype=torch.float32)
+        rank = torch.empty(rows, dtype=torch.int64)
+        top_lp = torch.empty(rows, k, dtype=torch.float32)
+        top_ids = torch.empty(rows, k, dtype=torch.int64)
+        self.c.logprob_rows(
+            x.data_ptr(), int(x.dtype == torch.bfloat16), rows, n, targets.data_ptr(), k,
+            target_lp.data_ptr(), rank.data_ptr(), top_lp.data_ptr(), top_ids.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return target_lp, rank, top_lp, top_ids
+
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x.argmax(dim=-1) for [N, V] float32 or bfloat16 (first index of the maximum, a NaN
         counting as the maximum, as torch): one read of the logits, no upcast copy."""
