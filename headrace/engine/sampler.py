@@ -33,8 +33,10 @@ def _banned_words(r: Request) -> list[int]:
     out = r.output_token_ids
     banned = []
     for seq in r.params.bad_words_token_ids or ():
-        head = len(seq) - 1
-        if head == 0 or (len(out) >= head and out[len(out) - head :] == seq[:head]):
+        head = len(seq) - 1  # the last output token is compared first: most words end there
+        if head == 0 or (
+            len(out) >= head and out[-1] == seq[head - 1] and out[len(out) - head :] == seq[:head]
+        ):
             banned.append(seq[-1])
     return banned
 
