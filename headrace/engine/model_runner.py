@@ -169,7 +169,9 @@ class ModelRunner:
         if constrained:
             states = [sample_reqs[i].grammar for i in constrained]
             self.grammars.mask(logits, constrained, states)  # type: ignore[arg-type]
-        tokens, logprobs = sample(logits, sample_reqs, self.arch.eos_token_ids, argmax)
+        tokens, logprobs = sample(
+            logits, sample_reqs, self.arch.eos_token_ids, argmax, self.ops.logprobs
+        )
         return RunnerOutput(
             sampled={r.request_id: t for r, t in zip(sample_reqs, tokens, strict=True)},
             logprobs=logprobs,

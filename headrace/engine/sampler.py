@@ -13,9 +13,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from headrace.engine.request import Request
+from headrace.model.ops import TORCH_OPS
 from headrace.wire.messages import TokenLogprobs
 
 _NEG_INF = float("-inf")
+# (logits, one token per row, k) -> (its logprob, its rank, top k logprobs, their ids)
+LogprobsOp = Callable[
+    [torch.Tensor, torch.Tensor, int],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+]
 
 
 def _penalized(r: Request) -> bool:
@@ -132,26 +138,24 @@ def _draw(probs: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
 
 
 def _logprobs(
-    raw: torch.Tensor, tokens: torch.Tensor, reqs: Sequence[Request]
+    raw: torch.Tensor, tokens: torch.Tensor, reqs: Sequence[Request], op: LogprobsOp
 ) -> dict[str, TokenLogprobs]:
     rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
     if not rows:
         return {}
-    lp = raw[rows].log_softmax(dim=-1)
-    chosen = tokens[rows]
-    chosen_lp = lp.gather(1, chosen.unsqueeze(1)).squeeze(1)
-    ranks = (lp > chosen_lp.unsqueeze(1)).sum(dim=1) + 1
     k = max(reqs[i].params.logprobs or 0 for i in rows)
-    top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    got = op(raw[rows], tokens[rows], k)
+    chosen, chosen_lp, ranks = tokens[rows].tolist(), got[0].tolist(), got[1].tolist()
+    top_lp, top_ids = got[2].tolist(), got[3].tolist()
     out = {}
     for j, i in enumerate(rows):
         kk = reqs[i].params.logprobs or 0
         out[reqs[i].request_id] = TokenLogprobs(
-            token_id=int(chosen[j]),
-            logprob=float(chosen_lp[j]),
-            rank=int(ranks[j]),
-            top_ids=top_ids[j, :kk].tolist(),
-            top_logprobs=top_lp[j, :kk].tolist(),
+            token_id=chosen[j],
+            logprob=chosen_lp[j],
+            rank=ranks[j],
+            top_ids=top_ids[j][:kk],
+            top_logprobs=top_lp[j][:kk],
         )
     return out
 
@@ -174,13 +178,16 @@ def sample(
     reqs: Sequence[Request],
     eos_token_ids: Sequence[int],
     argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    logprobs: LogprobsOp | None = None,
 ) -> tuple[list[int], dict[str, TokenLogprobs]]:
     """logits: [N, vocab] float32 or bfloat16, row i for reqs[i]. Returns (token per row,
     logprobs by id). `argmax` replaces `Tensor.argmax(-1)` (the CPU kernel's, which reads bf16
-    logits without an upcast copy). A batch that is all plain greedy (no penalty, min_tokens
-    or logprobs) takes the argmax of the logits as they are: bf16 -> float32 is exact, so the
-    tokens are the same."""
+    logits without an upcast copy), `logprobs` torch's log_softmax, rank and topk (the CPU
+    kernel's, one call). A batch that is all plain greedy (no penalty, min_tokens or logprobs)
+    takes the argmax of the logits as they are: bf16 -> float32 is exact, so the tokens are
+    the same."""
     argmax = argmax or (lambda x: x.argmax(dim=-1))
+    logprobs = logprobs or TORCH_OPS.logprobs
     if plain_greedy(reqs):
         return argmax(logits).tolist(), {}
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
@@ -198,4 +205,4 @@ def sample(
         sub = [reqs[i] for i in random_rows]
         idx = torch.tensor(random_rows, device=logits.device)
         tokens[idx] = _draw(_filter(logits[idx], sub), sub)
-    return tokens.tolist(), _logprobs(raw, tokens, reqs)
+    return tokens.tolist(), _logprobs(raw, tokens, reqs, logprobs)

@@ -68,6 +68,14 @@ def test_bf16_logits_sample_as_their_float32_values(argmax: str | None) -> None:
         assert got_tokens == want_tokens
         assert list(got_lps.values()) == list(want_lps.values())  # ids differ per call
     assert sample(logits, plain(), EOS, fn)[0][0] == 10
+    if argmax == "kernel":  # the kernel's logprobs too: the same tokens and ranks, values close
+        op = backend_kernels(BEST_BUILD).logprobs
+        got_tokens, got_lps = sample(logits, mixed(), EOS, fn, op)
+        assert got_tokens == want_tokens
+        for got, want in zip(got_lps.values(), want_lps.values(), strict=True):
+            assert (got.token_id, got.rank, got.top_ids) == (want.token_id, want.rank, want.top_ids)
+            assert got.logprob == pytest.approx(want.logprob, abs=2e-5)
+            assert got.top_logprobs == pytest.approx(want.top_logprobs, abs=2e-5)
 
 
 def test_top_k_top_p_min_p_restrict_support() -> None:
