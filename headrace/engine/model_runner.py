@@ -13,7 +13,7 @@ import torch
 
 from headrace.config import CacheConfig, ModelConfig
 from headrace.engine.request import Request
-from headrace.engine.sampler import plain_greedy, sample
+from headrace.engine.sampler import plain_greedy, sample, token_logprobs
 from headrace.engine.scheduler import RunnerOutput, SchedulePlan
 from headrace.engine.structured import Grammars
 from headrace.model.attention import FP8_DTYPES, AttentionMetadata, AttnGroup, build_group
@@ -186,42 +186,27 @@ class ModelRunner:
         request computes its prompt again), with its `prompt_logprobs` top alternatives."""
         rows: list[int] = []
         targets: list[int] = []
+        ks: list[int] = []
         owners: list[tuple[Request, int]] = []  # (request, how many rows)
         for req, row0, n in scored:
             start = req.num_computed_tokens
             first = max(start, len(req.prompt_logprobs))  # positions already scored: skipped
-            end = min(start + n, req.num_prompt_tokens - 1)
-            positions = range(first, end)
+            positions = range(first, min(start + n, req.num_prompt_tokens - 1))
             rows.extend(row0 + p - start for p in positions)
             targets.extend(req.prompt_token_ids[p + 1] for p in positions)
+            ks.extend([req.params.prompt_logprobs or 0] * len(positions))
             owners.append((req, len(positions)))
         found: list[TokenLogprobs] = []
-        k = max(req.params.prompt_logprobs or 0 for req, _, _ in scored)
         for at in range(0, len(rows), _SCORED_ROWS):  # bounded logits: rows x vocab float32
             part = torch.tensor(rows[at : at + _SCORED_ROWS], device=hidden.device)
-            want = targets[at : at + _SCORED_ROWS]
             logits = self.model.compute_logits(hidden[part])
-            got = self.ops.logprobs(logits, torch.tensor(want, device=hidden.device), k)
-            chosen, ranks, top_lp, top_ids = (t.tolist() for t in got)
-            for j, token in enumerate(want):
-                found.append(
-                    TokenLogprobs(
-                        token_id=token,
-                        logprob=chosen[j],
-                        rank=ranks[j],
-                        top_ids=top_ids[j],
-                        top_logprobs=top_lp[j],
-                    )
-                )
+            end = at + _SCORED_ROWS
+            found += token_logprobs(self.ops.logprobs, logits, targets[at:end], ks[at:end])
         out: dict[str, list[TokenLogprobs]] = {}
         at = 0
         for req, count in owners:
-            kk = req.params.prompt_logprobs or 0
-            mine = found[at : at + count]
+            out[req.request_id] = found[at : at + count]
             at += count
-            for t in mine:  # each request keeps its own number of alternatives
-                t.top_ids, t.top_logprobs = t.top_ids[:kk], t.top_logprobs[:kk]
-            out[req.request_id] = mine
         return out
 
     def _attention_metadata(self, pairs: list[tuple[Request, int]]) -> AttentionMetadata:

@@ -137,27 +137,34 @@ def _draw(probs: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
     return (probs / noise).argmax(dim=-1)
 
 
+def token_logprobs(
+    op: LogprobsOp, logits: torch.Tensor, tokens: list[int], ks: list[int]
+) -> list[TokenLogprobs]:
+    """Row i's logprob of tokens[i], its rank and its ks[i] top alternatives, one `op` call
+    for all the rows (prompt logprobs use it too)."""
+    got = op(logits, torch.tensor(tokens, device=logits.device), max(ks, default=0))
+    chosen_lp, ranks, top_lp, top_ids = (t.tolist() for t in got)
+    return [
+        TokenLogprobs(
+            token_id=token,
+            logprob=chosen_lp[j],
+            rank=ranks[j],
+            top_ids=top_ids[j][: ks[j]],
+            top_logprobs=top_lp[j][: ks[j]],
+        )
+        for j, token in enumerate(tokens)
+    ]
+
+
 def _logprobs(
     raw: torch.Tensor, tokens: torch.Tensor, reqs: Sequence[Request], op: LogprobsOp
 ) -> dict[str, TokenLogprobs]:
     rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
     if not rows:
         return {}
-    k = max(reqs[i].params.logprobs or 0 for i in rows)
-    got = op(raw[rows], tokens[rows], k)
-    chosen, chosen_lp, ranks = tokens[rows].tolist(), got[0].tolist(), got[1].tolist()
-    top_lp, top_ids = got[2].tolist(), got[3].tolist()
-    out = {}
-    for j, i in enumerate(rows):
-        kk = reqs[i].params.logprobs or 0
-        out[reqs[i].request_id] = TokenLogprobs(
-            token_id=chosen[j],
-            logprob=chosen_lp[j],
-            rank=ranks[j],
-            top_ids=top_ids[j][:kk],
-            top_logprobs=top_lp[j][:kk],
-        )
-    return out
+    ks = [reqs[i].params.logprobs or 0 for i in rows]
+    found = token_logprobs(op, raw[rows], tokens[rows].tolist(), ks)
+    return {reqs[i].request_id: lp for i, lp in zip(rows, found, strict=True)}
 
 
 def plain_greedy(reqs: Sequence[Request]) -> bool:
