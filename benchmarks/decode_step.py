@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from headrace import envs
 from headrace.offline import LLM
 from headrace.wire.messages import EngineCoreRequest, SamplingParams
 
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
     p.add_argument("--profile", action="store_true", help="also print torch's op profile")
     args = p.parse_args()
+    envs.cap_libraries_for_cpu_backend()  # before the first matmul
     llm = LLM(
         dtype=args.dtype,
         max_num_seqs=args.seqs,

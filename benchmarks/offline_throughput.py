@@ -36,6 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch import nn
 
+from headrace import envs
 from headrace.model.backend import select_backend
 from headrace.model.layers import AmxLinear, PackedLinear
 from headrace.model.loader import bundled_model_path
@@ -144,6 +145,7 @@ def main() -> None:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    envs.cap_libraries_for_cpu_backend()  # before the first matmul
     torch_dtype = select_backend(torch.device("cpu")).dtype(args.dtype)
     dtype = str(torch_dtype).removeprefix("torch.")
     batches = [int(b) for b in args.batch_sizes.split(",")]

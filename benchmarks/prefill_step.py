@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from headrace import envs
 from headrace.offline import LLM
 from headrace.wire.messages import EngineCoreRequest, SamplingParams
 
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--rounds", type=int, default=8)
     args = p.parse_args()
+    envs.cap_libraries_for_cpu_backend()  # before the first matmul
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rng = random.Random(0)
     ids = iter(range(1 << 62))

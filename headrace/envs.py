@@ -40,6 +40,32 @@ def cpu_backend() -> str:
     return os.environ.get("HEADRACE_CPU_BACKEND", "").strip() or "auto"
 
 
+# What torch's libraries may use under a backend forced below the CPU: oneDNN (bf16 matmuls)
+# and MKL (float32 ones) read these once, at their first call, so that `avx512` on an AMX CPU
+# runs what a CPU without AMX (a Zen 4) runs, and `avx2` what an AVX2-only one runs.
+_LIBRARY_CAPS = {
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
+
+def cap_libraries_for_cpu_backend() -> dict[str, str]:
+    """Set the library caps of HEADRACE_CPU_BACKEND (unless already set, so that a caller's
+    own wins), in a process that has not yet run a matmul: an engine process before it loads
+    torch, a benchmark before its first step. Returns the caps now in effect."""
+    caps = _LIBRARY_CAPS.get(cpu_backend().lower(), {})
+    for name, value in caps.items():
+        os.environ.setdefault(name, value)
+    return library_caps()
+
+
+def library_caps() -> dict[str, str]:
+    """ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS where set: what the backend's log line
+    names, since they change what computes the model's larger matmuls."""
+    names = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    return {n: os.environ[n] for n in names if os.environ.get(n)}
+
+
 def gguf_float_copies() -> bool | None:
     """HEADRACE_GGUF_FLOAT_COPIES: `auto` (default: where they fit in memory), `1` or `0`:
     whether linears that read a GGUF file's blocks also keep the weight dequantized, for prompt

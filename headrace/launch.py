@@ -40,6 +40,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from headrace import envs
 from headrace.config import EngineConfig, ParallelConfig, ServerConfig
 from headrace.frontend.queue_board import QueueBoard
 from headrace.supervise import (
@@ -238,6 +239,7 @@ def settle_child_environment() -> None:
     # Spin-waiting OpenMP threads starve the API server.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    envs.cap_libraries_for_cpu_backend()
 
 
 def engine_spawn(cfg: LaunchConfig, addresses: Addresses) -> EngineSpawn:

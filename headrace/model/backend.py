@@ -16,8 +16,10 @@ cache's dtype, and which C kernels (if any) the model's layers call:
 
 `auto` (the default) takes the first of these this machine can run. HEADRACE_CPU_BACKEND names one
 instead, for tests that run every path a machine can and for comparing paths; a backend the CPU
-cannot run is an error at start-up, not a silent fallback. A C build that fails under `auto` is
-a warning and the `torch` backend.
+cannot run is an error at start-up, not a silent fallback. `avx512` and `avx2` so named also keep
+oneDNN and MKL off what the CPU has beyond them, in engine processes (envs.py:
+cap_libraries_for_cpu_backend), so that an AMX machine measures what a Zen 4 or an AVX2 CPU
+runs. A C build that fails under `auto` is a warning and the `torch` backend.
 """
 
 from __future__ import annotations
@@ -186,7 +188,9 @@ def _forced(name: str, device: torch.device) -> Backend:
     reason = runnable(name)  # a failed build is an error here too: this path was asked for
     if reason is not None:
         raise ValueError(f"HEADRACE_CPU_BACKEND={name}: {reason}")
-    return Backend(name, device, backend_kernels(name), f"HEADRACE_CPU_BACKEND={name}")
+    caps = " ".join(f"{k}={v}" for k, v in envs.library_caps().items())
+    why = f"HEADRACE_CPU_BACKEND={name}" + (f" (torch's libraries: {caps})" if caps else "")
+    return Backend(name, device, backend_kernels(name), why)
 
 
 def _why(name: str) -> str:

@@ -98,8 +98,8 @@ def test_greedy_chat_and_completion_equal_offline(server: ServerProcess, offline
 
 @pytest.mark.parametrize("backend", RUNNABLE[1:])  # the shared server runs the first (auto)
 def test_served_greedy_text_is_the_same_on_every_backend(offline: LLM, backend: str) -> None:
-    """HEADRACE_CPU_BACKEND reaches the engine processes, which log their choice, and the served
-    greedy text is the default backend's."""
+    """HEADRACE_CPU_BACKEND reaches the engine processes, which log their choice (and the caps it
+    sets on torch's libraries), and the served greedy text is the default backend's."""
     want = offline.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=24))[0].outputs[0]
     srv = ServerProcess(*SERVER_ARGS, env={"HEADRACE_CPU_BACKEND": backend}).wait_ready()
     try:
@@ -107,7 +107,11 @@ def test_served_greedy_text_is_the_same_on_every_backend(offline: LLM, backend: 
             model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=24, temperature=0
         )  # fmt: skip
         assert chat.choices[0].message.content == want.text
-        assert f"compute backend {backend}:" in srv.log.read_text()
+        log = srv.log.read_text()
+        assert f"compute backend {backend}:" in log
+        cap = {"avx512": "AVX512_CORE_BF16", "avx2": "AVX2"}.get(backend)
+        if cap:  # what a CPU without AMX (or AVX-512) runs, torch's matmuls included
+            assert f"ONEDNN_MAX_CPU_ISA={cap}" in log
     finally:
         assert srv.stop() == 0
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import ctypes
 import glob
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from headrace.model.attention import AttentionMetadata, build_group, write_kv
-from headrace.model.backend import backend_kernels, select_backend
+from headrace.model.backend import backend_kernels, runnable, select_backend
 from headrace.model.kernels import API, openmp_runtimes, read_api
 from headrace.model.layers import RMSNorm, RotaryEmbedding
 from headrace.model.ops import TORCH_OPS, KernelOps, ops_for
@@ -242,6 +245,42 @@ def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog):
             select_backend(torch.device("cpu"), "c")  # asked for: an error, not a fallback
     finally:
         backend_kernels.cache_clear()
+
+
+_MATMUL_UNDER_CAPS = """
+import torch
+from headrace import envs
+print("caps", envs.cap_libraries_for_cpu_backend(), flush=True)
+x, w = torch.randn(64, 576), torch.randn(1536, 576)
+torch.nn.functional.linear(x.bfloat16(), w.bfloat16())
+torch.nn.functional.linear(x, w)
+"""
+
+
+@pytest.mark.parametrize("backend", ["avx512", "avx2"])
+def test_forced_backend_keeps_torchs_libraries_off_what_it_turns_off(backend):
+    """HEADRACE_CPU_BACKEND=avx512 runs what a CPU without AMX runs, matmuls by oneDNN and MKL
+    included (on an AMX CPU oneDNN's bf16 matmul would take the tiles); avx2, what an AVX2 CPU
+    runs. Read from the libraries' own verbose lines, in a fresh process (they read their caps
+    once)."""
+    if runnable(backend) is not None:
+        pytest.skip(f"{backend}: {runnable(backend)}")
+    caps = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    env = {k: v for k, v in os.environ.items() if k not in caps}
+    env.update(HEADRACE_CPU_BACKEND=backend, ONEDNN_VERBOSE="1", MKL_VERBOSE="1")
+    out = subprocess.run(
+        [sys.executable, "-c", _MATMUL_UNDER_CAPS], env=env, capture_output=True, text=True,
+        check=True, timeout=120,
+    ).stdout  # fmt: skip
+    onednn = [line for line in out.splitlines() if ",primitive,exec," in line]
+    mkl = [line for line in out.splitlines() if line.startswith("MKL_VERBOSE oneMKL")]
+    assert not any("amx" in line for line in onednn), onednn
+    if backend == "avx512":  # the bf16 matmul is oneDNN's, off the tiles
+        assert "'ONEDNN_MAX_CPU_ISA': 'AVX512_CORE_BF16'" in out
+        assert any("matmul" in line for line in onednn), out
+    else:  # oneDNN has no bf16 matmul below AVX-512 (torch's own runs it); MKL the float32 one
+        assert not any("avx512" in line for line in onednn), onednn
+        assert mkl and all("AVX-512" not in line for line in mkl), mkl
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
