@@ -19,7 +19,7 @@ import uvloop
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from headrace.api import chat, completions, health, models, tokenize
+from headrace.api import chat, completions, health, models, responses, tokenize
 from headrace.api.admission import DRAIN_SAMPLE_PERIOD_S, Admission
 from headrace.api.body import BodyDecoder
 from headrace.api.context import ServerContext
@@ -79,7 +79,7 @@ def build_app(ctx: ServerContext) -> ASGIApp:
     app = FastAPI(title="headrace", version=_version(), lifespan=lifespan)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for module in (health, models, tokenize, completions, chat):
+    for module in (health, models, tokenize, completions, chat, responses):
         app.include_router(module.router)
     install_openapi(app, ctx)
     app.add_middleware(GuardMiddleware, ctx=ctx)

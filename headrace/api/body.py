@@ -42,6 +42,7 @@ from pydantic import BaseModel, ValidationError
 
 from headrace.api.errors import APIError, validation_message
 from headrace.api.protocol import ChatCompletionRequest, CompletionRequest
+from headrace.api.responses_request import ResponsesRequest
 from headrace.frontend.tokenize import PromptLimits, PromptTooLongError, cut_text, too_long_message
 from headrace.process import die_with_parent, set_title
 
@@ -95,10 +96,17 @@ def cut_prompts(req: BaseModel, bound: PromptBound) -> None:
             raise APIError(400, str(exc), param="prompt") from None
     elif isinstance(req, ChatCompletionRequest) and req.truncate_prompt_tokens is None:
         total = sum(m.num_chars() for m in req.messages)  # the template only adds to it
-        if total > bound.max_model_len * chars:
-            limits = PromptLimits(bound.max_model_len, req.requested_max_tokens)
-            message = too_long_message(math.ceil(total / chars), limits, at_least=True)
-            raise APIError(400, message, param="messages")
+        _refuse_over(total, bound, req.requested_max_tokens, "messages")
+    elif isinstance(req, ResponsesRequest):
+        _refuse_over(req.num_chars(), bound, req.max_output_tokens, "input")
+
+
+def _refuse_over(total: int, bound: PromptBound, max_tokens: int | None, param: str) -> None:
+    """400 for text that cannot fit the context however it tokenizes."""
+    if total > bound.max_model_len * bound.max_token_chars:
+        limits = PromptLimits(bound.max_model_len, max_tokens)
+        message = too_long_message(math.ceil(total / bound.max_token_chars), limits, at_least=True)
+        raise APIError(400, message, param=param)
 
 
 def decode(raw: bytes, model: type[M], bound: PromptBound | None = None) -> M:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from headrace.api.answer import Answer, prompt_logprobs_json
 from headrace.api.body import parse_body
 from headrace.api.context import ServerContext
 from headrace.api.errors import APIError
 from headrace.api.protocol import ChatCompletionRequest
-from headrace.api.responses import Answer, prompt_logprobs_json
 from headrace.api.tools import (
     ToolCallStream,
     ToolMode,
@@ -34,7 +35,7 @@ from headrace.api.validation import (
     sampling_params,
     start,
 )
-from headrace.frontend.output import Choice, SeqDelta
+from headrace.frontend.output import Choice, RequestStream, SeqDelta
 from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits, PromptTooLongError
 from headrace.wire.messages import SamplingParams, StructuredOutputsParams, TokenLogprobs
 
@@ -49,22 +50,11 @@ async def create_chat_completion(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     ctx = context_of(request)
     model = ctx.check_model(body.model)
-    tok = ctx.require_serving()
-    pinned = pinned_rank(ctx, request, body.data_parallel_rank)
-    max_tokens = body.requested_max_tokens
-    limits = prompt_limits(ctx, max_tokens, body.truncate_prompt_tokens)
-    mode = tool_mode(body)
-    parser = _tool_parser(ctx, mode)
-    params = await sampling_params(body, tok, max_tokens, body.num_logprobs, body.prompt_logprobs)
-    constrained = tool_constraint(body, mode)
-    params = _with_tool_constraint(params, mode, constrained)
-    await check_constraint(params, body, from_tools=constrained is not None)
-    with ctx.admission.admit(body.n):
-        prompt = await _render(tok, body, limits)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await start(ctx, request_id, [prompt], params, arrival, pinned)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    started = await start_chat(request, ctx, body, request_id, arrival)
+    stream, prompt = started.stream, started.prompt
     answer = Answer(request_id, model, "chat.completion", "chat.completion.chunk")
-    choices = _ChatChoices(tok, body, mode, parser)
+    choices = _ChatChoices(started.tok, body, started.mode, started.parser)
     # vLLM's: the prompt's ids and logprobs once, at the top (its ids in the first chunk)
     prompt_ids = {"prompt_token_ids": prompt} if body.return_token_ids else {}
 
@@ -80,6 +70,42 @@ async def create_chat_completion(request: Request) -> Response:
         request, ctx, stream, body.stream, body.include_usage, choices.whole, choices.delta,
         choices.first(), top_level, prompt_ids, body.continuous_usage,
     )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class StartedChat:
+    """A chat request in the engines: its stream, prompt, and how tool calls are read."""
+
+    stream: RequestStream
+    prompt: list[int]
+    tok: FrontendTokenizer
+    mode: ToolMode
+    parser: str | None
+
+
+async def start_chat(
+    request: Request,
+    ctx: ServerContext,
+    body: ChatCompletionRequest,
+    request_id: str,
+    arrival: float,
+) -> StartedChat:
+    """Checks (400s before any work is queued), the template and tokens off the loop, then the
+    engines: what /v1/chat/completions and /v1/responses share."""
+    tok = ctx.require_serving()
+    pinned = pinned_rank(ctx, request, body.data_parallel_rank)
+    max_tokens = body.requested_max_tokens
+    limits = prompt_limits(ctx, max_tokens, body.truncate_prompt_tokens)
+    mode = tool_mode(body)
+    parser = _tool_parser(ctx, mode)
+    params = await sampling_params(body, tok, max_tokens, body.num_logprobs, body.prompt_logprobs)
+    constrained = tool_constraint(body, mode)
+    params = _with_tool_constraint(params, mode, constrained)
+    await check_constraint(params, body, from_tools=constrained is not None)
+    with ctx.admission.admit(body.n):
+        prompt = await _render(tok, body, limits)
+        stream = await start(ctx, request_id, [prompt], params, arrival, pinned)
+    return StartedChat(stream, prompt, tok, mode, parser)
 
 
 class _ChatChoices:

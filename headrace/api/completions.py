@@ -10,10 +10,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from headrace.api.answer import Answer, prompt_logprobs_json
 from headrace.api.body import parse_body
 from headrace.api.errors import APIError
 from headrace.api.protocol import CompletionRequest
-from headrace.api.responses import Answer, prompt_logprobs_json
 from headrace.api.validation import (
     check_constraint,
     context_of,

@@ -46,7 +46,7 @@ _WHY = {
     413: "Body over the size cap",
     503: "Not serving now (loading, restarting, draining, failed, or over a queue limit)",
 }
-_INFERENCE = ("/v1/completions", "/v1/chat/completions")
+_INFERENCE = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 _TOKEN_FIELDS = ("prompt", "tokens", "stop_token_ids", "allowed_token_ids")
 
 
@@ -71,10 +71,12 @@ def _describe_bodies(doc: dict[str, Any]) -> None:
     """The routes decode their bodies themselves (`api/body.py`), so FastAPI does not know
     them: each body's schema is added here."""
     from headrace.api import protocol
+    from headrace.api.responses_request import ResponsesRequest
 
     bodies: dict[str, type[BaseModel]] = {
         "/v1/completions": protocol.CompletionRequest,
         "/v1/chat/completions": protocol.ChatCompletionRequest,
+        "/v1/responses": ResponsesRequest,
         "/tokenize": protocol.TokenizeRequest,
         "/detokenize": protocol.DetokenizeRequest,
     }
@@ -138,7 +140,8 @@ def _describe_limits(doc: dict[str, Any], ctx: ServerContext, vocab: int, max_le
         for field in _TOKEN_FIELDS:
             if field in props:
                 _bound_integers(props[field], vocab - 1)
-        for field in ("max_tokens", "max_completion_tokens"):  # a prompt has one token at least
+        # a prompt has one token at least
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if field in props:
                 _bound_integers(props[field], max_len - 1)
         if "truncate_prompt_tokens" in props:  # more than the window is a 400 (vLLM's rule)

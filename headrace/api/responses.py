@@ -1,114 +1,310 @@
-"""The shape both inference routes answer in: one JSON body, or SSE chunks and usage.
+"""POST /v1/responses: OpenAI's Responses API over the chat route's machinery.
 
-A route supplies only what differs: how a finished `Choice` reads (`choice_json`) and how a
-streamed `SeqDelta` reads (`delta_json`, which may return None to send nothing yet).
+The request reads as a chat request (`api/responses_request.py`); the answer is a `response`
+object whose `output` holds a `message` item (the text) and a `function_call` item per tool
+call, or, streamed, the Responses events in order:
+
+    response.created, response.in_progress
+    per item: response.output_item.added
+      message:  response.content_part.added, response.output_text.delta ...,
+                response.output_text.done, response.content_part.done
+      call:     response.function_call_arguments.delta ..., response.function_call_arguments.done
+    response.output_item.done
+    response.completed (or response.incomplete: max_output_tokens, or aborted at shutdown)
+
+Every event carries `sequence_number`; the stream has `event:` lines and no `[DONE]`. An engine
+error after the stream began is one `response.failed` event.
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import uuid
 from typing import Any
 
-from fastapi import Request
+import msgspec
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from headrace.api.context import ServerContext
-from headrace.api.streaming import collect, sse_response, usage
-from headrace.frontend.output import Choice, RequestStream, SeqDelta
+from headrace.api.body import parse_body
+from headrace.api.chat import start_chat
+from headrace.api.responses_request import ResponsesRequest
+from headrace.api.streaming import SseStyle, collect, sse_response
+from headrace.api.tools import ToolCallStream, merged, named_tool, parse_tool_calls
+from headrace.api.validation import context_of, require_json
+from headrace.frontend.output import RequestStream, SeqDelta
+
+router = APIRouter()
+_json = msgspec.json.Encoder()
 
 
-@dataclass(slots=True)
-class Answer:
-    """One API request's answer: `object` names the JSON body, `chunk_object` each SSE chunk."""
+@router.post("/v1/responses", dependencies=[Depends(require_json)])
+async def create_response(request: Request) -> Response:
+    """1. decode + validate off the loop 2. as a chat request: template, tokens, engines
+    3. answer as a `response` object or its events."""
+    arrival = time.monotonic()
+    body = await parse_body(request, ResponsesRequest)
+    ctx = context_of(request)
+    model = ctx.check_model(body.model)
+    chat = body.as_chat()
+    response_id = f"resp_{uuid.uuid4().hex}"
+    started = await start_chat(request, ctx, chat, response_id, arrival)
+    shape = _Shape(response_id, model, body, started.stream)
+    named = named_tool(chat)
+    if not body.stream:
+        started.stream.streaming = False
+        choice = (await collect(request, ctx.client, started.stream))[0]
+        content, calls = parse_tool_calls(started.mode, started.parser, choice.text, named)
+        status, incomplete = _status(choice.finish_reason)
+        output = [
+            *([_message(_new_id("msg"), content or "", status)] if content or not calls else []),
+            *(
+                _function_call(c["id"], c["function"]["name"], c["function"]["arguments"])
+                for c in calls
+            ),
+        ]
+        tokens = len(choice.token_ids)
+        return JSONResponse(shape.response(status, output, shape.usage(tokens), incomplete))
 
-    request_id: str
-    model: str
-    object: str
-    chunk_object: str
-    created: int = field(default_factory=lambda: int(time.time()))
-    prompt_only: bool = False  # echo with max_tokens 0: the one token computed is not answered
+    started.stream.streaming = True
+    events = _Events(shape, ToolCallStream(started.mode, started.parser, named))
+    style = SseStyle(_sse, events.failed, b"")
+    return sse_response(
+        ctx.client, started.stream, events.delta, events.end, events.start(), style=style
+    )
 
-    def base(self, chunk: bool) -> dict[str, Any]:
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"event: " + event["type"].encode() + b"\ndata: " + _json.encode(event) + b"\n\n"
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _status(finish_reason: str | None) -> tuple[str, dict[str, str] | None]:
+    """(status, incomplete_details): a stop or a tool call completes; the token limit, or an
+    abort at shutdown, leaves the response incomplete."""
+    if finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    if finish_reason == "abort":
+        return "incomplete", {"reason": "abort"}
+    return "completed", None
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    content = [] if text is None else [_text_part(text)]
+    return {
+        "type": "message",
+        "id": item_id,
+        "status": status,
+        "role": "assistant",
+        "content": content,
+    }
+
+
+def _function_call(call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+    return {
+        "type": "function_call",
+        "id": _new_id("fc"),
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+class _Shape:
+    """The fields every `response` object of one request shares."""
+
+    def __init__(self, response_id: str, model: str, body: ResponsesRequest, stream: RequestStream):
+        self.id, self.model, self.stream = response_id, model, stream
+        self.created_at = int(time.time())
+        self.echoed = body.echoed()
+
+    def usage(self, output_tokens: int) -> dict[str, Any]:
+        prompt = sum(len(p) for p in self.stream.prompt_token_ids)
         return {
-            "id": self.request_id,
-            "object": self.chunk_object if chunk else self.object,
-            "created": self.created,
-            "model": self.model,
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": self.stream.num_cached_tokens},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + output_tokens,
         }
 
-    def _completion_tokens(self, token_ids: Iterable[list[int]]) -> int:
-        return 0 if self.prompt_only else sum(len(t) for t in token_ids)
-
-    async def respond(
+    def response(
         self,
-        request: Request,
-        ctx: ServerContext,
-        stream: RequestStream,
-        streaming: bool,
-        include_usage: bool,
-        choice_json: Callable[[Choice], dict[str, Any]],
-        delta_json: Callable[[SeqDelta], dict[str, Any] | None],
-        first_choices: list[dict[str, Any]] | None = None,
-        body_extra: Callable[[list[Choice]], dict[str, Any]] | None = None,
-        first_fields: dict[str, Any] | None = None,
-        continuous_usage: bool = False,
-    ) -> Response:
-        """`body_extra`: fields the whole answer adds at its top level (never streamed);
-        `first_fields`: those the first of `first_choices`' chunks adds."""
-        stream.streaming = streaming
-        if not streaming:
-            choices = await collect(request, ctx.client, stream)
-            body = {
-                **self.base(chunk=False),
-                "choices": [choice_json(c) for c in choices],
-                "usage": usage(stream, self._completion_tokens(c.token_ids for c in choices)),
-                **(body_extra(choices) if body_extra is not None else {}),
-            }
-            return JSONResponse(body)
-
-        base = self.base(chunk=True)
-        counted = [0]
-
-        def chunk_for(d: SeqDelta) -> list[dict[str, Any]]:
-            counted[0] += self._completion_tokens([d.token_ids])
-            choice = delta_json(d)
-            if choice is None:
-                return []
-            if continuous_usage:
-                return [{**base, "choices": [choice], "usage": usage(stream, counted[0])}]
-            return [{**base, "choices": [choice]}]
-
-        def final_chunks() -> list[dict[str, Any]]:
-            if not include_usage:
-                return []
-            return [{**base, "choices": [], "usage": usage(stream, counted[0])}]
-
-        first = [{**base, "choices": [c]} for c in first_choices or []]
-        if first and first_fields:
-            first[0].update(first_fields)
-        if continuous_usage:
-            for chunk in first:
-                chunk["usage"] = usage(stream, 0)
-        return sse_response(ctx.client, stream, chunk_for, final_chunks, first)
+        status: str,
+        output: list[dict[str, Any]],
+        usage: dict[str, Any] | None,
+        incomplete: dict[str, str] | None = None,
+        error: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "model": self.model,
+            "status": status,
+            "output": output,
+            "usage": usage,
+            "incomplete_details": incomplete,
+            "error": error,
+            **self.echoed,
+        }
 
 
-def prompt_logprobs_json(
-    name: Callable[[int], str], prompt: list[int], c: Choice
-) -> list[dict[str, dict[str, Any]] | None]:
-    """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id: its
-    logprob, rank and text (as `name` gives it)} for the token and the top alternatives."""
-    out: list[dict[str, dict[str, Any]] | None] = [None]
-    for lp in (c.prompt_logprobs or [])[: len(prompt) - 1]:
-        entry = {str(lp.token_id): _vllm_logprob(name, lp.token_id, lp.logprob, lp.rank)}
-        for rank, (t, v) in enumerate(zip(lp.top_ids, lp.top_logprobs, strict=True), 1):
-            entry.setdefault(str(t), _vllm_logprob(name, t, v, rank))
-        out.append(entry)
-    return out
+class _Events:
+    """One streamed response: each delta's text and tool-call pieces become Responses events,
+    items opened as their first piece arrives and closed at the end."""
 
+    def __init__(self, shape: _Shape, reader: ToolCallStream) -> None:
+        self.shape, self.reader = shape, reader
+        self.seq = 0
+        self.items: list[dict[str, Any]] = []  # by output_index
+        self.message: dict[str, Any] | None = None
+        self.text = ""
+        self.calls: dict[int, dict[str, Any]] = {}  # the tool-call index -> its item
+        self.tokens = 0
+        self.finish_reason: str | None = None
 
-def _vllm_logprob(
-    name: Callable[[int], str], token_id: int, logprob: float, rank: int
-) -> dict[str, Any]:
-    return {"logprob": logprob, "rank": rank, "decoded_token": name(token_id)}
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        return event
+
+    def start(self) -> list[dict[str, Any]]:
+        snapshot = self.shape.response("in_progress", [], None)
+        return [
+            self._event("response.created", response=snapshot),
+            self._event("response.in_progress", response=snapshot),
+        ]
+
+    def delta(self, d: SeqDelta) -> list[dict[str, Any]]:
+        self.tokens += len(d.token_ids)
+        content, calls = self.reader.feed(d.text)
+        if d.finish_reason is not None:
+            tail, more = self.reader.finish()
+            content, calls = content + tail, merged(calls + more)
+            self.finish_reason = d.finish_reason
+        events = self._text(content) if content else []
+        for call in calls:
+            events += self._call(call)
+        return events
+
+    def _open(self, item: dict[str, Any]) -> dict[str, Any]:
+        self.items.append(item)
+        # a copy: the item grows after this event is made, before it is written
+        added = copy.deepcopy(item)
+        return self._event(
+            "response.output_item.added", output_index=len(self.items) - 1, item=added
+        )
+
+    def _open_message(self) -> list[dict[str, Any]]:
+        self.message = _message(_new_id("msg"), None, "in_progress")
+        return [
+            self._open(self.message),
+            self._event(
+                "response.content_part.added",
+                item_id=self.message["id"],
+                output_index=len(self.items) - 1,
+                content_index=0,
+                part=_text_part(""),
+            ),
+        ]
+
+    def _text(self, piece: str) -> list[dict[str, Any]]:
+        events = self._open_message() if self.message is None else []
+        assert self.message is not None
+        self.text += piece
+        events.append(
+            self._event(
+                "response.output_text.delta",
+                item_id=self.message["id"],
+                output_index=self.items.index(self.message),
+                content_index=0,
+                delta=piece,
+                logprobs=[],
+            )
+        )
+        return events
+
+    def _call(self, delta: dict[str, Any]) -> list[dict[str, Any]]:
+        events = []
+        item = self.calls.get(delta["index"])
+        if item is None:  # its first delta: id and name
+            item = _function_call(delta["id"], delta["function"]["name"], "", "in_progress")
+            self.calls[delta["index"]] = item
+            events.append(self._open(item))
+        piece = delta["function"]["arguments"]
+        if piece:
+            item["arguments"] += piece
+            events.append(
+                self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=self.items.index(item),
+                    delta=piece,
+                )
+            )
+        return events
+
+    def end(self) -> list[dict[str, Any]]:
+        """Close every open item, then the response with its usage."""
+        status, incomplete = _status(self.finish_reason)
+        events = [] if self.message is not None or self.calls else self._open_message()
+        for index, item in enumerate(self.items):
+            if item is self.message:
+                events += self._close_message(index, status)
+            else:
+                item["status"] = "completed"
+                events.append(
+                    self._event(
+                        "response.function_call_arguments.done",
+                        item_id=item["id"],
+                        output_index=index,
+                        name=item["name"],
+                        arguments=item["arguments"],
+                    )
+                )
+                events.append(
+                    self._event("response.output_item.done", output_index=index, item=item)
+                )
+        final = self.shape.response(status, self.items, self.shape.usage(self.tokens), incomplete)
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        return [*events, self._event(kind, response=final)]
+
+    def _close_message(self, index: int, status: str) -> list[dict[str, Any]]:
+        assert self.message is not None
+        part = _text_part(self.text)
+        self.message["content"] = [part]
+        self.message["status"] = status
+        item_id = self.message["id"]
+        return [
+            self._event(
+                "response.output_text.done",
+                item_id=item_id,
+                output_index=index,
+                content_index=0,
+                text=self.text,
+                logprobs=[],
+            ),
+            self._event(
+                "response.content_part.done",
+                item_id=item_id,
+                output_index=index,
+                content_index=0,
+                part=part,
+            ),
+            self._event("response.output_item.done", output_index=index, item=self.message),
+        ]
+
+    def failed(self, message: str) -> list[dict[str, Any]]:
+        error = {"code": "server_error", "message": message}
+        failed = self.shape.response("failed", self.items, None, error=error)
+        return [self._event("response.failed", response=failed)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -29,6 +30,20 @@ DONE = b"data: [DONE]\n\n"
 
 def sse_event(payload: Any) -> bytes:
     return b"data: " + _json.encode(payload) + b"\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class SseStyle:
+    """How a route's stream reads: each event's bytes, the events an engine error becomes, and
+    the closing bytes."""
+
+    encode: Callable[[Any], bytes]
+    failed: Callable[[str], list[dict[str, Any]]]
+    done: bytes
+
+
+# completions and chat: data-only events, an error as one OpenAI error body, then [DONE]
+CHUNKS = SseStyle(sse_event, lambda message: [error_body(500, message)], DONE)
 
 
 def usage(stream: RequestStream, completion_tokens: int) -> dict[str, Any]:
@@ -88,24 +103,28 @@ def sse_response(
     final_chunks: Callable[[], list[dict[str, Any]]],
     first_chunks: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    style: SseStyle | None = None,
 ) -> StreamingResponse:
-    """One SSE event per delta; `final_chunks` after the last one (usage); then `[DONE]`."""
+    """One SSE event per delta; `final_chunks` after the last one (usage); then `[DONE]`, or
+    as `style` says."""
+    style = style or CHUNKS
 
     async def events() -> AsyncIterator[bytes]:
         try:
             try:
                 for chunk in first_chunks or ():
-                    yield sse_event(chunk)
+                    yield style.encode(chunk)
                 async for delta in stream:
                     if delta.restart:  # never for a choice that streamed: nothing to undo
                         continue
                     for chunk in chunk_for(delta):
-                        yield sse_event(chunk)
+                        yield style.encode(chunk)
                 for chunk in final_chunks():
-                    yield sse_event(chunk)
+                    yield style.encode(chunk)
             except EngineError as exc:
-                yield sse_event(error_body(500, str(exc)))
-            yield DONE
+                for chunk in style.failed(str(exc)):
+                    yield style.encode(chunk)
+            yield style.done
         finally:
             if not stream.finished:
                 client.abort(stream)

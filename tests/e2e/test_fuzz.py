@@ -91,7 +91,8 @@ def test_no_5xx_and_every_answer_as_documented(server: ServerProcess) -> None:
     # the document lets the fuzzer past validation: valid requests are served, except where a
     # rule across fields (min_tokens <= max_tokens, stream_options needs stream, ...) or the
     # 64-token window refuses them (11-14 of 25 served in the runs so far)
-    for route in ("POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize"):
+    routes = ("POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses")
+    for route in (*routes, "POST /tokenize"):
         positive = seen[f"{route} positive"]
         assert positive[200] >= EXAMPLES // 5, (route, positive)
     assert all(seen[f"{op.label} positive"] for op in ops)  # every operation was called

@@ -237,6 +237,23 @@ def test_auto_calls_a_tool_and_the_result_goes_back(client: openai.OpenAI) -> No
     assert answer.finish_reason in ("stop", "length")
 
 
+def test_responses_api_auto_calls_a_tool(client: openai.OpenAI) -> None:
+    """/v1/responses with the hermes parser: the call is a `function_call` item, whole and
+    streamed (its arguments as they arrived)."""
+    flat = {"type": "function", **WEATHER["function"]}
+    r = client.responses.create(model=MODEL, input=ASK, tools=[flat], temperature=0.0)
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Tokyo"}
+    with client.responses.stream(model=MODEL, input=ASK, tools=[flat], temperature=0.0) as s:
+        kinds = [e.type for e in s]
+        final = s.get_final_response()
+    [call] = final.output
+    assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Tokyo"}
+    assert "response.function_call_arguments.delta" in kinds
+    assert kinds[-1] == "response.completed"
+
+
 def test_auto_without_a_tool_call_answers_in_text(client: openai.OpenAI) -> None:
     r = _chat(
         client, messages=[{"role": "user", "content": "What is 2+2?"}], tools=[WEATHER],

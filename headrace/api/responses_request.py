@@ -1,0 +1,283 @@
+"""The body of POST /v1/responses (OpenAI's Responses API) and the chat request it reads as.
+
+A Responses request is a conversation (`instructions`, then `input`: text, messages, function
+calls and their outputs) with function tools and an output format. headrace serves it through
+the chat route's machinery: `as_chat()` gives the `ChatCompletionRequest` with the same
+messages, tools, tool choice, constraint and limits, and the route answers in Responses' shape.
+
+What this server does not keep or do is refused with a 400 rather than ignored: the response
+store (`previous_response_id`; `store` is accepted and answered as false, as vLLM does with its
+store off), `background`, `truncation: "auto"`, and input other than text (images, files).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
+
+from headrace.api.protocol import (
+    INT32_MAX,
+    ChatCompletionRequest,
+    ChatMessage,
+    FunctionCall,
+    FunctionDefinition,
+    JsonSchemaFormat,
+    NamedFunction,
+    NamedToolChoice,
+    ResponseFormat,
+    Text,
+    TextPart,
+    Tool,
+    ToolCall,
+)
+
+
+class InputText(BaseModel):
+    """A text part of a message: `input_text`, or `output_text` in an earlier answer sent back."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class InputMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputText]
+
+    def num_chars(self) -> int:
+        if isinstance(self.content, list):
+            return sum(len(p.text) for p in self.content)
+        return len(self.content)
+
+    def as_chat(self) -> ChatMessage:
+        content = self.content
+        if isinstance(content, list):
+            return ChatMessage(
+                role=self.role, content=[TextPart(type="text", text=p.text) for p in content]
+            )
+        return ChatMessage(role=self.role, content=content)
+
+
+class FunctionCallItem(BaseModel):
+    """A call the model made earlier, sent back with the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call"]
+    call_id: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1)]
+    arguments: str
+
+    def num_chars(self) -> int:
+        return len(self.arguments)
+
+
+class FunctionCallOutput(BaseModel):
+    """What the caller's function returned for `call_id`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call_output"]
+    call_id: Annotated[str, Field(min_length=1)]
+    output: str
+
+    def num_chars(self) -> int:
+        return len(self.output)
+
+
+InputItem = InputMessage | FunctionCallItem | FunctionCallOutput
+
+
+class FunctionTool(BaseModel):
+    """Responses' function tool: the chat tool's fields, one level up."""
+
+    type: Literal["function"]
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionChoice(BaseModel):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(BaseModel):
+    """`text.format`: free text, any JSON object, or JSON following `schema`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {"required": ["schema"]},
+        }
+    )
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | SkipJsonSchema[None] = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> TextFormat:
+        if self.type == "json_schema" and self.schema_ is None:
+            raise ValueError('text.format of type "json_schema" needs a schema')
+        return self
+
+    def as_response_format(self) -> ResponseFormat:
+        if self.type != "json_schema":
+            return ResponseFormat(type=self.type)
+        schema = JsonSchemaFormat.model_validate(
+            {"name": self.name, "description": self.description, "schema": self.schema_}
+        )
+        return ResponseFormat(type="json_schema", json_schema=schema)
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format: TextFormat | None = None
+
+
+_RULES: list[Any] = [
+    {  # a tool choice other than none names tools
+        "if": {
+            "required": ["tool_choice"],
+            "properties": {"tool_choice": {"not": {"const": "none"}}},
+        },
+        "then": {"required": ["tools"], "properties": {"tools": {"minItems": 1}}},
+    },
+    {"properties": {"previous_response_id": {"type": "null"}}},
+]
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses."""
+
+    model_config = ConfigDict(
+        extra="ignore", allow_inf_nan=False, json_schema_extra={"allOf": _RULES}
+    )
+
+    model: str | None = None
+    input: Text | Annotated[list[InputItem], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool = True
+    text: TextConfig | None = None
+    stream: bool = False
+    store: bool = True  # accepted; nothing is stored, and the answer says `store: false`
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    # refused unless at their defaults (see the module's docstring); left out of /openapi.json
+    previous_response_id: SkipJsonSchema[str | None] = None
+    background: SkipJsonSchema[bool] = False
+    truncation: SkipJsonSchema[str | None] = None
+
+    @model_validator(mode="after")
+    def _checks(self) -> ResponsesRequest:
+        if self.previous_response_id is not None:
+            raise ValueError(
+                "previous_response_id needs a response store, which this server does not keep: "
+                "send the earlier turns in input"
+            )
+        if self.background:
+            raise ValueError("background responses are not supported by this server")
+        if self.truncation not in (None, "disabled"):
+            raise ValueError('truncation must be "disabled": a prompt over the context is a 400')
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise ValueError("tool_choice other than none needs tools")
+        if isinstance(choice, FunctionChoice) and choice.name not in {
+            t.name for t in self.tools or []
+        }:
+            raise ValueError(f"tool_choice names {choice.name!r}, which is not in tools")
+        return self
+
+    def as_chat(self) -> ChatCompletionRequest:
+        """The same conversation, tools and limits as a chat request."""
+        choice = self.tool_choice
+        fmt = self.text.format if self.text is not None else None
+        return ChatCompletionRequest(
+            model=self.model,
+            messages=self._messages(),
+            max_completion_tokens=self.max_output_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            tools=[
+                Tool(function=FunctionDefinition(**t.model_dump(exclude={"type"})))
+                for t in self.tools
+            ]
+            if self.tools
+            else None,
+            tool_choice=NamedToolChoice(function=NamedFunction(name=choice.name))
+            if isinstance(choice, FunctionChoice)
+            else choice,
+            parallel_tool_calls=self.parallel_tool_calls,
+            response_format=fmt.as_response_format() if fmt is not None else None,
+            stream=self.stream,
+            user=self.user,
+        )
+
+    def _messages(self) -> list[ChatMessage]:
+        """`instructions` as the system message, then `input`; a function call joins the
+        assistant message before it (one turn: its text, then its calls)."""
+        out = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        items = (
+            [InputMessage(role="user", content=self.input)]
+            if isinstance(self.input, str)
+            else self.input
+        )
+        for item in items:
+            if isinstance(item, InputMessage):
+                out.append(item.as_chat())
+            elif isinstance(item, FunctionCallItem):
+                call = ToolCall(
+                    id=item.call_id,
+                    function=FunctionCall(name=item.name, arguments=item.arguments),
+                )
+                if not out or out[-1].role != "assistant":
+                    out.append(ChatMessage(role="assistant", content=None, tool_calls=[]))
+                out[-1].tool_calls = [*(out[-1].tool_calls or []), call]
+            else:
+                out.append(ChatMessage(role="tool", content=item.output, tool_call_id=item.call_id))
+        return out
+
+    def num_chars(self) -> int:
+        """The conversation's characters (the template only adds to them)."""
+        if isinstance(self.input, str):
+            return len(self.instructions or "") + len(self.input)
+        return len(self.instructions or "") + sum(i.num_chars() for i in self.input)
+
+    def echoed(self) -> dict[str, Any]:
+        """The request's settings as the response object repeats them."""
+        choice = self.tool_choice
+        return {
+            "instructions": self.instructions,
+            "max_output_tokens": self.max_output_tokens,
+            "metadata": self.metadata or {},
+            "parallel_tool_calls": self.parallel_tool_calls,
+            "previous_response_id": None,
+            "store": False,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "text": {
+                "format": self.text.format.model_dump(by_alias=True, exclude_none=True)
+                if self.text is not None and self.text.format is not None
+                else {"type": "text"}
+            },
+            "tool_choice": choice.model_dump()
+            if isinstance(choice, FunctionChoice)
+            else choice or ("auto" if self.tools else "none"),
+            "tools": [t.model_dump(exclude_none=True) for t in self.tools or []],
+            "truncation": "disabled",
+            "user": self.user,
+        }
