@@ -97,7 +97,7 @@ def cut_prompts(req: BaseModel, bound: PromptBound) -> None:
     elif isinstance(req, ChatCompletionRequest) and req.truncate_prompt_tokens is None:
         total = sum(m.num_chars() for m in req.messages)  # the template only adds to it
         _refuse_over(total, bound, req.requested_max_tokens, "messages")
-    elif isinstance(req, ResponsesRequest):
+    elif isinstance(req, ResponsesRequest) and req.truncation != "auto":
         _refuse_over(req.num_chars(), bound, req.max_output_tokens, "input")
 
 

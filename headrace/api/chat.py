@@ -146,7 +146,9 @@ class _ChatChoices:
         out = {
             "index": c.index,
             "message": message,
-            "logprobs": _logprobs(self.name, c.logprobs) if self.body.logprobs else None,
+            "logprobs": {"content": logprob_entries(self.name, c.logprobs)}
+            if self.body.logprobs
+            else None,
             "finish_reason": _finish_reason(c.finish_reason, bool(calls)),
             "stop_reason": c.stop_reason,
         }
@@ -171,7 +173,7 @@ class _ChatChoices:
         out = {
             "index": d.index,
             "delta": delta,
-            "logprobs": _logprobs(self.name, d.logprobs) if d.logprobs else None,
+            "logprobs": {"content": logprob_entries(self.name, d.logprobs)} if d.logprobs else None,
             "finish_reason": _finish_reason(d.finish_reason, reader.called),
             "stop_reason": d.stop_reason,
         }
@@ -242,9 +244,9 @@ async def _render(
     return ids
 
 
-def _logprobs(name: Callable[[int], str], items: list[TokenLogprobs]) -> dict[str, Any]:
-    """The chat logprobs object: one entry per token (as `name` gives it), each with its top
-    alternatives."""
+def logprob_entries(name: Callable[[int], str], items: list[TokenLogprobs]) -> list[dict[str, Any]]:
+    """OpenAI's logprobs entries (chat's `logprobs.content`, Responses' `output_text.logprobs`):
+    one per token (as `name` gives it), each with its top alternatives."""
 
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = name(token_id)
@@ -257,4 +259,4 @@ def _logprobs(name: Callable[[int], str], items: list[TokenLogprobs]) -> dict[st
             entry(t, v) for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)
         ]
         content.append(item)
-    return {"content": content}
+    return content

@@ -10,7 +10,7 @@ call, or, streamed, the Responses events in order:
                 response.output_text.done, response.content_part.done
       call:     response.function_call_arguments.delta ..., response.function_call_arguments.done
     response.output_item.done
-    response.completed (or response.incomplete: max_output_tokens, or aborted at shutdown)
+    response.completed (its status `incomplete` at max_output_tokens, or aborted at shutdown)
 
 Every event carries `sequence_number`; the stream has `event:` lines and no `[DONE]`. An engine
 error after the stream began is one `response.failed` event.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -29,7 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from headrace.api.body import parse_body
-from headrace.api.chat import start_chat
+from headrace.api.chat import logprob_entries, start_chat
 from headrace.api.errors import APIError, validation_message
 from headrace.api.responses_request import ResponsesRequest
 from headrace.api.streaming import SseStyle, collect, sse_response
@@ -58,13 +59,19 @@ async def create_response(request: Request) -> Response:
     started = await start_chat(request, ctx, chat, response_id, arrival)
     shape = _Shape(response_id, model, body, started.stream)
     named = named_tool(chat)
+    name = chat.token_namer(started.tok.token_text)
     if not body.stream:
         started.stream.streaming = False
         choice = (await collect(request, ctx.client, started.stream))[0]
         content, calls = parse_tool_calls(started.mode, started.parser, choice.text, named)
         status, incomplete = _status(choice.finish_reason)
+        logprobs = logprob_entries(name, choice.logprobs) if body.logprobs and not calls else []
         output = [
-            *([_message(_new_id("msg"), content or "", status)] if content or not calls else []),
+            *(
+                [_message(_new_id("msg"), content or "", status, logprobs)]
+                if content or not calls
+                else []
+            ),
             *(
                 _function_call(c["id"], c["function"]["name"], c["function"]["arguments"])
                 for c in calls
@@ -74,7 +81,8 @@ async def create_response(request: Request) -> Response:
         return JSONResponse(shape.response(status, output, shape.usage(tokens), incomplete))
 
     started.stream.streaming = True
-    events = _Events(shape, ToolCallStream(started.mode, started.parser, named))
+    namer = name if body.logprobs else None
+    events = _Events(shape, ToolCallStream(started.mode, started.parser, named), namer)
     style = SseStyle(_sse, events.failed, b"")
     return sse_response(
         ctx.client, started.stream, events.delta, events.end, events.start(), style=style
@@ -99,12 +107,14 @@ def _status(finish_reason: str | None) -> tuple[str, dict[str, str] | None]:
     return "completed", None
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def _message(item_id: str, text: str | None, status: str) -> dict[str, Any]:
-    content = [] if text is None else [_text_part(text)]
+def _message(
+    item_id: str, text: str | None, status: str, logprobs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    content = [] if text is None else [_text_part(text, logprobs)]
     return {
         "type": "message",
         "id": item_id,
@@ -169,8 +179,12 @@ class _Events:
     """One streamed response: each delta's text and tool-call pieces become Responses events,
     items opened as their first piece arrives and closed at the end."""
 
-    def __init__(self, shape: _Shape, reader: ToolCallStream) -> None:
-        self.shape, self.reader = shape, reader
+    def __init__(
+        self, shape: _Shape, reader: ToolCallStream, name: Callable[[int], str] | None
+    ) -> None:
+        self.shape, self.reader, self.name = shape, reader, name
+        self.logprobs: list[dict[str, Any]] = []  # every text token's, as sent
+        self.unsent: list[dict[str, Any]] = []  # tokens whose text is held back (a tag?)
         self.seq = 0
         self.items: list[dict[str, Any]] = []  # by output_index
         self.message: dict[str, Any] | None = None
@@ -193,12 +207,16 @@ class _Events:
 
     def delta(self, d: SeqDelta) -> list[dict[str, Any]]:
         self.tokens += len(d.token_ids)
+        if self.name is not None and d.logprobs:
+            self.unsent += logprob_entries(self.name, d.logprobs)
         content, calls = self.reader.feed(d.text)
         if d.finish_reason is not None:
             tail, more = self.reader.finish()
             content, calls = content + tail, merged(calls + more)
             self.finish_reason = d.finish_reason
         events = self._text(content) if content else []
+        if calls:  # a call's tokens: no logprobs (its arguments have none)
+            self.unsent = []
         for call in calls:
             events += self._call(call)
         return events
@@ -228,6 +246,8 @@ class _Events:
         events = self._open_message() if self.message is None else []
         assert self.message is not None
         self.text += piece
+        logprobs, self.unsent = self.unsent, []
+        self.logprobs += logprobs
         events.append(
             self._event(
                 "response.output_text.delta",
@@ -235,7 +255,7 @@ class _Events:
                 output_index=self.items.index(self.message),
                 content_index=0,
                 delta=piece,
-                logprobs=[],
+                logprobs=logprobs,
             )
         )
         return events
@@ -282,12 +302,13 @@ class _Events:
                     self._event("response.output_item.done", output_index=index, item=item)
                 )
         final = self.shape.response(status, self.items, self.shape.usage(self.tokens), incomplete)
-        kind = "response.completed" if status == "completed" else "response.incomplete"
-        return [*events, self._event(kind, response=final)]
+        # response.completed whatever the status, as vLLM and SGLang end a stream (and what the
+        # openai client's stream helper waits for); the status inside says `incomplete`
+        return [*events, self._event("response.completed", response=final)]
 
     def _close_message(self, index: int, status: str) -> list[dict[str, Any]]:
         assert self.message is not None
-        part = _text_part(self.text)
+        part = _text_part(self.text, self.logprobs)
         self.message["content"] = [part]
         self.message["status"] = status
         item_id = self.message["id"]
@@ -298,7 +319,7 @@ class _Events:
                 output_index=index,
                 content_index=0,
                 text=self.text,
-                logprobs=[],
+                logprobs=self.logprobs,
             ),
             self._event(
                 "response.content_part.done",

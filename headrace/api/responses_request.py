@@ -7,7 +7,8 @@ messages, tools, tool choice, constraint and limits, and the route answers in Re
 
 What this server does not keep or do is refused with a 400 rather than ignored: the response
 store (`previous_response_id`; `store` is accepted and answered as false, as vLLM does with its
-store off), `background`, `truncation: "auto"`, and input other than text (images, files).
+store off), `background`, and input other than text (images, files). `truncation: "auto"`
+keeps a conversation's last tokens where it would not fit (vLLM's reading of it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from headrace.api.protocol import (
     JsonSchemaFormat,
     NamedFunction,
     NamedToolChoice,
+    Penalty,
     ResponseFormat,
     Text,
     TextPart,
@@ -156,6 +158,18 @@ _RULES: list[Any] = [
 ]
 
 
+# what `include` may name: only the first adds anything here (the others are parts of items this
+# server never makes)
+Includable = Literal[
+    "message.output_text.logprobs",
+    "reasoning.encrypted_content",
+    "code_interpreter_call.outputs",
+    "computer_call_output.output.image_url",
+    "file_search_call.results",
+    "message.input_image.image_url",
+]
+
+
 class ResponsesRequest(BaseModel):
     """POST /v1/responses."""
 
@@ -177,10 +191,15 @@ class ResponsesRequest(BaseModel):
     store: bool = True  # accepted; nothing is stored, and the answer says `store: false`
     metadata: dict[str, str] | None = None
     user: str | None = None
+    # "auto": a conversation over the context keeps its last tokens (vLLM's reading)
+    truncation: Literal["auto", "disabled"] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    include: list[Includable] | None = None
+    presence_penalty: Penalty | None = None  # vLLM's, as on the chat route
+    frequency_penalty: Penalty | None = None
     # refused unless at their defaults (see the module's docstring); left out of /openapi.json
     previous_response_id: SkipJsonSchema[str | None] = None
     background: SkipJsonSchema[bool] = False
-    truncation: SkipJsonSchema[str | None] = None
 
     @model_validator(mode="after")
     def _checks(self) -> ResponsesRequest:
@@ -191,8 +210,6 @@ class ResponsesRequest(BaseModel):
             )
         if self.background:
             raise ValueError("background responses are not supported by this server")
-        if self.truncation not in (None, "disabled"):
-            raise ValueError('truncation must be "disabled": a prompt over the context is a 400')
         choice = self.tool_choice
         if choice is not None and choice != "none" and not self.tools:
             raise ValueError("tool_choice other than none needs tools")
@@ -225,7 +242,18 @@ class ResponsesRequest(BaseModel):
             response_format=fmt.as_response_format() if fmt is not None else None,
             stream=self.stream,
             user=self.user,
+            truncate_prompt_tokens=-1 if self.truncation == "auto" else None,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs if self.logprobs else None,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
         )
+
+    @property
+    def logprobs(self) -> bool:
+        """Logprobs on the output text: asked by `include` or by `top_logprobs`."""
+        asked = "message.output_text.logprobs" in (self.include or [])
+        return asked or self.top_logprobs is not None
 
     def _messages(self) -> list[ChatMessage]:
         """`instructions` as the system message, then `input`; a function call joins the
@@ -278,6 +306,7 @@ class ResponsesRequest(BaseModel):
             if isinstance(choice, FunctionChoice)
             else choice or ("auto" if self.tools else "none"),
             "tools": [t.model_dump(exclude_none=True) for t in self.tools or []],
-            "truncation": "disabled",
+            "truncation": self.truncation or "disabled",
+            "top_logprobs": self.top_logprobs,
             "user": self.user,
         }

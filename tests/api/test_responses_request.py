@@ -76,7 +76,7 @@ def test_a_call_without_a_message_before_opens_an_assistant_turn() -> None:
     [
         {"previous_response_id": "resp_x"},
         {"background": True},
-        {"truncation": "auto"},
+        {"truncation": "middle"},
         {"tool_choice": {"type": "function", "name": "absent"}, "tools": [TOOL]},
         {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
     ],
@@ -84,3 +84,28 @@ def test_a_call_without_a_message_before_opens_an_assistant_turn() -> None:
 def test_what_is_not_served_is_refused(extra: dict) -> None:
     with pytest.raises(ValidationError):
         ResponsesRequest.model_validate({"input": "Hi", **extra})
+
+
+def test_sampling_fields_reach_the_chat_request() -> None:
+    req = ResponsesRequest.model_validate(
+        {
+            "input": "Hi",
+            "truncation": "auto",
+            "top_logprobs": 3,
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
+            "temperature": 0.3,
+            "top_p": 0.9,
+        }
+    )
+    chat = req.as_chat()
+    assert chat.truncate_prompt_tokens == -1  # as many as fit: the conversation's end
+    assert chat.logprobs and chat.top_logprobs == 3
+    assert (chat.presence_penalty, chat.frequency_penalty) == (0.5, -0.5)
+    assert (chat.temperature, chat.top_p) == (0.3, 0.9)
+    plain = ResponsesRequest.model_validate({"input": "Hi"}).as_chat()
+    assert plain.truncate_prompt_tokens is None and not plain.logprobs
+    included = ResponsesRequest.model_validate(
+        {"input": "Hi", "include": ["message.output_text.logprobs"]}
+    ).as_chat()
+    assert included.logprobs and included.num_logprobs == 0

@@ -89,9 +89,7 @@ def test_stream_events_accumulate_to_the_whole_response(client: openai.OpenAI) -
         "response.content_part.done",
         "response.output_item.done",
     ]
-    assert kinds[-1] == (
-        "response.incomplete" if whole.status == "incomplete" else "response.completed"
-    )
+    assert kinds[-1] == "response.completed"  # as vLLM ends a stream, whatever the status
     assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert "".join(deltas) == whole.output_text == final.output_text
@@ -174,7 +172,8 @@ def test_required_tool_calls_and_json_schema_text(client: openai.OpenAI) -> None
     [
         ({"previous_response_id": "resp_1"}, "response store"),
         ({"background": True}, "background"),
-        ({"truncation": "auto"}, "truncation"),
+        ({"truncation": "middle"}, "truncation"),
+        ({"include": ["message.output_audio"]}, "include"),
         ({"tool_choice": "required"}, "needs tools"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
@@ -217,3 +216,53 @@ def test_a_giant_input_is_refused_before_tokenizing(server: ServerProcess) -> No
         timeout=60,
     )
     assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 3
+
+
+def test_output_text_logprobs_equal_chats_whole_and_streamed(client: openai.OpenAI) -> None:
+    """`include: ["message.output_text.logprobs"]` with `top_logprobs`: one entry per output
+    token, the chat route's tokens and values; streamed, the deltas' entries add up to them."""
+    messages = [{"role": "user", "content": ASK}]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, temperature=0.0, logprobs=True,
+        top_logprobs=2,
+    )  # fmt: skip
+    want = chat.choices[0].logprobs.content
+    asked: dict[str, Any] = {
+        "model": MODEL, "input": ASK, "max_output_tokens": 8, "temperature": 0.0,
+        "top_logprobs": 2, "include": ["message.output_text.logprobs"],
+    }  # fmt: skip
+    r = client.responses.create(**asked)
+    got = r.output[0].content[0].logprobs
+    assert [e.token for e in got] == [e.token for e in want]
+    assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in got)
+    assert r.top_logprobs == 2
+
+    with client.responses.stream(**asked) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    pieces = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert (
+        [lp.token for lp in pieces] == [lp.token for lp in done.logprobs] == [e.token for e in got]
+    )
+    assert "".join(lp.token for lp in pieces) == final.output_text
+    assert final.status == r.status == "incomplete"  # 8 tokens cut it: streamed, it says so too
+    assert final.incomplete_details is not None
+    assert final.incomplete_details.reason == "max_output_tokens"
+    plain = client.responses.create(model=MODEL, input=ASK, max_output_tokens=8)
+    assert plain.output[0].content[0].logprobs == []
+
+
+def test_truncation_auto_keeps_the_conversations_end(server: ServerProcess) -> None:
+    """Over the 2048-token window: a 400 by default, served with `truncation: "auto"` (the
+    prompt's last tokens, as vLLM reads it)."""
+    long = "one two three four five six seven eight nine ten " * 300 + "Say hi."
+    body = {"model": MODEL, "input": long, "max_output_tokens": 4}
+    r = httpx.post(f"{server.url}/v1/responses", json=body, timeout=60)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/responses", json={**body, "truncation": "auto"}, timeout=120)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert 2048 - 4 - 64 <= usage["input_tokens"] <= 2048 - 4
+    assert r.json()["truncation"] == "auto"
