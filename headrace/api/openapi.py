@@ -124,15 +124,19 @@ def _describe_limits(doc: dict[str, Any], ctx: ServerContext, vocab: int, max_le
     max_choices = ctx.config.max_num_queued_reqs
     if not (ctx.config.enable_auto_tool_choice and ctx.config.tool_call_parser):
         # tools without a tool_choice mean "auto", which this server was not started for
-        doc["components"]["schemas"]["ChatCompletionRequest"].setdefault("allOf", []).append(
-            {
-                "if": {"required": ["tools"]},
-                "then": {
-                    "required": ["tool_choice"],
-                    "properties": {"tool_choice": {"not": {"const": "auto"}}},
-                },
-            }
-        )
+        for request in ("ChatCompletionRequest", "ResponsesRequest"):
+            tools: dict[str, Any] = {"required": ["tools"]}
+            if request == "ResponsesRequest":  # there, `auto` with no tools is no tools
+                tools["properties"] = {"tools": {"type": "array", "minItems": 1}}
+            doc["components"]["schemas"][request].setdefault("allOf", []).append(
+                {
+                    "if": tools,
+                    "then": {
+                        "required": ["tool_choice"],
+                        "properties": {"tool_choice": {"not": {"const": "auto"}}},
+                    },
+                }
+            )
     for schema in doc["components"]["schemas"].values():
         props = schema.get("properties", {})
         if "model" in props:

@@ -147,10 +147,10 @@ class TextConfig(BaseModel):
 
 
 _RULES: list[Any] = [
-    {  # a tool choice other than none names tools
+    {  # a tool choice other than none or auto names tools
         "if": {
             "required": ["tool_choice"],
-            "properties": {"tool_choice": {"not": {"const": "none"}}},
+            "properties": {"tool_choice": {"not": {"enum": ["none", "auto"]}}},
         },
         "then": {"required": ["tools"], "properties": {"tools": {"minItems": 1}}},
     },
@@ -211,6 +211,8 @@ class ResponsesRequest(BaseModel):
         if self.background:
             raise ValueError("background responses are not supported by this server")
         choice = self.tool_choice
+        if choice == "auto" and not self.tools:
+            self.tool_choice = choice = None  # may call tools, of which there are none
         if choice is not None and choice != "none" and not self.tools:
             raise ValueError("tool_choice other than none needs tools")
         if isinstance(choice, FunctionChoice) and choice.name not in {

@@ -120,20 +120,12 @@ def test_a_named_function_call_and_its_output_go_back(client: openai.OpenAI) -> 
     assert "".join(pieces) == done.arguments == final.output[0].arguments
     jsonschema.validate(json.loads(done.arguments), WEATHER["parameters"])
 
-    # the call and what the function returned, sent back as input: a text answer
+    # the call as the client got it (the output items, dumped as agent SDKs send them back),
+    # and what the function returned: a text answer
     history = [
         *ask,
-        {
-            "type": "function_call",
-            "call_id": call.call_id,
-            "name": call.name,
-            "arguments": call.arguments,
-        },
-        {
-            "type": "function_call_output",
-            "call_id": call.call_id,
-            "output": "22 degrees C and sunny",
-        },
+        *(item.model_dump(exclude_none=True) for item in r.output),
+        {"type": "function_call_output", "call_id": call.call_id, "output": "22 C, sunny"},
     ]
     answer = client.responses.create(
         model=MODEL, input=history, tools=[WEATHER], tool_choice="none", max_output_tokens=30
@@ -142,6 +134,21 @@ def test_a_named_function_call_and_its_output_go_back(client: openai.OpenAI) -> 
     assert answer.output_text
     assert answer.usage is not None and r.usage is not None
     assert answer.usage.input_tokens > r.usage.input_tokens  # the call and its output rendered
+
+    # and the text answer sent back too, with a new question: `auto` with no tools is no tools
+    again = client.responses.create(
+        model=MODEL,
+        input=[
+            *history,
+            *(item.model_dump(exclude_none=True) for item in answer.output),
+            {"role": "user", "content": "Thanks. And tomorrow?"},
+        ],
+        tools=[],
+        tool_choice="auto",
+        max_output_tokens=5,
+    )
+    assert again.usage is not None and again.usage.input_tokens > answer.usage.input_tokens
+    assert again.tool_choice == "none" and again.tools == []
 
 
 def test_required_tool_calls_and_json_schema_text(client: openai.OpenAI) -> None:
