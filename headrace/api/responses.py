@@ -27,11 +27,9 @@ from typing import Any
 import msgspec
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 
 from headrace.api.body import parse_body
 from headrace.api.chat import logprob_entries, start_chat
-from headrace.api.errors import APIError, validation_message
 from headrace.api.responses_request import ResponsesRequest
 from headrace.api.streaming import SseStyle, collect, sse_response
 from headrace.api.tools import ToolCallStream, merged, named_tool, parse_tool_calls
@@ -50,11 +48,7 @@ async def create_response(request: Request) -> Response:
     body = await parse_body(request, ResponsesRequest)
     ctx = context_of(request)
     model = ctx.check_model(body.model)
-    try:
-        chat = body.as_chat()
-    except ValidationError as exc:  # the request's own checks should leave none: still a 400
-        message, param = validation_message(exc.errors())
-        raise APIError(400, message, param=param) from None
+    chat = body.as_chat()  # built while the body was validated
     response_id = f"resp_{uuid.uuid4().hex}"
     started = await start_chat(request, ctx, chat, response_id, arrival)
     shape = _Shape(response_id, model, body, started.stream)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from headrace.api.protocol import (
@@ -200,6 +200,8 @@ class ResponsesRequest(BaseModel):
     # refused unless at their defaults (see the module's docstring); left out of /openapi.json
     previous_response_id: SkipJsonSchema[str | None] = None
     background: SkipJsonSchema[bool] = False
+    # built as part of validation, which runs off the event loop for large bodies (api/body.py)
+    _chat: ChatCompletionRequest | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _checks(self) -> ResponsesRequest:
@@ -219,10 +221,15 @@ class ResponsesRequest(BaseModel):
             t.name for t in self.tools or []
         }:
             raise ValueError(f"tool_choice names {choice.name!r}, which is not in tools")
+        self._chat = self._as_chat()
         return self
 
     def as_chat(self) -> ChatCompletionRequest:
         """The same conversation, tools and limits as a chat request."""
+        assert self._chat is not None  # built by validation
+        return self._chat
+
+    def _as_chat(self) -> ChatCompletionRequest:
         choice = self.tool_choice
         fmt = self.text.format if self.text is not None else None
         return ChatCompletionRequest(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 from pydantic import ValidationError
 
@@ -109,3 +111,12 @@ def test_sampling_fields_reach_the_chat_request() -> None:
         {"input": "Hi", "include": ["message.output_text.logprobs"]}
     ).as_chat()
     assert included.logprobs and included.num_logprobs == 0
+
+
+def test_the_chat_request_is_built_by_validation_and_survives_pickling() -> None:
+    """Large bodies are validated in the body-decoder process (api/body.py), which sends the
+    model back pickled: the chat request comes with it, so the event loop builds nothing."""
+    req = ResponsesRequest.model_validate({"input": "Hi", "instructions": "Be brief."})
+    back = pickle.loads(pickle.dumps(req))
+    assert back.as_chat() == req.as_chat()
+    assert [m.role for m in back.as_chat().messages] == ["system", "user"]
