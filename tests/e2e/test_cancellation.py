@@ -17,26 +17,42 @@ LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0.8}
 
 
 def test_disconnects_abort_and_free_blocks(server: ServerProcess) -> None:
+    def first_text(line: str) -> bool:
+        """Whether this SSE line brings the first text (of any of the three routes)."""
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            return False
+        event = json.loads(line[6:])
+        if event.get("type") == "response.output_text.delta":
+            return True
+        choice = event.get("choices", [{}])[0]
+        return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
+
     async def stream_then_leave(client: httpx.AsyncClient, i: int) -> bool:
-        path = "/v1/chat/completions" if i % 2 else "/v1/completions"
         body: dict[str, object] = {**LONG, "stream": True}
-        if i % 2:
+        if i % 3 == 2:
+            path = "/v1/responses"
+            body.update(input=f"Tell story number {i}.", max_output_tokens=1500)
+        elif i % 3:
+            path = "/v1/chat/completions"
             body["messages"] = [{"role": "user", "content": f"Tell story number {i}."}]
         else:
+            path = "/v1/completions"
             body["prompt"] = f"Story number {i}:"
         async with client.stream("POST", path, json=body) as resp:
             assert resp.status_code == 200
             async for line in resp.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    choice = json.loads(line[6:])["choices"][0]
-                    if choice.get("text") or (choice.get("delta") or {}).get("content"):
-                        return True  # leaving the block closes the connection mid-stream
+                if first_text(line):
+                    return True  # leaving the block closes the connection mid-stream
         return False
 
     async def json_then_leave(i: int) -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=1.5) as client:
             with pytest.raises(httpx.ReadTimeout):
-                await client.post("/v1/completions", json={**LONG, "prompt": f"Essay {i}:"})
+                if i % 2:
+                    body = {"input": f"Essay {i}:", "max_output_tokens": 1500, **LONG}
+                    await client.post("/v1/responses", json=body)
+                else:
+                    await client.post("/v1/completions", json={**LONG, "prompt": f"Essay {i}:"})
 
     async def run() -> list[bool]:
         limits = httpx.Limits(max_connections=200)
