@@ -91,7 +91,20 @@ class FunctionCallOutput(BaseModel):
         return len(self.output)
 
 
-InputItem = InputMessage | FunctionCallItem | FunctionCallOutput
+class ReasoningItem(BaseModel):
+    """A reasoning model's earlier reasoning, sent back with the conversation (OpenAI's clients
+    send it with the turn it belongs to). The models served here do not reason in items: it is
+    accepted and left out of the prompt, as its summary is not the model's own text."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["reasoning"]
+
+    def num_chars(self) -> int:
+        return 0
+
+
+InputItem = InputMessage | FunctionCallItem | FunctionCallOutput | ReasoningItem
 
 
 class FunctionTool(BaseModel):
@@ -170,6 +183,12 @@ Includable = Literal[
 ]
 
 
+# an input list holds something to answer: an item other than reasoning
+_ANSWERABLE: dict[str, Any] = {
+    "contains": {"not": {"required": ["type"], "properties": {"type": {"const": "reasoning"}}}}
+}
+
+
 class ResponsesRequest(BaseModel):
     """POST /v1/responses."""
 
@@ -178,7 +197,7 @@ class ResponsesRequest(BaseModel):
     )
 
     model: str | None = None
-    input: Text | Annotated[list[InputItem], Field(min_length=1)]
+    input: Text | Annotated[list[InputItem], Field(min_length=1, json_schema_extra=_ANSWERABLE)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -212,6 +231,10 @@ class ResponsesRequest(BaseModel):
             )
         if self.background:
             raise ValueError("background responses are not supported by this server")
+        if not isinstance(self.input, str) and all(
+            isinstance(i, ReasoningItem) for i in self.input
+        ):
+            raise ValueError("input holds nothing to answer: no message, call or call output")
         choice = self.tool_choice
         if choice == "auto" and not self.tools:
             self.tool_choice = choice = None  # may call tools, of which there are none
@@ -284,7 +307,7 @@ class ResponsesRequest(BaseModel):
                 if not out or out[-1].role != "assistant":
                     out.append(ChatMessage(role="assistant", content=None, tool_calls=[]))
                 out[-1].tool_calls = [*(out[-1].tool_calls or []), call]
-            else:
+            elif isinstance(item, FunctionCallOutput):
                 out.append(ChatMessage(role="tool", content=item.output, tool_call_id=item.call_id))
         return out
 

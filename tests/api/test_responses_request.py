@@ -18,6 +18,7 @@ def test_instructions_input_and_calls_become_chat_messages() -> None:
             "instructions": "Be brief.",
             "input": [
                 {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+                {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "x"},
                 {"type": "message", "role": "assistant", "content": "Let me look."},
                 {
                     "type": "function_call",
@@ -81,6 +82,8 @@ def test_a_call_without_a_message_before_opens_an_assistant_turn() -> None:
         {"truncation": "middle"},
         {"tool_choice": {"type": "function", "name": "absent"}, "tools": [TOOL]},
         {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+        {"input": [{"type": "item_reference", "id": "msg_1"}]},  # needs the store
+        {"input": [{"type": "reasoning", "summary": []}]},  # nothing to answer
     ],
 )
 def test_what_is_not_served_is_refused(extra: dict) -> None:
