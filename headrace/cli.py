@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from headrace import envs
+from headrace import envs, vllm_flags
 from headrace.config import (
     TOOL_CALL_PARSERS,
     CacheConfig,
@@ -28,32 +28,6 @@ from headrace.wire.messages import SamplingParams
 logger = logging.getLogger("headrace.cli")
 
 BUNDLED_SERVED_NAME = "SmolLM2-135M-Instruct"
-
-# Flags of `vllm serve` that mean nothing here: accepted with a warning so an existing manifest
-# starts unchanged. True = the flag takes a value.
-VLLM_IGNORED_FLAGS: dict[str, bool] = {
-    "--gpu-memory-utilization": True,
-    "--enforce-eager": False,
-    "--trust-remote-code": False,
-    "--tensor-parallel-size": True,
-    "--pipeline-parallel-size": True,
-    "--swap-space": True,
-    "--cpu-offload-gb": True,
-    "--disable-custom-all-reduce": False,
-    "--enable-chunked-prefill": False,
-    "--no-enable-chunked-prefill": False,
-    "--load-format": True,
-    "--download-dir": True,
-    "--tokenizer-mode": True,
-    "--distributed-executor-backend": True,
-    "--disable-frontend-multiprocessing": False,
-    "--max-seq-len-to-capture": True,
-    "--max-logprobs": True,
-    "--revision": True,
-    "--enable-log-requests": False,
-}
-# Flags whose value must be the only one headrace supports.
-_MUST_BE_ONE = {"--tensor-parallel-size", "--pipeline-parallel-size"}
 
 
 def parse_bytes(text: str) -> int:
@@ -95,6 +69,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)",
     )
+    p.add_argument("--model", dest="model_flag", default=None, help="MODEL, as a flag (vLLM's)")
     p.add_argument(
         "--dtype",
         type=_dtype,
@@ -120,6 +95,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv-cache-memory",
+        "--kv-cache-memory-bytes",
         type=parse_bytes,
         default=2 << 30,
         help="KV-cache size per engine (2GiB)",
@@ -251,6 +227,17 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated paths left out of the access log (e.g. /health,/metrics)",
     )
     p.add_argument("--uvicorn-log-level", default="info")
+    p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no access log at all")
+    p.add_argument(
+        "--disable-fastapi-docs",
+        action="store_true",
+        help="no /openapi.json, /docs or /redoc",
+    )
+    p.add_argument(
+        "--enable-force-include-usage",
+        action="store_true",
+        help="a usage chunk at the end of every stream, asked for or not",
+    )
     p.add_argument(
         "--chat-template",
         default=None,
@@ -298,6 +285,9 @@ def _serve(args: argparse.Namespace) -> int:
             p.strip() for p in args.disable_access_log_for_endpoints.split(",") if p.strip()
         ),
         uvicorn_log_level=args.uvicorn_log_level,
+        disable_uvicorn_access_log=args.disable_uvicorn_access_log,
+        disable_fastapi_docs=args.disable_fastapi_docs,
+        enable_force_include_usage=args.enable_force_include_usage,
         shutdown_timeout=args.shutdown_timeout,
         engine_stall_timeout=args.engine_stall_timeout,
         metrics_namespace=args.metrics_namespace,
@@ -373,28 +363,10 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-def strip_ignored_vllm_flags(argv: list[str]) -> list[str]:
-    """Remove (with a warning each) the vLLM flags listed in VLLM_IGNORED_FLAGS."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, value = arg.partition("=")
-        if name in VLLM_IGNORED_FLAGS:
-            takes_value = VLLM_IGNORED_FLAGS[name]
-            if takes_value and not eq:
-                value = argv[i + 1] if i + 1 < len(argv) else ""
-                i += 1
-            if name in _MUST_BE_ONE and value.strip() != "1":
-                raise SystemExit(f"headrace serve: {name} {value} is not supported (only 1)")
-            logging.getLogger("headrace.cli").warning(
-                "ignoring vLLM flag %s%s: it has no meaning for headrace",
-                name, f" {value}" if takes_value else "",
-            )  # fmt: skip
-        else:
-            out.append(arg)
-        i += 1
-    return out
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    _add_serve_args(p)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,8 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] != "probe":  # a probe prints one line at most
         setup_logging()
     if argv and argv[0] == "serve":
-        argv = ["serve", *strip_ignored_vllm_flags(argv[1:])]
+        known = set(_serve_parser()._option_string_actions)
+        argv = ["serve", *vllm_flags.strip_ignored(vllm_flags.expand_config_file(argv[1:], known))]
     args = build_parser().parse_args(argv)
+    flag = getattr(args, "model_flag", None)
+    if flag is not None:  # vLLM's --model, for MODEL
+        if args.model is not None and args.model != flag:
+            raise SystemExit(f"headrace serve: MODEL {args.model!r} and --model {flag!r} differ")
+        args.model = flag
     return int(args.func(args))
 
 

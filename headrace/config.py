@@ -107,6 +107,9 @@ class ServerConfig:
     max_num_queued_tokens: int | None = None  # prompt tokens not yet prefilled (503 over it)
     enable_prefix_caching: bool = True
     uvicorn_log_level: str = "info"
+    disable_uvicorn_access_log: bool = False
+    disable_fastapi_docs: bool = False  # no /openapi.json, /docs, /redoc
+    enable_force_include_usage: bool = False  # every stream ends with a usage chunk
     chat_template: str | None = None  # the template's text (--chat-template), else the model's
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None  # hermes or llama3_json (api/tools.py)

@@ -58,6 +58,7 @@ class Answer:
         """`body_extra`: fields the whole answer adds at its top level (never streamed);
         `first_fields`: those the first of `first_choices`' chunks adds."""
         stream.streaming = streaming
+        include_usage = include_usage or ctx.config.enable_force_include_usage
         if not streaming:
             choices = await collect(request, ctx.client, stream)
             body = {

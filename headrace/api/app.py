@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import uvicorn
@@ -76,7 +77,10 @@ def build_app(ctx: ServerContext) -> ASGIApp:
             if ctx.tokenizer is not None:
                 ctx.tokenizer.shutdown()
 
-    app = FastAPI(title="headrace", version=_version(), lifespan=lifespan)
+    docs: dict[str, Any] = {}
+    if ctx.config.disable_fastapi_docs:  # vLLM's flag: the schema and both UIs off
+        docs = {"openapi_url": None, "docs_url": None, "redoc_url": None}
+    app = FastAPI(title="headrace", version=_version(), lifespan=lifespan, **docs)
     app.state.ctx = ctx
     install_error_handlers(app)
     for module in (health, models, tokenize, completions, chat, responses):
@@ -341,6 +345,7 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
         config = uvicorn.Config(
             app,
             log_level=cfg.uvicorn_log_level,
+            access_log=not cfg.disable_uvicorn_access_log,
             timeout_graceful_shutdown=5,
             timeout_keep_alive=5,
             log_config=None,

@@ -55,6 +55,70 @@ def test_unknown_flag_is_an_error() -> None:
     assert proc.returncode == 2 and "'fp64': expected auto, float32 (float)" in proc.stderr
 
 
+def test_vllm_flags_headrace_cannot_honour_are_errors(tmp_path) -> None:
+    """A value that would change what clients get is refused, not ignored; so are a MODEL and
+    a --model that differ, and a --config that is not a YAML mapping."""
+    bad_config = tmp_path / "list.yaml"
+    bad_config.write_text("- max_num_seqs\n")
+    for args, words in [
+        (["--guided-decoding-backend", "outlines"], "only xgrammar"),
+        (["a.gguf", "--model", "b.gguf"], "differ"),
+        (["--config", str(bad_config)], "expected a mapping of flags"),
+        (["--config", str(tmp_path / "absent.yaml")], "absent.yaml"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "headrace", "serve", *args], capture_output=True, text=True
+        )
+        assert proc.returncode != 0 and words in proc.stderr, (args, proc.stderr)
+
+
+def test_a_vllm_manifest_runs_unchanged(tmp_path) -> None:
+    """vLLM's `--config` YAML (as a ConfigMap mounts it; the command line wins over it),
+    `--model`, the frontend flags headrace honours, and GPU-only flags dropped with a warning."""
+    from headrace.model.loader import bundled_model_path
+
+    config = tmp_path / "vllm.yaml"
+    config.write_text(
+        f"model: {bundled_model_path()}\n"
+        "served_model_name: [from-config]\n"
+        "max_model_len: 512\n"
+        "enable_force_include_usage: true\n"
+        "disable_fastapi_docs: true\n"
+        "enable_prefix_caching: false\n"
+    )
+    srv = ServerProcess(
+        "--config", str(config), "--max-model-len", "1024", "--uvicorn-log-level", "info",
+        "--disable-uvicorn-access-log", "-O3", "--compilation-config", '{"level": 3}',
+        "--async-scheduling", "--tokenizer", "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "--quantization", "gguf", "--kv-cache-memory-bytes", "256MiB",
+        "--max-num-partial-prefills", "2", "--enable-prompt-tokens-details",
+    ).wait_ready()  # fmt: skip
+    try:
+        models = httpx.get(srv.url + "/v1/models").json()["data"]
+        assert [(m["id"], m["max_model_len"]) for m in models] == [("from-config", 1024)]
+        chunks = list(
+            srv.client().chat.completions.create(
+                model="from-config", messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=4, stream=True,
+            )
+        )  # fmt: skip
+        usage = chunks[-1].usage  # no stream_options asked for it: the server's flag did
+        assert usage is not None and usage.completion_tokens == 4 and not chunks[-1].choices
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert httpx.get(srv.url + path).status_code == 404, path
+        families = text_string_to_metric_families(httpx.get(srv.url + "/metrics").text)
+        info = next(f for f in families if f.name == "vllm:cache_config_info")
+        [labels] = [m.labels for m in info.samples]
+        assert labels["enable_prefix_caching"] == "False"  # from the config file
+    finally:
+        assert srv.stop() == 0, srv.log_tail()
+    log = srv.log.read_text()
+    for flag in ("-O 3", "--compilation-config", "--async-scheduling", "--tokenizer"):
+        assert f"ignoring vLLM flag {flag}" in log, flag
+    assert "GET /v1/models" not in log  # no access log
+    assert "(256 MiB), max_model_len 1024" in log  # --kv-cache-memory-bytes; the command line
+
+
 def test_bad_gguf_float_copies_setting_stops_serve_at_start() -> None:
     """Each engine reads HEADRACE_GGUF_FLOAT_COPIES while loading; a bad value is refused before
     any process starts, rather than failing every engine start."""

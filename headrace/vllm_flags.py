@@ -1,0 +1,164 @@
+"""A `vllm serve` command line, run unchanged by `headrace serve`.
+
+`headrace serve` takes vLLM's flag names for what it does. Before its own parser reads them:
+- `--config FILE` (vLLM's YAML of flags, as a ConfigMap mounts it) becomes those flags, ahead of
+  the command line's own, which win;
+- flags of `vllm serve` that only tune what headrace does not have (GPU memory, CUDA graphs,
+  compilation, Ray, downloads, tracing) are dropped with one warning each (IGNORED). Those
+  whose value would change what a client gets must be at the one value headrace serves
+  (MUST_BE); any other flag headrace does not know stays an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("headrace.cli")
+
+# True: the flag takes a value
+IGNORED: dict[str, bool] = {
+    # memory, graphs and compilation on GPUs
+    "--gpu-memory-utilization": True,
+    "--enforce-eager": False,
+    "--swap-space": True,
+    "--cpu-offload-gb": True,
+    "--num-gpu-blocks-override": True,
+    "--max-seq-len-to-capture": True,
+    "--cuda-graph-sizes": True,
+    "--max-cudagraph-capture-size": True,
+    "--compilation-config": True,
+    "-O": True,
+    "--async-scheduling": False,
+    "--disable-cascade-attn": False,
+    "--disable-sliding-window": False,
+    # parallelism and loading machinery
+    "--tensor-parallel-size": True,
+    "--pipeline-parallel-size": True,
+    "--distributed-executor-backend": True,
+    "--disable-custom-all-reduce": False,
+    "--disable-frontend-multiprocessing": False,
+    "--max-parallel-loading-workers": True,
+    "--load-format": True,
+    "--download-dir": True,
+    "--revision": True,
+    "--code-revision": True,
+    "--tokenizer-revision": True,
+    "--trust-remote-code": False,
+    "--use-tqdm-on-load": False,
+    "--model-impl": True,
+    # the tokenizer comes from the model's own files (a GGUF's metadata, a directory's
+    # tokenizer files); the quantization from its tensors' types
+    "--tokenizer": True,
+    "--tokenizer-mode": True,
+    "--quantization": True,
+    "-q": True,
+    # scheduling knobs of vLLM's own scheduler (chunked prefill is always on here)
+    "--enable-chunked-prefill": False,
+    "--no-enable-chunked-prefill": False,
+    "--max-num-partial-prefills": True,
+    "--max-long-partial-prefills": True,
+    "--long-prefill-token-threshold": True,
+    "--max-logprobs": True,
+    # structured outputs always run on xgrammar
+    "--guided-decoding-backend": True,
+    "--structured-outputs-config": True,
+    # logging and tracing
+    "--enable-log-requests": False,
+    "--enable-log-outputs": False,
+    "--log-error-stack": False,
+    "--otlp-traces-endpoint": True,
+    "--collect-detailed-traces": True,
+    # usage's prompt_tokens_details (cached tokens) are always reported here
+    "--enable-prompt-tokens-details": False,
+}
+# flags whose value must be the one headrace serves
+MUST_BE = {
+    "--tensor-parallel-size": "1",
+    "--pipeline-parallel-size": "1",
+    "--guided-decoding-backend": "xgrammar",
+}
+
+
+def expand_config_file(argv: list[str], known: set[str]) -> list[str]:
+    """`--config FILE`: the YAML mapping's flags first (`max_num_seqs: 8` is `--max-num-seqs 8`,
+    `true` a bare flag, `false` its `--no-` twin where `known` has one, else nothing, a list
+    several values), then the rest of `argv`, so the command line wins where both set a flag.
+    Raises SystemExit for a file that is not such a mapping."""
+    out: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name != "--config":
+            rest.append(argv[i])
+        else:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise SystemExit("headrace serve: --config needs a file")
+                value = argv[i + 1]
+                i += 1
+            out += _config_flags(Path(value), known)
+        i += 1
+    return out + rest
+
+
+def _config_flags(path: Path, known: set[str]) -> list[str]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"headrace serve: --config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"headrace serve: --config {path}: expected a mapping of flags")
+    flags: list[str] = []
+    for key, value in data.items():
+        flag = "--" + str(key).replace("_", "-")
+        flags += _flag_values(flag, value, known)
+    return flags
+
+
+def _flag_values(flag: str, value: Any, known: set[str]) -> list[str]:
+    if value is True:
+        return [flag]
+    if value is False:
+        negated = "--no-" + flag[2:]
+        return [negated] if negated in known else []
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [flag, *(str(v) for v in value)]
+    if isinstance(value, dict):
+        return [flag, json.dumps(value)]
+    return [flag, str(value)]
+
+
+def strip_ignored(argv: list[str]) -> list[str]:
+    """`argv` without the IGNORED flags (and their values), each dropped with a warning; a
+    MUST_BE flag at another value is a SystemExit."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name[:2] == "-O" and name[2:].isdigit():  # -O3: the level attached
+            name, eq, value = "-O", "=", name[2:]
+        if name not in IGNORED:
+            out.append(argv[i])
+            i += 1
+            continue
+        takes_value = IGNORED[name]
+        if takes_value and not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+            i += 1
+        wanted = MUST_BE.get(name)
+        if wanted is not None and value.strip() != wanted:
+            raise SystemExit(f"headrace serve: {name} {value} is not supported (only {wanted})")
+        logger.warning(
+            "ignoring vLLM flag %s%s: it has no meaning for headrace",
+            name, f" {value}" if takes_value else "",
+        )  # fmt: skip
+        i += 1
+    return out
