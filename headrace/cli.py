@@ -55,6 +55,19 @@ def _dtype(text: str) -> DType:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _json_strings(text: str) -> list[str]:
+    """vLLM's form for the CORS lists: a JSON list of strings."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(
+            f'expected a JSON list of strings, e.g. ["*"], not {text!r}'
+        )
+    return value
+
+
 def _kv_cache_dtype(text: str) -> KVCacheDType:
     try:
         return kv_cache_dtype_name(text)
@@ -233,6 +246,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no /openapi.json, /docs or /redoc",
     )
+    for what in ("origins", "methods", "headers"):
+        p.add_argument(
+            f"--allowed-{what}",
+            type=_json_strings,
+            default=["*"],
+            help=f'CORS: allowed {what}, a JSON list (default ["*"])',
+        )
+    p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     p.add_argument(
         "--enable-force-include-usage",
         action="store_true",
@@ -288,6 +309,10 @@ def _serve(args: argparse.Namespace) -> int:
         disable_uvicorn_access_log=args.disable_uvicorn_access_log,
         disable_fastapi_docs=args.disable_fastapi_docs,
         enable_force_include_usage=args.enable_force_include_usage,
+        allowed_origins=tuple(args.allowed_origins),
+        allow_credentials=args.allow_credentials,
+        allowed_methods=tuple(args.allowed_methods),
+        allowed_headers=tuple(args.allowed_headers),
         shutdown_timeout=args.shutdown_timeout,
         engine_stall_timeout=args.engine_stall_timeout,
         metrics_namespace=args.metrics_namespace,

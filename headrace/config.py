@@ -110,6 +110,11 @@ class ServerConfig:
     disable_uvicorn_access_log: bool = False
     disable_fastapi_docs: bool = False  # no /openapi.json, /docs, /redoc
     enable_force_include_usage: bool = False  # every stream ends with a usage chunk
+    # CORS, as vLLM's flags set it (its defaults: any origin, method and header)
+    allowed_origins: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
     chat_template: str | None = None  # the template's text (--chat-template), else the model's
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None  # hermes or llama3_json (api/tools.py)

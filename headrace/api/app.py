@@ -18,6 +18,7 @@ import msgspec
 import uvicorn
 import uvloop
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from headrace.api import chat, completions, health, models, responses, tokenize
@@ -87,6 +88,16 @@ def build_app(ctx: ServerContext) -> ASGIApp:
         app.include_router(module.router)
     install_openapi(app, ctx)
     app.add_middleware(GuardMiddleware, ctx=ctx)
+    # outside the guard: a browser's preflight carries no API key, and answers it needs (a 401
+    # included) get the CORS headers that let it read them (vLLM's defaults: anyone, anything)
+    cfg = ctx.config
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(cfg.allowed_origins),
+        allow_credentials=cfg.allow_credentials,
+        allow_methods=list(cfg.allowed_methods),
+        allow_headers=list(cfg.allowed_headers),
+    )
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(ctx.metrics.registry))
     # /metrics is answered in front of FastAPI itself, not as one of its middlewares: FastAPI
     # wraps those in its own (error page, telemetry, body limit), and at a router's 20 Hz that

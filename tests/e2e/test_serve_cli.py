@@ -62,6 +62,7 @@ def test_vllm_flags_headrace_cannot_honour_are_errors(tmp_path) -> None:
     bad_config.write_text("- max_num_seqs\n")
     for args, words in [
         (["--guided-decoding-backend", "outlines"], "only xgrammar"),
+        (["--allowed-origins", "*"], "expected a JSON list of strings"),
         (["a.gguf", "--model", "b.gguf"], "differ"),
         (["--config", str(bad_config)], "expected a mapping of flags"),
         (["--config", str(tmp_path / "absent.yaml")], "absent.yaml"),
@@ -92,12 +93,14 @@ def test_a_vllm_manifest_runs_unchanged(tmp_path) -> None:
         "--async-scheduling", "--tokenizer", "HuggingFaceTB/SmolLM2-135M-Instruct",
         "--quantization", "gguf", "--kv-cache-memory-bytes", "256MiB",
         "--max-num-partial-prefills", "2", "--enable-prompt-tokens-details",
+        "--api-key", "k", "--allowed-origins", '["https://ui.example"]',
     ).wait_ready()  # fmt: skip
     try:
-        models = httpx.get(srv.url + "/v1/models").json()["data"]
+        key = {"Authorization": "Bearer k"}
+        models = httpx.get(srv.url + "/v1/models", headers=key).json()["data"]
         assert [(m["id"], m["max_model_len"]) for m in models] == [("from-config", 1024)]
         chunks = list(
-            srv.client().chat.completions.create(
+            srv.client(api_key="k").chat.completions.create(
                 model="from-config", messages=[{"role": "user", "content": "Hi"}],
                 max_tokens=4, stream=True,
             )
@@ -106,6 +109,17 @@ def test_a_vllm_manifest_runs_unchanged(tmp_path) -> None:
         assert usage is not None and usage.completion_tokens == 4 and not chunks[-1].choices
         for path in ("/openapi.json", "/docs", "/redoc"):
             assert httpx.get(srv.url + path).status_code == 404, path
+        # CORS: a browser's preflight (no key) is answered for the allowed origin only, and an
+        # answer, a 401 included, carries the header that lets the page read it
+        preflight = {"Access-Control-Request-Method": "POST"}
+        for origin, status in (("https://ui.example", 200), ("https://elsewhere.example", 400)):
+            r = httpx.options(
+                srv.url + "/v1/chat/completions", headers={"Origin": origin, **preflight}
+            )
+            assert r.status_code == status, (origin, r.status_code)
+        r = httpx.get(srv.url + "/v1/models", headers={"Origin": "https://ui.example"})
+        assert r.status_code == 401
+        assert r.headers["access-control-allow-origin"] == "https://ui.example"
         families = text_string_to_metric_families(httpx.get(srv.url + "/metrics").text)
         info = next(f for f in families if f.name == "vllm:cache_config_info")
         [labels] = [m.labels for m in info.samples]
