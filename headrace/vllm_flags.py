@@ -34,6 +34,9 @@ IGNORED: dict[str, bool] = {
     "--async-scheduling": False,
     "--disable-cascade-attn": False,
     "--disable-sliding-window": False,
+    "--disable-hybrid-kv-cache-manager": False,
+    "--prefix-caching-hash-algo": True,
+    "--enable-sleep-mode": False,
     # parallelism and loading machinery
     "--tensor-parallel-size": True,
     "--pipeline-parallel-size": True,
@@ -41,6 +44,8 @@ IGNORED: dict[str, bool] = {
     "--disable-custom-all-reduce": False,
     "--disable-frontend-multiprocessing": False,
     "--max-parallel-loading-workers": True,
+    "--data-parallel-backend": True,
+    "--enable-expert-parallel": False,
     "--load-format": True,
     "--download-dir": True,
     "--revision": True,
@@ -65,7 +70,15 @@ IGNORED: dict[str, bool] = {
     # structured outputs always run on xgrammar
     "--guided-decoding-backend": True,
     "--structured-outputs-config": True,
+    # multimodal inputs (text-only models here)
+    "--limit-mm-per-prompt": True,
+    "--disable-mm-preprocessor-cache": False,
+    # HTTP details: X-Request-Id is always echoed; headrace caps request lines and headers
+    "--enable-request-id-headers": False,
+    "--h11-max-incomplete-event-size": True,
+    "--h11-max-header-count": True,
     # logging and tracing
+    "--max-log-len": True,
     "--enable-log-requests": False,
     "--enable-log-outputs": False,
     "--log-error-stack": False,
@@ -79,6 +92,7 @@ MUST_BE = {
     "--tensor-parallel-size": "1",
     "--pipeline-parallel-size": "1",
     "--guided-decoding-backend": "xgrammar",
+    "--data-parallel-backend": "mp",  # processes, as headrace runs them
 }
 
 
