@@ -84,8 +84,9 @@ IGNORED: dict[str, bool] = {
     "--log-error-stack": False,
     "--otlp-traces-endpoint": True,
     "--collect-detailed-traces": True,
-    # usage's prompt_tokens_details (cached tokens) are always reported here
+    # always on here: usage's prompt_tokens_details (cached tokens), /load's count
     "--enable-prompt-tokens-details": False,
+    "--enable-server-load-tracking": False,
 }
 # flags whose value must be the one headrace serves
 MUST_BE = {

@@ -3,6 +3,7 @@
 /health        vLLM-compatible: 200 when ready or degraded (some engines restarting)
 /health/live   liveness: 200 unless failed (loading, restarting or draining are alive)
 /health/ready  readiness: as /health; the 503 body carries loading progress
+/load          vLLM's: {"server_load": requests in flight}
 Every 503 carries Retry-After and a JSON body naming the state.
 """
 
@@ -56,6 +57,13 @@ async def live(request: Request) -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     ctx = context_of(request)
     return _answer(ctx, ctx.state.serving)
+
+
+@router.get("/load")
+async def load(request: Request) -> JSONResponse:
+    """vLLM's server-load endpoint (what `--enable-server-load-tracking` turns on there; always
+    on here): the requests in flight, counted as choices, across every API server."""
+    return JSONResponse({"server_load": context_of(request).admission.board.in_flight()})
 
 
 def metrics_body(ctx: ServerContext, headers: Iterable[tuple[bytes, bytes]]) -> bytes:

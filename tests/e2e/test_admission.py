@@ -97,12 +97,16 @@ def test_a_full_server_refuses_every_request_of_a_burst_whichever_api_server_tak
         replies = asyncio.run(burst(server.url, [{"prompt": "Hi", "max_tokens": 4}] * 28))
         for resp in replies:  # per-server limits would have let up to LIMIT more in
             check_refusal(resp, f"limit of {LIMIT} queued requests")
+        for _ in range(4):  # vLLM's /load, from either API server: the whole server's count
+            load = httpx.get(server.url + "/load", headers={"Connection": "close"})
+            assert load.json() == {"server_load": LIMIT}
     finally:
         held.release()
     assert all(events[0] == {"status": 200} for events in held.events)
     counted = rejections(server.url)
     assert counted.get("max_num_queued_reqs", 0) - before.get("max_num_queued_reqs", 0) == 28
     wait_idle(server.url)
+    assert httpx.get(server.url + "/load").json() == {"server_load": 0}
 
 
 def test_32_simultaneous_requests_get_200_or_503_and_the_accepted_ones_finish(
