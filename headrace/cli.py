@@ -255,6 +255,18 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         )
     p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     p.add_argument(
+        "--generation-config",
+        default="auto",
+        help="request defaults (temperature, top_p, top_k, min_p, repetition_penalty, "
+        "max_new_tokens): auto = the model's generation_config.json, vllm = none, or a "
+        "directory holding one",
+    )
+    p.add_argument(
+        "--override-generation-config",
+        default=None,
+        help='a JSON object merged over the generation config, e.g. {"temperature": 0.5}',
+    )
+    p.add_argument(
         "--enable-force-include-usage",
         action="store_true",
         help="a usage chunk at the end of every stream, asked for or not",
@@ -324,6 +336,9 @@ def _serve(args: argparse.Namespace) -> int:
         chat_template=_chat_template(args.chat_template),
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
+        sampling_defaults=vllm_flags.sampling_defaults(
+            args.model, args.generation_config, args.override_generation_config
+        ),
     )
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise SystemExit("headrace serve: --enable-auto-tool-choice needs --tool-call-parser")

@@ -87,6 +87,20 @@ TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # --tool-call-parser (read in api
 
 
 @dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """What a request that leaves a sampling field out gets: the model's recommendation, from
+    its generation_config.json (vLLM's `--generation-config auto`) merged with
+    `--override-generation-config`; None: the API's own default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None  # max_new_tokens: for a request naming none (context permitting)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """What an API server process needs (engine settings travel separately, to engines)."""
 
@@ -118,6 +132,7 @@ class ServerConfig:
     chat_template: str | None = None  # the template's text (--chat-template), else the model's
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None  # hermes or llama3_json (api/tools.py)
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,9 @@
   compilation, Ray, downloads, tracing) are dropped with one warning each (IGNORED). Those
   whose value would change what a client gets must be at the one value headrace serves
   (MUST_BE); any other flag headrace does not know stays an error.
+
+After parsing, `sampling_defaults` reads `--generation-config` and `--override-generation-config`
+as vLLM does: the model's recommended sampling, for requests that leave those fields out.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from headrace.config import SamplingDefaults
 
 logger = logging.getLogger("headrace.cli")
 
@@ -177,3 +182,63 @@ def strip_ignored(argv: list[str]) -> list[str]:
         )  # fmt: skip
         i += 1
     return out
+
+
+# generation_config.json's keys that become request defaults (vLLM's set), and their fields
+_GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def sampling_defaults(model: str | None, setting: str, overrides: str | None) -> SamplingDefaults:
+    """vLLM's `--generation-config`: `auto` reads MODEL's generation_config.json (an HF
+    directory's; a GGUF file has none), `vllm` reads none, anything else is a directory holding
+    one. `--override-generation-config` (a JSON object) is merged over it. Raises SystemExit for
+    a file or value that cannot be read."""
+    found: dict[str, Any] = {}
+    if setting != "vllm":
+        where = Path(model) if setting == "auto" and model else None
+        if setting not in ("auto", "vllm"):
+            where = Path(setting)
+            if not (where / "generation_config.json").is_file():
+                raise SystemExit(
+                    f"headrace serve: --generation-config {setting}: no "
+                    "generation_config.json there"
+                )
+        if where is not None and (where / "generation_config.json").is_file():
+            found = _read_json(where / "generation_config.json", "--generation-config")
+    if overrides:
+        found.update(_read_json_text(overrides, "--override-generation-config"))
+    values: dict[str, Any] = {}
+    for key, field in _GENERATION_KEYS.items():
+        value = found.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SystemExit(f"headrace serve: generation config {key}: not a number: {value!r}")
+        values[field] = int(value) if field in ("top_k", "max_tokens") else float(value)
+    if values:
+        logger.info("request defaults from the model's generation config: %s", values)
+    return SamplingDefaults(**values)
+
+
+def _read_json(path: Path, flag: str) -> dict[str, Any]:
+    try:
+        return _read_json_text(path.read_text(), f"{flag} {path}")
+    except OSError as exc:
+        raise SystemExit(f"headrace serve: {flag} {path}: {exc}") from None
+
+
+def _read_json_text(text: str, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise SystemExit(f"headrace serve: {where}: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"headrace serve: {where}: expected a JSON object")
+    return value

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from headrace import vllm_flags
+from headrace.api.protocol import ChatCompletionRequest
+from headrace.config import SamplingDefaults
 
 KNOWN = {"--max-num-seqs", "--enable-prefix-caching", "--no-enable-prefix-caching"}
 
@@ -58,3 +60,35 @@ def test_ignored_flags_go_with_their_values(caplog) -> None:
 def test_values_headrace_cannot_honour_stop_it(argv: list[str]) -> None:
     with pytest.raises(SystemExit, match="is not supported"):
         vllm_flags.strip_ignored(argv)
+
+
+def test_generation_config_defaults_as_vllm_reads_them(tmp_path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "generation_config.json").write_text(
+        '{"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 7, "do_sample": true, '
+        '"eos_token_id": 2}'
+    )
+    got = vllm_flags.sampling_defaults(str(model), "auto", None)
+    assert got == SamplingDefaults(temperature=0.6, top_p=0.9, max_tokens=7)
+    merged = vllm_flags.sampling_defaults(str(model), "auto", '{"temperature": 0.2, "top_k": 5}')
+    assert merged == SamplingDefaults(temperature=0.2, top_p=0.9, top_k=5, max_tokens=7)
+    assert vllm_flags.sampling_defaults(str(model), "vllm", None) == SamplingDefaults()
+    assert vllm_flags.sampling_defaults("/m.gguf", "auto", None) == SamplingDefaults()
+    elsewhere = vllm_flags.sampling_defaults("/m.gguf", str(model), None)  # a directory of one
+    assert elsewhere.temperature == 0.6
+    for setting, overrides in [(str(tmp_path), None), ("auto", "[1]"), ("auto", '{"top_p": "x"}')]:
+        with pytest.raises(SystemExit):
+            vllm_flags.sampling_defaults(str(model), setting, overrides)
+
+
+def test_a_field_left_out_takes_the_models_default() -> None:
+    defaults = SamplingDefaults(temperature=0.6, top_k=20, max_tokens=7)
+    body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}]})
+    params = body.sampling_params(None, None, None, defaults)
+    assert (params.temperature, params.top_k, params.top_p, params.max_tokens) == (0.6, 20, 1.0, 7)
+    given = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "temperature": 1.0, "top_k": 0}
+    )
+    params = given.sampling_params(3, None, None, defaults)
+    assert (params.temperature, params.top_k, params.max_tokens) == (1.0, 0, 3)

@@ -98,7 +98,10 @@ async def start_chat(
     limits = prompt_limits(ctx, max_tokens, body.truncate_prompt_tokens)
     mode = tool_mode(body)
     parser = _tool_parser(ctx, mode)
-    params = await sampling_params(body, tok, max_tokens, body.num_logprobs, body.prompt_logprobs)
+    params = await sampling_params(
+        body, tok, max_tokens, body.num_logprobs, body.prompt_logprobs,
+        ctx.config.sampling_defaults,
+    )  # fmt: skip
     constrained = tool_constraint(body, mode)
     params = _with_tool_constraint(params, mode, constrained)
     await check_constraint(params, body, from_tools=constrained is not None)

@@ -46,8 +46,9 @@ async def create_completion(request: Request) -> Response:
     explicit_max = max_tokens if "max_tokens" in body.model_fields_set else None
     limits = prompt_limits(ctx, explicit_max, body.truncate_prompt_tokens)
     params = await sampling_params(
-        body, tok, max_tokens, body.logprobs, body.wanted_prompt_logprobs
-    )
+        body, tok, max_tokens, body.logprobs, body.wanted_prompt_logprobs,
+        ctx.config.sampling_defaults,
+    )  # fmt: skip
     await check_constraint(params, body)
     with ctx.admission.admit(body.n * body.num_prompts):
         prompts, texts = await _tokenize(tok, body, limits)

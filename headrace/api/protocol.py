@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from headrace.config import SamplingDefaults
 from headrace.wire.messages import SamplingParams, StructuredOutputsParams
+
+T = TypeVar("T", int, float)
+NO_DEFAULTS = SamplingDefaults()
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Text = Annotated[str, Field(min_length=1)]
@@ -240,20 +244,27 @@ class SamplingFields(BaseModel):
         return found[0] if found else None
 
     def sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        defaults: SamplingDefaults = NO_DEFAULTS,
     ) -> SamplingParams:
+        """The wire params; a field left out takes `defaults`' value (the model's), else the
+        API's default."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        d = defaults
         return SamplingParams(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0 if self.top_k is None else self.top_k,
-            min_p=self.min_p or 0.0,
+            temperature=_first(self.temperature, d.temperature, 1.0),
+            top_p=_first(self.top_p, d.top_p, 1.0),
+            top_k=_first(self.top_k, d.top_k, 0),
+            min_p=_first(self.min_p, d.min_p, 0.0),
             seed=self.seed,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            max_tokens=max_tokens,
+            repetition_penalty=_first(self.repetition_penalty, d.repetition_penalty, 1.0),
+            max_tokens=max_tokens if max_tokens is not None else d.max_tokens,
             min_tokens=self.min_tokens,
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
@@ -278,6 +289,12 @@ class SamplingFields(BaseModel):
         """vLLM's `continuous_usage_stats` (with `include_usage`): usage so far in every chunk."""
         options = self.stream_options
         return options is not None and options.include_usage and options.continuous_usage_stats
+
+
+def _first(given: T | None, default: T | None, fallback: T) -> T:
+    if given is not None:
+        return given
+    return default if default is not None else fallback
 
 
 class CompletionRequest(SamplingFields):

@@ -10,7 +10,8 @@ from fastapi import Request
 
 from headrace.api.context import ServerContext
 from headrace.api.errors import APIError
-from headrace.api.protocol import SamplingFields
+from headrace.api.protocol import NO_DEFAULTS, SamplingFields
+from headrace.config import SamplingDefaults
 from headrace.engine import structured
 from headrace.frontend.output import EngineError, RequestStream
 from headrace.frontend.tokenize import FrontendTokenizer, PromptLimits
@@ -39,10 +40,12 @@ async def sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    defaults: SamplingDefaults = NO_DEFAULTS,
 ) -> SamplingParams:
-    """The wire params (bad words tokenized), or 400: checked before any work is queued."""
+    """The wire params (bad words tokenized; fields left out take the model's `defaults`), or
+    400: checked before any work is queued."""
     try:
-        params = body.sampling_params(max_tokens, logprobs, prompt_logprobs)
+        params = body.sampling_params(max_tokens, logprobs, prompt_logprobs, defaults)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
     if params.bad_words:

@@ -87,7 +87,12 @@ def test_a_vllm_manifest_runs_unchanged(tmp_path) -> None:
         "disable_fastapi_docs: true\n"
         "enable_prefix_caching: false\n"
     )
+    generation = tmp_path / "generation"  # vLLM's --generation-config DIR
+    generation.mkdir()
+    (generation / "generation_config.json").write_text('{"temperature": 0.0, "top_p": 0.5}')
     srv = ServerProcess(
+        "--generation-config", str(generation),
+        "--override-generation-config", '{"max_new_tokens": 5}',
         "--config", str(config), "--max-model-len", "1024", "--uvicorn-log-level", "info",
         "--disable-uvicorn-access-log", "-O3", "--compilation-config", '{"level": 3}',
         "--async-scheduling", "--tokenizer", "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -107,6 +112,18 @@ def test_a_vllm_manifest_runs_unchanged(tmp_path) -> None:
         )  # fmt: skip
         usage = chunks[-1].usage  # no stream_options asked for it: the server's flag did
         assert usage is not None and usage.completion_tokens == 4 and not chunks[-1].choices
+        # a request naming no temperature or max_tokens takes the generation config's: greedy,
+        # 5 tokens, the same text twice; one that names them gets them
+        client = srv.client(api_key="k")
+        ask = {"model": "from-config", "messages": [{"role": "user", "content": "Tell a story"}]}
+        texts = set()
+        for _ in range(2):
+            r = client.chat.completions.create(**ask)
+            assert r.usage is not None and r.usage.completion_tokens == 5
+            texts.add(r.choices[0].message.content)
+        assert len(texts) == 1
+        r = client.chat.completions.create(**ask, max_tokens=2, temperature=1.0)
+        assert r.usage is not None and r.usage.completion_tokens == 2
         for path in ("/openapi.json", "/docs", "/redoc"):
             assert httpx.get(srv.url + path).status_code == 404, path
         # CORS: a browser's preflight (no key) is answered for the allowed origin only, and an
@@ -130,6 +147,7 @@ def test_a_vllm_manifest_runs_unchanged(tmp_path) -> None:
     for flag in ("-O 3", "--compilation-config", "--async-scheduling", "--tokenizer"):
         assert f"ignoring vLLM flag {flag}" in log, flag
     assert "GET /v1/models" not in log  # no access log
+    assert "request defaults from the model's generation config: " in log
     assert "(256 MiB), max_model_len 1024" in log  # --kv-cache-memory-bytes; the command line
 
 
