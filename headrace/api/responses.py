@@ -60,19 +60,9 @@ async def create_response(request: Request) -> Response:
         content, calls = parse_tool_calls(started.mode, started.parser, choice.text, named)
         status, incomplete = _status(choice.finish_reason)
         logprobs = logprob_entries(name, choice.logprobs) if body.logprobs and not calls else []
-        output = [
-            *(
-                [_message(_new_id("msg"), content or "", status, logprobs)]
-                if content or not calls
-                else []
-            ),
-            *(
-                _function_call(c["id"], c["function"]["name"], c["function"]["arguments"])
-                for c in calls
-            ),
-        ]
-        tokens = len(choice.token_ids)
-        return JSONResponse(shape.response(status, output, shape.usage(tokens), incomplete))
+        output = _whole_output(content, calls, status, logprobs)
+        usage = shape.usage(len(choice.token_ids))
+        return JSONResponse(shape.response(status, output, usage, incomplete))
 
     started.stream.streaming = True
     namer = name if body.logprobs else None
@@ -81,6 +71,22 @@ async def create_response(request: Request) -> Response:
     return sse_response(
         ctx.client, started.stream, events.delta, events.end, events.start(), style=style
     )
+
+
+def _whole_output(
+    content: str | None,
+    calls: list[dict[str, Any]],
+    status: str,
+    logprobs: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """A finished response's items: its text (unless the output is calls alone), then a
+    `function_call` item per call."""
+    items = (
+        [_message(_new_id("msg"), content or "", status, logprobs)] if content or not calls else []
+    )
+    for c in calls:
+        items.append(_function_call(c["id"], c["function"]["name"], c["function"]["arguments"]))
+    return items
 
 
 def _sse(event: dict[str, Any]) -> bytes:
