@@ -319,6 +319,8 @@ void logprob_rows(const void *x, int bf16, int64_t rows, int64_t n, const int64_
 #pragma omp parallel num_threads(num_threads) if (rows * n >= 65536)
     {
         float *buf = bf16 ? malloc(sizeof(float) * (size_t)n) : NULL;
+        if (bf16 && buf == NULL)
+            abort();
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             const float *row = (const float *)x + r * n;
