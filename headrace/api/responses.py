@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from headrace.api.body import parse_body
 from headrace.api.chat import logprob_entries, start_chat
 from headrace.api.responses_request import ResponsesRequest
-from headrace.api.streaming import SseStyle, collect, sse_response
+from headrace.api.streaming import SseStyle, collect, sse_response, usage
 from headrace.api.tools import ToolCallStream, merged, named_tool, parse_tool_calls
 from headrace.api.validation import context_of, require_json
 from headrace.frontend.output import RequestStream, SeqDelta
@@ -61,8 +61,8 @@ async def create_response(request: Request) -> Response:
         status, incomplete = _status(choice.finish_reason)
         logprobs = logprob_entries(name, choice.logprobs) if body.logprobs and not calls else []
         output = _whole_output(content, calls, status, logprobs)
-        usage = shape.usage(len(choice.token_ids))
-        return JSONResponse(shape.response(status, output, usage, incomplete))
+        counted = shape.usage(len(choice.token_ids))
+        return JSONResponse(shape.response(status, output, counted, incomplete))
 
     started.stream.streaming = True
     namer = name if body.logprobs else None
@@ -124,7 +124,9 @@ def _message(
     }
 
 
-def _function_call(call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+def _function_call(
+    call_id: str, name: str, arguments: str, status: str = "completed"
+) -> dict[str, Any]:
     return {
         "type": "function_call",
         "id": _new_id("fc"),
@@ -144,13 +146,14 @@ class _Shape:
         self.echoed = body.echoed()
 
     def usage(self, output_tokens: int) -> dict[str, Any]:
-        prompt = sum(len(p) for p in self.stream.prompt_token_ids)
+        """The chat route's usage, in Responses' names."""
+        counted = usage(self.stream, output_tokens)
         return {
-            "input_tokens": prompt,
+            "input_tokens": counted["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": self.stream.num_cached_tokens},
             "output_tokens": output_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": prompt + output_tokens,
+            "total_tokens": counted["total_tokens"],
         }
 
     def response(

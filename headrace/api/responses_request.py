@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from headrace.api.protocol import (
@@ -235,16 +235,13 @@ class ResponsesRequest(BaseModel):
             isinstance(i, ReasoningItem) for i in self.input
         ):
             raise ValueError("input holds nothing to answer: no message, call or call output")
-        choice = self.tool_choice
-        if choice == "auto" and not self.tools:
-            self.tool_choice = choice = None  # may call tools, of which there are none
-        if choice is not None and choice != "none" and not self.tools:
-            raise ValueError("tool_choice other than none needs tools")
-        if isinstance(choice, FunctionChoice) and choice.name not in {
-            t.name for t in self.tools or []
-        }:
-            raise ValueError(f"tool_choice names {choice.name!r}, which is not in tools")
-        self._chat = self._as_chat()
+        if self.tool_choice == "auto" and not self.tools:
+            self.tool_choice = None  # may call tools, of which there are none
+        try:  # the chat request's own checks (tool_choice needs tools, ...) apply as they are
+            self._chat = self._as_chat()
+        except ValidationError as exc:
+            errors = (e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise ValueError("; ".join(errors)) from None
         return self
 
     def as_chat(self) -> ChatCompletionRequest:
