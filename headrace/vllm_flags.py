@@ -184,7 +184,8 @@ def strip_ignored(argv: list[str]) -> list[str]:
     return out
 
 
-# generation_config.json's keys that become request defaults (vLLM's set), and their fields
+_GENERATION_FILE = "generation_config.json"
+# its keys that become request defaults (vLLM's set), and their fields
 _GENERATION_KEYS = {
     "temperature": "temperature",
     "top_p": "top_p",
@@ -200,18 +201,17 @@ def sampling_defaults(model: str | None, setting: str, overrides: str | None) ->
     directory's; a GGUF file has none), `vllm` reads none, anything else is a directory holding
     one. `--override-generation-config` (a JSON object) is merged over it. Raises SystemExit for
     a file or value that cannot be read."""
-    found: dict[str, Any] = {}
-    if setting != "vllm":
-        where = Path(model) if setting == "auto" and model else None
-        if setting not in ("auto", "vllm"):
-            where = Path(setting)
-            if not (where / "generation_config.json").is_file():
-                raise SystemExit(
-                    f"headrace serve: --generation-config {setting}: no "
-                    "generation_config.json there"
-                )
-        if where is not None and (where / "generation_config.json").is_file():
-            found = _read_json(where / "generation_config.json", "--generation-config")
+    if setting == "vllm":
+        where = None
+    elif setting == "auto":  # an HF directory's file; a GGUF file (or no MODEL) has none
+        where = Path(model) / _GENERATION_FILE if model else None
+    else:
+        where = Path(setting) / _GENERATION_FILE
+        if not where.is_file():
+            raise SystemExit(
+                f"headrace serve: --generation-config {setting}: no {_GENERATION_FILE}"
+            )
+    found = _read_json(where, "--generation-config") if where and where.is_file() else {}
     if overrides:
         found.update(_read_json_text(overrides, "--override-generation-config"))
     values: dict[str, Any] = {}
