@@ -8,6 +8,8 @@ order and indices; tool calls come back as `function_call` items and go back as 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from typing import Any
 
 import httpx
@@ -273,3 +275,31 @@ def test_truncation_auto_keeps_the_conversations_end(server: ServerProcess) -> N
     usage = r.json()["usage"]
     assert 2048 - 4 - 64 <= usage["input_tokens"] <= 2048 - 4
     assert r.json()["truncation"] == "auto"
+
+
+def test_an_engine_lost_mid_stream_ends_the_stream_with_response_failed() -> None:
+    """The error path: a stream whose engine is killed (after text went out, so it cannot be
+    re-sent) ends with one `response.failed` event naming the error; the engine is restarted
+    and the next request is served."""
+    srv = ServerProcess("--max-model-len", "1024", "--kv-cache-memory", "128MiB").wait_ready()
+    try:
+        body = {"model": MODEL, "input": "Tell a long story.", "max_output_tokens": 900,
+                "stream": True}  # fmt: skip
+        events: list[dict[str, Any]] = []
+        with httpx.stream("POST", f"{srv.url}/v1/responses", json=body, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(json.loads(line[6:]))
+                if len(events) == 6:  # text is out: now lose the engine
+                    os.kill(srv.child_titled("EngineCore_0"), signal.SIGKILL)
+        last = events[-1]
+        assert last["type"] == "response.failed", [e["type"] for e in events[-3:]]
+        assert last["response"]["status"] == "failed"
+        assert last["response"]["error"]["message"]
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        srv.wait_ready()
+        again = srv.client().responses.create(model=MODEL, input="Hi", max_output_tokens=3)
+        assert again.usage is not None and again.usage.output_tokens == 3
+    finally:
+        assert srv.stop() == 0, srv.log_tail()
